@@ -1,0 +1,152 @@
+"""MLflow: one store per checkout, run naming and tags, and runs that never stay RUNNING.
+
+Where the store is: MLFLOW_TRACKING_URI when set (e.g. a tracking server), otherwise an SQLite
+file `mlflow.db` plus an artifact folder `mlartifacts/` at the project root. DVC runs
+`dvc exp run --temp` and queued experiments in throwaway copies under .dvc/tmp/exps/; their runs
+still go to the store of the checkout the user works in.
+
+How stages share a run: a training stage writes models/<model>.run.json with its run id; evaluate
+and visualize read it (it is a declared dependency) and add their metrics and figures to that run.
+"""
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+RUN_FILE = "models/{model}.run.json"
+
+
+def project_root(cwd=None):
+    """The user's checkout, also when DVC runs the stage in a copy under .dvc/tmp/exps/."""
+    path = Path(cwd or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
+def tracking_uri(root=None):
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+@contextmanager
+def _store_lock(root):
+    """Serialise store set-up (schema creation, experiment creation) between concurrent stages."""
+    with open(root / ".mlflow.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def use_experiment(name):
+    """Point MLflow at the project's store and experiment, creating either if needed."""
+    import mlflow
+
+    root = project_root()
+    mlflow.set_tracking_uri(tracking_uri(root))
+    with _store_lock(root):
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            local_artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
+            mlflow.create_experiment(name, artifact_location=local_artifacts)
+        return mlflow.set_experiment(name)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_tags(model, stage):
+    commit = git_commit()
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    tags = {"model": model, "stage": stage, "dvc.exp_name": exp_name or "workspace"}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_name(model):
+    """e.g. `cnn-lofty-bowl` for a DVC experiment, `cnn-3f2a1bc` for a plain `dvc repro`."""
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    commit = git_commit()
+    return f"{model}-{exp_name or (commit[:7] if commit else 'workspace')}"
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def run(**start_run_kwargs):
+    """mlflow.start_run that ends KILLED on Ctrl-C or SIGTERM and FAILED on an error."""
+    import mlflow
+
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    active = mlflow.start_run(**start_run_kwargs)
+    try:
+        yield active
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log_keras_model(model, example):
+    """Log `model` in MLflow's Keras flavor with a signature and an input example."""
+    import keras
+    import mlflow
+    import mlflow.keras.save
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    save_example = mlflow.keras.save._save_example
+
+    def save_example_into_new_folder(mlflow_model, input_example, path):
+        # MLflow's Keras flavor (3.17, 3.18) writes the input example before it creates the
+        # model folder, so any input example fails with FileNotFoundError.
+        os.makedirs(path, exist_ok=True)
+        return save_example(mlflow_model, input_example, path)
+
+    # MLflow checks the input example by predicting it; keep Keras' progress bar out of the log.
+    keras.config.disable_interactive_logging()
+    try:
+        with mock.patch.object(mlflow.keras.save, "_save_example", save_example_into_new_folder):
+            return mlflow.keras.log_model(
+                model, name="model", input_example=example,
+                signature=infer_signature(example, model.predict(example, verbose=0)),
+                # Named, not inferred: inference reloads the model in a subprocess, costing seconds.
+                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+            )
+    finally:
+        keras.config.enable_interactive_logging()
+
+
+def write_run_file(model, run_info):
+    from pipeline.files import write_json
+
+    write_json(RUN_FILE.format(model=model), {"run_id": run_info.run_id, "experiment_id": run_info.experiment_id})
+
+
+def read_run_id(model):
+    path = Path(RUN_FILE.format(model=model))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the train_{model} stage writes it (run `dvc repro`)")
+    return json.loads(path.read_text())["run_id"]

@@ -1,0 +1,205 @@
+"""Stages train_mlp and train_cnn: `python -m pipeline.train mlp|cnn`.
+
+Reads data/processed (train and validation splits only; the test set is for evaluate), trains the
+model its params.yaml section describes, and writes
+  models/<model>.keras              the trained model (Keras 3 format)
+  models/<model>.run.json           the MLflow run id, for evaluate and visualize
+  reports/train/<model>_history.csv one row per epoch (dvc plots)
+  reports/train/<model>.json        best and final validation metrics (dvc metrics)
+The MLflow run gets every param used, per-epoch metrics (step = epoch), the model in MLflow's
+Keras flavor with signature and input example, the history CSV and a model summary.
+"""
+
+import argparse
+import csv
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import models, params as params_module, tracking
+from pipeline.files import DataError, atomic_path, load_arrays, write_json, write_text
+
+PROCESSED_DIR = "data/processed"
+REPORTS_DIR = Path("reports/train")
+MODELS_DIR = Path("models")
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
+
+
+def load_data():
+    data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
+    for split in ("train", "val"):
+        x, y = data[f"x_{split}"], data[f"y_{split}"]
+        if x.ndim != 4 or x.shape[1:] != models.INPUT_SHAPE or y.shape != (len(x), models.NUM_CLASSES):
+            raise DataError(f"{PROCESSED_DIR}/x_{split}.npy, y_{split}.npy have shapes {x.shape}, {y.shape}; "
+                             f"expected (N, 28, 28, 1) and (N, 10): rerun `dvc repro preprocess`")
+    return data
+
+
+def seed_everything(seed):
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
+    tf.config.experimental.enable_op_determinism()
+
+
+def training_dataset(x, y, p, seed):
+    """Shuffled batches with on-the-fly augmentation (small rotations, shifts, zooms; never flips,
+    which would turn digits into other shapes), run in the tf.data pipeline so the saved model stays
+    a plain inference model."""
+    import keras
+    import tensorflow as tf
+
+    a = p.augment
+    augment = keras.Sequential(
+        [layer for layer, active in [
+            (keras.layers.RandomRotation(a.rotation_degrees / 360, fill_mode="constant", seed=seed), a.rotation_degrees),
+            (keras.layers.RandomTranslation(a.shift_fraction, a.shift_fraction, fill_mode="constant", seed=seed + 1), a.shift_fraction),
+            (keras.layers.RandomZoom(a.zoom_fraction, fill_mode="constant", seed=seed + 2), a.zoom_fraction),
+        ] if active],
+        name="augment",
+    )
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(p.batch_size)
+    if augment.layers:
+        ds = ds.map(lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def learning_rate_schedule(p, epochs, steps_per_epoch):
+    """Linear warm-up to the peak rate, then cosine decay to zero at the last step, so the schedule
+    stretches with `epochs` and `dvc exp run -S epochs=20` keeps the same recipe."""
+    import keras
+
+    warmup = min(p.warmup_epochs, epochs - 1) * steps_per_epoch
+    total = epochs * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else p.learning_rate,
+        decay_steps=max(total - warmup, 1),
+        warmup_target=p.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+class EpochLog:
+    """Keras callback (built lazily so importing this module stays cheap): per-epoch metrics to
+    MLflow with step = epoch, and rows for the history CSV."""
+
+    @staticmethod
+    def create():
+        import keras
+        import mlflow
+
+        class _EpochLog(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.rows = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:5]}}
+                row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                row["seconds"] = round(time.perf_counter() - self.start, 3)
+                self.rows.append(row)
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+
+        return _EpochLog()
+
+
+def history_csv(rows):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def summary_text(model):
+    lines = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    return "\n".join(lines) + "\n"
+
+
+def train(kind, p):
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    mp = p.model(kind)
+    data = load_data()
+    x_train, y_train, x_val, y_val = data["x_train"], data["y_train"], data["x_val"], data["y_val"]
+    seed_everything(p.seed)
+
+    model = models.build(mp)
+    steps_per_epoch = int(np.ceil(len(x_train) / mp.batch_size))
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate_schedule(mp, p.epochs, steps_per_epoch)),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing),
+        metrics=["accuracy"],
+    )
+    print(f"train {kind}: {model.count_params():,} parameters, {len(x_train):,} training and "
+          f"{len(x_val):,} validation images, {p.epochs} epochs", flush=True)
+
+    tracking.use_experiment(p.experiment)
+    with tracking.run(run_name=tracking.run_name(kind), tags=tracking.run_tags(kind, f"train_{kind}")) as run:
+        mlflow.log_params({
+            "model": kind, "epochs": p.epochs, "seed": p.seed,
+            **{f"{kind}.{k}": v for k, v in vars(mp).items() if k not in ("kind", "augment")},
+            **{f"{kind}.augment.{k}": v for k, v in vars(mp.augment).items()},
+            "param_count": model.count_params(), "train_size": len(x_train), "val_size": len(x_val),
+            "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
+        })
+        epoch_log = EpochLog.create()
+        start = time.perf_counter()
+        model.fit(
+            training_dataset(x_train, y_train, mp, p.seed),
+            epochs=p.epochs,
+            validation_data=(x_val, y_val),
+            callbacks=[epoch_log],
+            shuffle=False,  # the dataset shuffles; Keras warns that it cannot
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        seconds = time.perf_counter() - start
+        rows = epoch_log.rows
+
+        best = max(rows, key=lambda r: r["val_accuracy"])
+        summary = {
+            "val_accuracy": rows[-1]["val_accuracy"], "val_loss": rows[-1]["val_loss"],
+            "best_val_accuracy": best["val_accuracy"], "best_val_loss": min(r["val_loss"] for r in rows),
+            "best_epoch": best["epoch"], "epochs": len(rows),
+            "params": model.count_params(), "train_seconds": round(seconds, 1),
+        }
+        mlflow.log_metrics({"train_seconds": seconds, "best_val_accuracy": best["val_accuracy"]})
+
+        with atomic_path(MODELS_DIR / f"{kind}.keras") as tmp:
+            model.save(tmp)
+        write_text(REPORTS_DIR / f"{kind}_history.csv", history_csv(rows))
+        write_json(REPORTS_DIR / f"{kind}.json", {kind: summary})
+        mlflow.log_artifact(str(REPORTS_DIR / f"{kind}_history.csv"))
+        mlflow.log_text(summary_text(model), "model_summary.txt")
+
+        tracking.log_keras_model(model, x_val[:5])
+        tracking.write_run_file(kind, run.info)
+    print(f"train {kind}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
+          f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}", flush=True)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=params_module.MODELS)
+    args = parser.parse_args(argv)
+    p = params_module.load_or_exit()
+    try:
+        train(args.model, p)
+    except DataError as e:
+        sys.exit(f"train {args.model}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_images(n, seed=0):
+    """Random uint8 'digits' with labels 0-9 in equal shares: enough to exercise the stages' code.
+    Never MNIST and never written where the pipeline would take it for MNIST."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A scratch project folder holding the real params.yaml, as the working directory, with its own
+    MLflow store. Returns a function that rewrites params (dotted keys)."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+
+    def set_params(**changes):
+        tree = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        for dotted, value in changes.items():
+            node = tree
+            *parents, leaf = dotted.split("__")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+
+    set_params.path = tmp_path
+    return set_params
+
+
+@pytest.fixture
+def processed_data(project):
+    """data/processed with a few hundred random images, as preprocess would lay them out."""
+    from pipeline import preprocess
+    from pipeline.files import save_arrays
+
+    arrays = {}
+    for split, n in [("train", 200), ("val", 50), ("test", 60)]:
+        x, y = tiny_images(n, seed=len(split))
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = preprocess.scale(x), preprocess.one_hot(y)
+    save_arrays("data/processed", arrays)
+    project(epochs=2, mlp__hidden_units=[32], cnn__filters=[8, 16], cnn__dense_units=16,
+            mlp__batch_size=64, cnn__batch_size=64)
+    return arrays

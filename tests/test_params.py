@@ -1,0 +1,49 @@
+import pytest
+
+from pipeline import params
+
+
+def test_default_params_load(project):
+    p = params.load()
+    assert 10 <= p.epochs <= 20
+    assert p.fetch.sources[-1] == "pypi"
+    assert p.cnn.kind == "cnn" and p.mlp.kind == "mlp"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", 0, "epochs: got 0, expected int in [1, 1000]"),
+    ("epochs", "ten", "epochs: got 'ten', expected int in [1, 1000]"),
+    ("epochs", True, "epochs: got True"),
+    ("cnn__dropout", 1.5, "cnn.dropout: got 1.5, expected float in [0.0, 0.9]"),
+    ("mlp__hidden_units", [], "mlp.hidden_units: got [], expected a non-empty list"),
+    ("cnn__augment__rotation_degrees", -5, "cnn.augment.rotation_degrees: got -5.0"),
+    ("fetch__sources", ["ftp"], "fetch.sources: got ['ftp'], expected a non-empty list drawn from"),
+    ("preprocess__val_size", 5, "preprocess.val_size: got 5, expected int in [10, 30000]"),
+])
+def test_bad_value_names_key_and_allowed_range(project, key, value, message):
+    project(**{key: value})
+    with pytest.raises(params.ParamsError) as error:
+        params.load()
+    assert message in str(error.value)
+
+
+def test_every_problem_is_reported_at_once(project):
+    project(epochs=-1, seed="x", mlp__batch_size=0)
+    with pytest.raises(params.ParamsError) as error:
+        params.load()
+    assert all(key in str(error.value) for key in ("epochs:", "seed:", "mlp.batch_size:"))
+
+
+def test_missing_key_and_missing_file(project, tmp_path):
+    project.path.joinpath("params.yaml").write_text("epochs: 3\n")
+    with pytest.raises(params.ParamsError, match="seed: missing"):
+        params.load()
+    with pytest.raises(params.ParamsError, match="not found"):
+        params.load(tmp_path / "nope.yaml")
+
+
+def test_stage_entry_point_exits_with_the_message(project):
+    project(epochs=0)
+    with pytest.raises(SystemExit) as stop:
+        params.load_or_exit()
+    assert "epochs: got 0" in str(stop.value)

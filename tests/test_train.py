@@ -1,0 +1,127 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import models, params, tracking, train
+from tests.conftest import ROOT
+
+
+def mlflow_client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def only_run(experiment="mnist-digits"):
+    client = mlflow_client()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_builders_give_ten_probabilities(project, kind):
+    model = models.build(params.load().model(kind))
+    assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
+    probabilities = model.predict(np.zeros((3, 28, 28, 1), np.float32), verbose=0)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_schedule_warms_up_then_decays_to_zero_over_any_epoch_count(project):
+    p = params.load().cnn
+    for epochs in (3, 20):
+        schedule = train.learning_rate_schedule(p, epochs, steps_per_epoch=10)
+        assert float(schedule(0)) == 0.0
+        assert float(schedule(10)) == pytest.approx(p.learning_rate)
+        assert float(schedule(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
+    import mlflow
+
+    train.train("cnn", params.load())
+
+    assert Path("models/cnn.keras").stat().st_size > 0
+    with open("reports/train/cnn_history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(train.HISTORY_COLUMNS) == set(rows[0])
+    summary = json.loads(Path("reports/train/cnn.json").read_text())["cnn"]
+    assert summary["epochs"] == 2 and 0.0 <= summary["best_val_accuracy"] <= 1.0
+
+    run = only_run()
+    assert run.info.status == "FINISHED"
+    assert json.loads(Path("models/cnn.run.json").read_text())["run_id"] == run.info.run_id
+    assert run.data.params["cnn.layers"] == "(8, 16)" and run.data.params["epochs"] == "2"
+    assert int(run.data.params["param_count"]) > 0 and run.data.params["train_size"] == "200"
+    assert run.data.tags["model"] == "cnn" and run.data.tags["stage"] == "train_cnn"
+    history = mlflow_client().get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert {"learning_rate", "seconds", "loss"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow_client().list_artifacts(run.info.run_id)}
+    assert {"cnn_history.csv", "model_summary.txt"} <= artifacts
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    predictions = np.asarray(model.predict(np.zeros((4, 28, 28, 1), np.float32)))
+    assert predictions.shape == (4, 10) and np.allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_same_params_give_same_metrics(processed_data):
+    p = params.load()
+    first = train.train("mlp", p)
+    second = train.train("mlp", p)
+    for key in ("val_accuracy", "val_loss", "best_val_loss"):
+        assert first[key] == second[key], key
+
+
+def test_interrupted_training_ends_killed(processed_data):
+    processed_data_project = Path.cwd()
+    params_path = processed_data_project / "params.yaml"
+    params_path.write_text(params_path.read_text().replace("epochs: 2", "epochs: 500"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.train", "mlp"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    for line in process.stdout:
+        if line.startswith("Epoch 3/") or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert only_run().info.status == "KILLED"
+
+
+def test_crash_ends_failed(project):
+    tracking.use_experiment("mnist-digits")
+    with pytest.raises(ZeroDivisionError):
+        with tracking.run(run_name="boom"):
+            1 / 0
+    assert only_run().info.status == "FAILED"
+
+
+def test_missing_data_gives_a_clear_error(project):
+    with pytest.raises(SystemExit, match=r"data/processed/ lacks x_train.npy.*run `dvc repro`"):
+        train.main(["mlp"])
+
+
+def test_wrong_shapes_give_a_clear_error(processed_data):
+    np.save("data/processed/x_val.npy", np.zeros((5, 784), np.float32))
+    with pytest.raises(SystemExit, match=r"x_val.npy.*expected \(N, 28, 28, 1\)"):
+        train.main(["mlp"])
+
+
+def test_runs_from_dvc_temp_copies_land_in_the_checkout(tmp_path, monkeypatch):
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    assert tracking.project_root(copy) == tmp_path / "repo"
+    assert tracking.project_root(tmp_path / "repo") == tmp_path / "repo"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri(tracking.project_root(copy)) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
