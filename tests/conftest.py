@@ -15,6 +15,12 @@ def tiny_images(n, seed=0):
     return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
 
 
+def idx_bytes(array):
+    """An array in the IDX format MNIST is published in."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A scratch project folder holding the real params.yaml, as the working directory, with its own

@@ -8,12 +8,7 @@ import pytest
 
 from pipeline import fetch, files
 from pipeline.params import FetchParams
-from tests.conftest import tiny_images
-
-
-def idx_bytes(array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.tobytes()
+from tests.conftest import idx_bytes, tiny_images
 
 
 def tiny_mnist():

@@ -1,0 +1,120 @@
+"""Stage evaluate: both models on the test images, which no earlier stage has looked at.
+
+Writes
+  reports/metrics.json                 per model: test accuracy, loss, errors, macro P/R/F1,
+                                       throughput (dvc metrics: `cnn.test.accuracy` ...)
+  reports/eval/<model>_report.json     per-class P/R/F1, confusion matrix, most confused pairs
+  reports/eval/<model>_predictions.csv actual, predicted, confidence per test image, in test-set
+                                       order (dvc plots draws the confusion matrix from it)
+and adds the test metrics and these files to each model's MLflow training run.
+"""
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from pipeline import params as params_module, tracking
+from pipeline.files import DataError, load_arrays, write_json, write_text
+
+PROCESSED_DIR = "data/processed"
+MODELS_DIR = Path("models")
+EVAL_DIR = Path("reports/eval")
+METRICS_FILE = Path("reports/metrics.json")
+DIGITS = list(range(10))
+
+
+def load_model(kind):
+    import keras
+
+    path = MODELS_DIR / f"{kind}.keras"
+    if not path.exists():
+        raise DataError(f"{path} not found: the train_{kind} stage writes it (run `dvc repro`)")
+    return keras.models.load_model(path)
+
+
+def predict_timed(model, x, batch_size):
+    """Probabilities for x, and the throughput of a timed pass made after a warm-up pass."""
+    model.predict(x[:batch_size], batch_size=batch_size, verbose=0)
+    start = time.perf_counter()
+    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    return probabilities, len(x) / (time.perf_counter() - start)
+
+
+def most_confused(matrix, top=5):
+    off_diagonal = [(int(matrix[a, p]), a, p) for a in DIGITS for p in DIGITS if a != p and matrix[a, p]]
+    return [{"actual": a, "predicted": p, "count": n} for n, a, p in sorted(off_diagonal, reverse=True)[:top]]
+
+
+def evaluate(probabilities, labels):
+    """Every number the stage reports, from predicted probabilities and true labels (ints)."""
+    predicted = probabilities.argmax(axis=1)
+    eps = 1e-7
+    loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], eps, 1.0))))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=DIGITS, zero_division=0)
+    matrix = confusion_matrix(labels, predicted, labels=DIGITS)
+    summary = {
+        "accuracy": float(np.mean(predicted == labels)),
+        "loss": loss,
+        "errors": int(np.sum(predicted != labels)),
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+    }
+    report = {
+        "per_class": {str(d): {"precision": float(precision[d]), "recall": float(recall[d]), "f1": float(f1[d]),
+                               "support": int(support[d])} for d in DIGITS},
+        "confusion_matrix": matrix.tolist(),
+        "most_confused": most_confused(matrix),
+    }
+    return summary, report, predicted
+
+
+def predictions_csv(labels, predicted, probabilities):
+    frame = pd.DataFrame({"actual": labels, "predicted": predicted,
+                          "confidence": probabilities.max(axis=1).round(6)})
+    out = io.StringIO()
+    frame.to_csv(out, index=False)
+    return out.getvalue()
+
+
+def main():
+    import mlflow
+
+    p = params_module.load_or_exit()
+    data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
+    x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
+    tracking.use_experiment(p.experiment)
+
+    metrics = {}
+    for kind in params_module.MODELS:
+        try:
+            model, run_id = load_model(kind), tracking.read_run_id(kind)
+        except (DataError, FileNotFoundError) as e:
+            raise SystemExit(f"evaluate: {e}") from None
+        probabilities, images_per_second = predict_timed(model, x_test, p.eval_batch_size)
+        summary, report, predicted = evaluate(probabilities, labels)
+        summary["images_per_second"] = round(images_per_second, 1)
+        metrics[kind] = {"test": summary}
+
+        report_path, predictions_path = EVAL_DIR / f"{kind}_report.json", EVAL_DIR / f"{kind}_predictions.csv"
+        write_json(report_path, report)
+        write_text(predictions_path, predictions_csv(labels, predicted, probabilities))
+        with tracking.run(run_id=run_id):
+            mlflow.log_metrics({f"test_{k}": v for k, v in summary.items()})
+            mlflow.log_metrics({f"test_recall_class_{d}": report["per_class"][str(d)]["recall"] for d in DIGITS})
+            mlflow.log_artifact(str(report_path), "evaluation")
+            mlflow.log_artifact(str(predictions_path), "evaluation")
+        pairs = ", ".join(f"{c['actual']}->{c['predicted']} x{c['count']}" for c in report["most_confused"][:3])
+        print(f"evaluate {kind}: test accuracy {summary['accuracy']:.4f} ({summary['errors']} errors in "
+              f"{len(labels):,}), loss {summary['loss']:.4f}, {images_per_second:,.0f} images/s; "
+              f"most confused {pairs or 'none'}", flush=True)
+
+    write_json(METRICS_FILE, metrics)
+
+
+if __name__ == "__main__":
+    main()

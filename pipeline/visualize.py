@@ -1,0 +1,148 @@
+"""Stage visualize: the figures people look at, as PNG under reports/figures/.
+
+  training_curves.png       accuracy and loss per epoch, training and validation, both models
+  confusion_<model>.png     confusion matrix heatmap
+  predictions_<model>.png   random test images, predicted vs actual, mistakes in red
+  mistakes_<model>.png      the model's most confident mistakes
+  samples.png               examples of each digit and the class distribution of each split
+Each model's figures (and the shared ones) are added to its MLflow training run.
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from pipeline import params as params_module, tracking  # noqa: E402
+from pipeline.files import atomic_path, load_arrays  # noqa: E402
+
+PROCESSED_DIR = "data/processed"
+TRAIN_DIR = Path("reports/train")
+EVAL_DIR = Path("reports/eval")
+STATS_FILE = Path("reports/data_stats.json")
+FIGURES_DIR = Path("reports/figures")
+NAMES = {"mlp": "MLP", "cnn": "CNN"}
+
+
+def save(fig, name):
+    path = FIGURES_DIR / name
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def training_curves(histories):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, label in [(axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")]:
+        for (kind, history), color in zip(histories.items(), ("tab:blue", "tab:orange")):
+            ax.plot(history.epoch, history[metric], color=color, linestyle="--", marker=".",
+                    label=f"{NAMES[kind]} training")
+            ax.plot(history.epoch, history[f"val_{metric}"], color=color, marker="o", label=f"{NAMES[kind]} validation")
+        ax.set(title=f"{label} per epoch", xlabel="Epoch", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Training curves (training metrics are on augmented images)")
+    return fig
+
+
+def confusion(kind, matrix):
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    matrix = np.asarray(matrix)
+    # Log colour scale: the diagonal holds ~1,000 per class, mistakes a handful, and both should show.
+    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", ax=ax, cbar_kws={"label": "images"},
+                norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)), annot_kws={"size": 8})
+    errors = int(matrix.sum() - np.trace(matrix))
+    ax.set(title=f"{NAMES[kind]} confusion matrix on the test set ({errors} errors)",
+           xlabel="Predicted digit", ylabel="Actual digit")
+    return fig
+
+
+def image_grid(images, titles, colors, suptitle, columns=5):
+    rows = int(np.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 2.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title, color in zip(axes.flat, images, titles, colors):
+        ax.imshow(image.squeeze(), cmap="gray_r")
+        ax.set_title(title, color=color, fontsize=10)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def prediction_grid(kind, x_test, predictions, count, seed):
+    chosen = np.sort(np.random.default_rng(seed).choice(len(predictions), size=count, replace=False))
+    rows = predictions.iloc[chosen]
+    return image_grid(
+        x_test[chosen],
+        [f"pred {r.predicted} / true {r.actual}" for r in rows.itertuples()],
+        ["black" if r.predicted == r.actual else "red" for r in rows.itertuples()],
+        f"{NAMES[kind]}: random test images (mistakes in red)",
+    )
+
+
+def confident_mistakes(kind, x_test, predictions, count):
+    mistakes = predictions[predictions.predicted != predictions.actual]
+    worst = mistakes.sort_values("confidence", ascending=False).head(count)
+    return image_grid(
+        x_test[worst.index.to_numpy()],
+        [f"pred {r.predicted} ({r.confidence:.0%})\ntrue {r.actual}" for r in worst.itertuples()],
+        ["red"] * len(worst),
+        f"{NAMES[kind]}: most confident mistakes ({len(mistakes)} in all)",
+    )
+
+
+def samples(x_test, labels, stats, per_digit=8):
+    fig = plt.figure(figsize=(13, 6.5))
+    grid = fig.add_gridspec(10, per_digit + 6)
+    for digit in range(10):
+        for i, index in enumerate(np.flatnonzero(labels == digit)[:per_digit]):
+            ax = fig.add_subplot(grid[digit, i])
+            ax.imshow(x_test[index].squeeze(), cmap="gray_r")
+            ax.axis("off")
+    bars = fig.add_subplot(grid[1:9, per_digit + 1:])
+    counts = pd.DataFrame({split: s["class_counts"] for split, s in stats.items()}).astype(int)
+    counts.plot.bar(ax=bars, rot=0)
+    bars.set(title="Images per digit in each split", xlabel="Digit", ylabel="Images")
+    bars.legend(title="Split")
+    fig.suptitle("Test images of each digit (rows 0-9) and the class distribution")
+    return fig
+
+
+def main():
+    import mlflow
+
+    p = params_module.load_or_exit()
+    x_test = load_arrays(PROCESSED_DIR, ["x_test"])["x_test"]
+    histories = {kind: pd.read_csv(TRAIN_DIR / f"{kind}_history.csv") for kind in params_module.MODELS}
+    predictions = {kind: pd.read_csv(EVAL_DIR / f"{kind}_predictions.csv") for kind in params_module.MODELS}
+    reports = {kind: json.loads((EVAL_DIR / f"{kind}_report.json").read_text()) for kind in params_module.MODELS}
+    stats = json.loads(STATS_FILE.read_text())
+    count = min(p.grid_images, len(x_test))
+
+    shared = [save(training_curves(histories), "training_curves.png"),
+              save(samples(x_test, predictions["cnn"].actual.to_numpy(), stats), "samples.png")]
+    figures = {kind: shared + [
+        save(confusion(kind, reports[kind]["confusion_matrix"]), f"confusion_{kind}.png"),
+        save(prediction_grid(kind, x_test, predictions[kind], count, p.seed), f"predictions_{kind}.png"),
+        save(confident_mistakes(kind, x_test, predictions[kind], min(count, 15)), f"mistakes_{kind}.png"),
+    ] for kind in params_module.MODELS}
+
+    tracking.use_experiment(p.experiment)
+    for kind, paths in figures.items():
+        with tracking.run(run_id=tracking.read_run_id(kind)):
+            for path in paths:
+                mlflow.log_artifact(str(path), "figures")
+    print(f"visualize: wrote {len(set(sum(figures.values(), [])))} figures to {FIGURES_DIR}/", flush=True)
+
+
+if __name__ == "__main__":
+    main()
