@@ -58,3 +58,29 @@ def processed_data(project):
     project(epochs=2, mlp__hidden_units=[32], cnn__filters=[8, 16], cnn__dense_units=16,
             mlp__batch_size=64, cnn__batch_size=64)
     return arrays
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory):
+    """An untrained CNN of the default architecture, saved as the pipeline saves one: the serving
+    code's behaviour does not depend on how well the model was trained."""
+    import keras
+
+    from pipeline import models, params
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "cnn.keras"
+    models.build(params.load(ROOT / "params.yaml").cnn).save(path)
+    return path
+
+
+def draw_digit_seven(width=400, height=300, ink=(20, 20, 20), paper=(250, 248, 240), offset=(40, 30), mode="RGB"):
+    """A '7' drawn with thick strokes, off-centre on a large canvas (dark ink on light paper)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new(mode, (width, height), paper)
+    draw = ImageDraw.Draw(image)
+    x, y = offset
+    draw.line([(x, y), (x + 80, y)], fill=ink, width=14)
+    draw.line([(x + 80, y), (x + 30, y + 140)], fill=ink, width=14)
+    return image

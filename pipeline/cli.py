@@ -1,0 +1,108 @@
+"""`digits`: use the trained model on your own images.
+
+  digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI]
+  digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI]
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
+from pipeline import normalize
+from pipeline.predictor import DEFAULT_MODEL
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def image_paths(arguments):
+    """Files as given; folders expanded to the images inside them, sorted."""
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield path
+
+
+def predict(args):
+    from pipeline.predictor import Predictor
+
+    try:
+        predictor = Predictor(args.model)
+    except FileNotFoundError as e:
+        print(f"digits: {e}", file=sys.stderr)
+        return 2
+    rows, failed = [], 0
+    for path in image_paths(args.images):
+        try:
+            image = normalize.to_mnist(normalize.decode(path.read_bytes(), str(path)))
+        except OSError as e:
+            print(f"digits: {path}: {e.strerror or e}", file=sys.stderr)
+            failed += 1
+            continue
+        except normalize.ImageError as e:  # its message names the file
+            print(f"digits: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        probabilities = predictor.probabilities([image])[0]
+        ranked = probabilities.argsort()[::-1][:args.top_k]
+        rows.append({"file": str(path), "digit": int(ranked[0]), "confidence": round(float(probabilities[ranked[0]]), 4),
+                     "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in ranked]})
+    if args.format == "json":
+        print(json.dumps({"model": predictor.identity, "predictions": rows}, indent=2))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "digit", "confidence"] + [f"top{i + 1}" for i in range(args.top_k)])
+        for r in rows:
+            writer.writerow([r["file"], r["digit"], r["confidence"]] + [f"{t['digit']}:{t['probability']}" for t in r["top"]])
+    else:
+        for r in rows:
+            others = "  ".join(f"{t['digit']} {t['probability']:.1%}" for t in r["top"][1:])
+            print(f"{r['file']}\t{r['digit']}\t{r['confidence']:.1%}" + (f"\t(then {others})" if others else ""))
+    return 1 if failed else 0
+
+
+def serve(args):
+    import uvicorn
+
+    from pipeline.api import create_app
+    from pipeline.predictor import Predictor
+
+    try:
+        predictor = Predictor(args.model)
+    except FileNotFoundError as e:
+        print(f"digits: {e}", file=sys.stderr)
+        return 2
+    print(f"digits: serving {args.model} ({predictor.identity}) on http://{args.host}:{args.port}/ "
+          f"(API docs at /docs)", flush=True)
+    uvicorn.run(create_app(predictor), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="digits", description="Recognise handwritten digits with the trained model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    model_help = f"a .keras file or an MLflow model URI such as runs:/<run id>/model (default {DEFAULT_MODEL})"
+
+    p = commands.add_parser("predict", help="predict the digit in image files or folders of images")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP ...) or folders")
+    p.add_argument("--top-k", type=int, default=1, choices=range(1, 11), metavar="K", help="also show the next K-1 guesses")
+    p.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.set_defaults(run=predict)
+
+    s = commands.add_parser("serve", help="start the REST API and the drawing page")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    s.set_defaults(run=serve)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

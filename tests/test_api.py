@@ -1,0 +1,96 @@
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pipeline import normalize
+from pipeline.api import create_app
+from pipeline.predictor import Predictor
+from tests.conftest import draw_digit_seven
+
+
+@pytest.fixture(scope="module")
+def predictor(model_file):
+    return Predictor(model_file)
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    return TestClient(create_app(predictor))
+
+
+def png(image, fmt="PNG"):
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_health_and_page_and_docs(client, predictor):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == predictor.identity
+    assert predictor.identity.startswith("sha256:")
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP"])
+@pytest.mark.parametrize("inverted", [False, True])
+def test_upload_answers_digit_probabilities_and_model(client, predictor, fmt, inverted):
+    image = draw_digit_seven(ink=(235,) * 3, paper=(10,) * 3) if inverted else draw_digit_seven()
+    response = client.post("/predict", files={"file": (f"seven.{fmt.lower()}", png(image, fmt), f"image/{fmt.lower()}")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = predictor.probabilities([normalize.to_mnist(normalize.decode(png(image, fmt)))])[0]
+    assert body["digit"] == int(expected.argmax()) and len(body["probabilities"]) == 10
+    assert np.allclose(body["probabilities"], expected, atol=1e-5)
+    assert abs(sum(body["probabilities"]) - 1) < 1e-4 and body["model"] == predictor.identity
+
+
+def test_json_pixels_and_batch(client, predictor):
+    pixels = normalize.to_mnist(draw_digit_seven())
+    body = client.post("/predict", json={"pixels": pixels.tolist()}).json()
+    assert body["digit"] == int(predictor.probabilities([pixels])[0].argmax())
+    files = [("files", (f"{i}.png", png(draw_digit_seven(offset=(10 * i, 20))), "image/png")) for i in range(3)]
+    batch = client.post("/predict/batch", files=files).json()["predictions"]
+    assert [p["file"] for p in batch] == ["0.png", "1.png", "2.png"]
+    assert all(len(p["probabilities"]) == 10 for p in batch)
+
+
+BAD_REQUESTS = {
+    "not an image": dict(files={"file": ("notes.txt", b"hello, not an image", "text/plain")}),
+    "empty upload": dict(files={"file": ("empty.png", b"", "image/png")}),
+    "truncated png": dict(files={"file": ("cut.png", png(draw_digit_seven())[:300], "image/png")}),
+    "blank image": dict(files={"file": ("blank.png", png(Image.new("L", (50, 50), 255)), "image/png")}),
+    "too many bytes": dict(files={"file": ("big.bmp", b"BM" + b"\0" * (normalize.MAX_BYTES + 10), "image/bmp")}),
+    "decompression bomb": dict(files={"file": ("bomb.png", png(Image.new("L", (8000, 6000), 255)), "image/png")}),
+    "wrong form field": dict(files={"image": ("seven.png", png(draw_digit_seven()), "image/png")}),
+    "empty body": dict(content=b"", headers={"content-type": "multipart/form-data; boundary=x"}),
+    "no content type": dict(content=b"raw bytes"),
+    "wrong content type": dict(content=b"<xml/>", headers={"content-type": "application/xml"}),
+    "broken multipart": dict(content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=x"}),
+    "invalid json": dict(content=b"{not json", headers={"content-type": "application/json"}),
+    "json without pixels": dict(json={"image": [1, 2, 3]}),
+    "json list body": dict(json=[[0] * 28] * 28),
+    "wrong array shape": dict(json={"pixels": [[0.0] * 27] * 28}),
+    "ragged array": dict(json={"pixels": [[0.0] * 28, [0.0] * 3]}),
+    "non-numeric pixels": dict(json={"pixels": [["a"] * 28] * 28}),
+    "out of range pixels": dict(json={"pixels": [[300.0] * 28] * 28}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_with_a_message_and_the_server_stays_up(client, case):
+    response = client.post("/predict", **BAD_REQUESTS[case])
+    assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
+    assert response.json()["detail"]
+    assert client.get("/health").status_code == 200
+
+
+def test_batch_with_one_bad_file_names_it(client):
+    files = [("files", ("good.png", png(draw_digit_seven()), "image/png")), ("files", ("bad.png", b"nope", "image/png"))]
+    response = client.post("/predict/batch", files=files)
+    assert response.status_code == 422 and "bad.png" in response.json()["detail"]

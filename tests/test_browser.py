@@ -1,0 +1,74 @@
+"""The drawing page in a real headless Chromium: draw a digit with mouse strokes, and the page
+must show what the API answers for the same canvas image."""
+
+import base64
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(model_file):
+    import uvicorn
+
+    from pipeline.api import create_app
+    from pipeline.predictor import Predictor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    predictor = Predictor(model_file)
+    uv = uvicorn.Server(uvicorn.Config(create_app(predictor), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", predictor
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+def test_drawing_shows_the_apis_prediction(server):
+    from fastapi.testclient import TestClient
+    from playwright.sync_api import sync_playwright
+
+    from pipeline.api import create_app
+
+    url, predictor = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(".bar")
+        box = page.locator("#pad").bounding_box()
+        # A '7': a top bar, then a diagonal down to the left.
+        strokes = [[(70, 60), (210, 60)], [(210, 60), (120, 240)]]
+        for stroke in strokes:
+            page.mouse.move(box["x"] + stroke[0][0], box["y"] + stroke[0][1])
+            page.mouse.down()
+            for x, y in stroke[1:]:
+                page.mouse.move(box["x"] + x, box["y"] + y, steps=12)
+            page.mouse.up()
+        # The page marks which stroke its shown answer covers; wait until it covers the last one.
+        page.wait_for_function("(pad => pad.dataset.drawn && pad.dataset.answered === pad.dataset.drawn)"
+                               "(document.getElementById('pad'))", timeout=30000)
+        shown = int(page.locator("#digit").inner_text())
+        bars = page.locator(".bar em").all_inner_texts()
+        canvas_png = base64.b64decode(page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1])
+        browser.close()
+
+    api = TestClient(create_app(predictor)).post("/predict", files={"file": ("canvas.png", canvas_png, "image/png")}).json()
+    assert shown == api["digit"]
+    assert len(bars) == 10
+    assert bars[api["digit"]] == f"{api['probabilities'][api['digit']] * 100:.1f}%"

@@ -1,0 +1,50 @@
+import csv
+import io
+import json
+
+from PIL import Image
+
+from pipeline import cli
+from tests.conftest import draw_digit_seven
+
+
+def test_predict_files_and_folders_in_every_format(model_file, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    draw_digit_seven().save(folder / "a.png")
+    draw_digit_seven(offset=(200, 100)).save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
+    single = tmp_path / "c.bmp"
+    draw_digit_seven(ink=(240,) * 3, paper=(0,) * 3).save(single)
+
+    assert cli.main(["predict", str(folder), str(single), "--model", str(model_file), "--format", "json", "--top-k", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [p["file"] for p in result["predictions"]] == [str(folder / "a.png"), str(folder / "b.jpg"), str(single)]
+    for p in result["predictions"]:
+        assert p["digit"] == p["top"][0]["digit"] and len(p["top"]) == 3
+        assert p["top"][0]["probability"] >= p["top"][1]["probability"] >= p["top"][2]["probability"]
+
+
+def test_bad_files_fail_clearly_while_the_rest_are_answered(model_file, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    draw_digit_seven().save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    blank = tmp_path / "blank.png"
+    Image.new("L", (60, 60), 255).save(blank)
+
+    code = cli.main(["predict", str(broken), str(good), str(tmp_path / "missing.png"), str(blank),
+                     "--model", str(model_file), "--format", "csv"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0][:3] == ["file", "digit", "confidence"] and [r[0] for r in rows[1:]] == [str(good)]
+    assert f"{broken}: not an image" in err
+    assert f"{tmp_path / 'missing.png'}: No such file or directory" in err
+    assert "blank" in err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    draw_digit_seven().save(tmp_path / "a.png")
+    assert cli.main(["predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "none.keras")]) == 2
+    assert "none.keras: no such model file" in capsys.readouterr().err
