@@ -85,11 +85,11 @@ def learning_rate_schedule(p, epochs, steps_per_epoch):
 
 
 class EpochLog:
-    """Keras callback (built lazily so importing this module stays cheap): per-epoch metrics to
-    MLflow with step = epoch, and rows for the history CSV."""
+    """Keras callback (built lazily so importing this module stays cheap): rows for the history
+    CSV and, inside an MLflow run, per-epoch metrics with step = epoch."""
 
     @staticmethod
-    def create():
+    def create(to_mlflow=True):
         import keras
         import mlflow
 
@@ -106,9 +106,38 @@ class EpochLog:
                 row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
                 row["seconds"] = round(time.perf_counter() - self.start, 3)
                 self.rows.append(row)
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                if to_mlflow:
+                    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
 
         return _EpochLog()
+
+
+def compiled_model(mp, epochs, train_size):
+    import keras
+
+    model = models.build(mp)
+    steps_per_epoch = int(np.ceil(train_size / mp.batch_size))
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate_schedule(mp, epochs, steps_per_epoch)),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def fit(model, mp, p, data, to_mlflow=True):
+    """Train in place; returns the per-epoch rows and the training seconds."""
+    epoch_log = EpochLog.create(to_mlflow)
+    start = time.perf_counter()
+    model.fit(
+        training_dataset(data["x_train"], data["y_train"], mp, p.seed),
+        epochs=p.epochs,
+        validation_data=(data["x_val"], data["y_val"]),
+        callbacks=[epoch_log],
+        shuffle=False,  # the dataset shuffles; Keras warns that it cannot
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    return epoch_log.rows, time.perf_counter() - start
 
 
 def history_csv(rows):
@@ -132,16 +161,9 @@ def train(kind, p):
 
     mp = p.model(kind)
     data = load_data()
-    x_train, y_train, x_val, y_val = data["x_train"], data["y_train"], data["x_val"], data["y_val"]
+    x_train, x_val = data["x_train"], data["x_val"]
     seed_everything(p.seed)
-
-    model = models.build(mp)
-    steps_per_epoch = int(np.ceil(len(x_train) / mp.batch_size))
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate_schedule(mp, p.epochs, steps_per_epoch)),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing),
-        metrics=["accuracy"],
-    )
+    model = compiled_model(mp, p.epochs, len(x_train))
     print(f"train {kind}: {model.count_params():,} parameters, {len(x_train):,} training and "
           f"{len(x_val):,} validation images, {p.epochs} epochs", flush=True)
 
@@ -154,19 +176,7 @@ def train(kind, p):
             "param_count": model.count_params(), "train_size": len(x_train), "val_size": len(x_val),
             "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
         })
-        epoch_log = EpochLog.create()
-        start = time.perf_counter()
-        model.fit(
-            training_dataset(x_train, y_train, mp, p.seed),
-            epochs=p.epochs,
-            validation_data=(x_val, y_val),
-            callbacks=[epoch_log],
-            shuffle=False,  # the dataset shuffles; Keras warns that it cannot
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
-        seconds = time.perf_counter() - start
-        rows = epoch_log.rows
-
+        rows, seconds = fit(model, mp, p, data)
         best = max(rows, key=lambda r: r["val_accuracy"])
         summary = {
             "val_accuracy": rows[-1]["val_accuracy"], "val_loss": rows[-1]["val_loss"],

@@ -1,0 +1,110 @@
+"""Benchmark: our CNN and MLP (default params.yaml) against the keras-io "simple MNIST convnet".
+
+    ./dev run python -m pipeline.bench            # all three; needs data/processed (dvc repro preprocess)
+    ./dev run python -m pipeline.bench --models kerasio cnn
+
+Trains each model in this one process on the real data, then prints JSON with training seconds,
+seconds per epoch, test accuracy, batch inference images/s, single-image latency (p50, p95) and
+the ratios to the keras-io recipe, and writes it to reports/benchmark.json. Nothing in models/
+or the MLflow store is touched. A script, not a test: timings depend on the machine and its load.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+
+import numpy as np
+
+from pipeline import evaluate, params as params_module, train
+from pipeline.files import load_arrays, write_json
+
+OUT = "reports/benchmark.json"
+LATENCY_SAMPLES = 300
+
+
+def kerasio_recipe(data, seed):
+    """keras-io's simple MNIST convnet, as published: 15 epochs, batch 128, validation_split 0.1."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+        layers.MaxPooling2D(pool_size=(2, 2)),
+        layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+        layers.MaxPooling2D(pool_size=(2, 2)),
+        layers.Flatten(),
+        layers.Dropout(0.5),
+        layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+    # The recipe trains on all 60,000 training images and holds out the last 10% itself.
+    x = np.concatenate([data["x_train"], data["x_val"]])
+    y = np.concatenate([data["y_train"], data["y_val"]])
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=128, epochs=15, validation_split=0.1, verbose=2)
+    return model, time.perf_counter() - start, 15
+
+
+def ours(kind, p, data):
+    mp = p.model(kind)
+    train.seed_everything(p.seed)
+    model = train.compiled_model(mp, p.epochs, len(data["x_train"]))
+    rows, seconds = train.fit(model, mp, p, data, to_mlflow=False)
+    return model, seconds, len(rows)
+
+
+def single_image_latency(model, x_test):
+    """Milliseconds to answer one image, as the API does (a direct call, no predict() set-up)."""
+    timings = []
+    for i in range(LATENCY_SAMPLES + 20):
+        start = time.perf_counter()
+        np.asarray(model(x_test[i:i + 1], training=False))
+        timings.append((time.perf_counter() - start) * 1000)
+    timings = np.array(timings[20:])  # the first calls trace the graph
+    return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
+
+
+def measure(name, model, seconds, epochs, x_test, y_test, batch_size):
+    probabilities, images_per_second = evaluate.predict_timed(model, x_test, batch_size)
+    accuracy = float(np.mean(probabilities.argmax(1) == y_test))
+    p50, p95 = single_image_latency(model, x_test)
+    result = {"train_seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / epochs, 1), "epochs": epochs,
+              "test_accuracy": accuracy, "test_errors": int(round((1 - accuracy) * len(y_test))),
+              "batch_images_per_second": round(images_per_second), "single_image_ms_p50": round(p50, 2),
+              "single_image_ms_p95": round(p95, 2), "params": model.count_params()}
+    print(f"bench {name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=["kerasio", "cnn", "mlp"], default=["kerasio", "cnn", "mlp"])
+    args = parser.parse_args(argv)
+    p = params_module.load_or_exit()
+    data = load_arrays(train.PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val", "x_test", "y_test"])
+    x_test, y_test = data["x_test"], data["y_test"].argmax(1)
+
+    results = {}
+    for name in args.models:
+        print(f"bench {name}: training ...", flush=True)
+        model, seconds, epochs = kerasio_recipe(data, p.seed) if name == "kerasio" else ours(name, p, data)
+        results[name] = measure(name, model, seconds, epochs, x_test, y_test, p.eval_batch_size)
+
+    if "kerasio" in results:
+        base = results["kerasio"]
+        for name in results.keys() - {"kerasio"}:
+            results[name]["train_time_ratio_to_kerasio"] = round(results[name]["train_seconds"] / base["train_seconds"], 2)
+            results[name]["accuracy_gain_over_kerasio"] = round(results[name]["test_accuracy"] - base["test_accuracy"], 4)
+    report = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()} cores, CPU only, {platform.machine()}",
+              "epochs": p.epochs, "results": results}
+    write_json(OUT, report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
