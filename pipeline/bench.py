@@ -2,6 +2,7 @@
 
     ./dev run python -m pipeline.bench            # all three; needs data/processed (dvc repro preprocess)
     ./dev run python -m pipeline.bench --models kerasio cnn
+    ./dev run python -m pipeline.bench --api      # latency of POST /predict with models/cnn.keras
 
 Trains each model in this one process on the real data, then prints JSON with training seconds,
 seconds per epoch, test accuracy, batch inference images/s, single-image latency (p50, p95) and
@@ -81,10 +82,51 @@ def measure(name, model, seconds, epochs, x_test, y_test, batch_size):
     return result
 
 
+def api_latency(requests=300):
+    """p50/p95 of POST /predict for one PNG upload, through a real uvicorn server on loopback."""
+    import io
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+    from PIL import Image, ImageDraw
+
+    from pipeline.api import create_app
+    from pipeline.predictor import Predictor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(Predictor()), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    image = Image.new("L", (280, 280), 255)
+    ImageDraw.Draw(image).line([(70, 60), (210, 60), (120, 240)], fill=0, width=18)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    timings, failures = [], 0
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        for i in range(requests + 20):
+            start = time.perf_counter()
+            response = client.post("/predict", files={"file": ("seven.png", png.getvalue(), "image/png")})
+            timings.append((time.perf_counter() - start) * 1000)
+            failures += response.status_code != 200
+    server.should_exit = True
+    timings = np.array(timings[20:])
+    return {"requests": requests, "failures": failures, "ms_p50": round(float(np.percentile(timings, 50)), 2),
+            "ms_p95": round(float(np.percentile(timings, 95)), 2), "ms_max": round(float(timings.max()), 2)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["kerasio", "cnn", "mlp"], default=["kerasio", "cnn", "mlp"])
+    parser.add_argument("--api", action="store_true", help="only measure POST /predict latency (models/cnn.keras)")
     args = parser.parse_args(argv)
+    if args.api:
+        print(json.dumps({"date": date.today().isoformat(), "api_predict_latency": api_latency()}, indent=2))
+        return
     p = params_module.load_or_exit()
     data = load_arrays(train.PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val", "x_test", "y_test"])
     x_test, y_test = data["x_test"], data["y_test"].argmax(1)

@@ -50,6 +50,15 @@ class ModelParams:
     label_smoothing: float
     augment: AugmentParams
 
+    def as_logged(self):
+        """The section as params.yaml spells it, flattened with dots (e.g. for MLflow)."""
+        names = {"layers": "hidden_units" if self.kind == "mlp" else "filters"}
+        skipped = {"kind", "augment"} | ({"dense_units"} if self.kind == "mlp" else set())
+        flat = {f"{self.kind}.{names.get(k, k)}": list(v) if isinstance(v, tuple) else v
+                for k, v in vars(self).items() if k not in skipped}
+        flat.update({f"{self.kind}.augment.{k}": v for k, v in vars(self.augment).items()})
+        return flat
+
 
 @dataclass(frozen=True)
 class Params:

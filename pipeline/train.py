@@ -170,9 +170,7 @@ def train(kind, p):
     tracking.use_experiment(p.experiment)
     with tracking.run(run_name=tracking.run_name(kind), tags=tracking.run_tags(kind, f"train_{kind}")) as run:
         mlflow.log_params({
-            "model": kind, "epochs": p.epochs, "seed": p.seed,
-            **{f"{kind}.{k}": v for k, v in vars(mp).items() if k not in ("kind", "augment")},
-            **{f"{kind}.augment.{k}": v for k, v in vars(mp.augment).items()},
+            "model": kind, "epochs": p.epochs, "seed": p.seed, **mp.as_logged(),
             "param_count": model.count_params(), "train_size": len(x_train), "val_size": len(x_val),
             "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
         })

@@ -60,7 +60,8 @@ def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
     run = only_run()
     assert run.info.status == "FINISHED"
     assert json.loads(Path("models/cnn.run.json").read_text())["run_id"] == run.info.run_id
-    assert run.data.params["cnn.layers"] == "(8, 16)" and run.data.params["epochs"] == "2"
+    assert run.data.params["cnn.filters"] == "[8, 16]" and run.data.params["epochs"] == "2"
+    assert run.data.params["cnn.augment.rotation_degrees"] == "10.0" and "cnn.dense_units" in run.data.params
     assert int(run.data.params["param_count"]) > 0 and run.data.params["train_size"] == "200"
     assert run.data.tags["model"] == "cnn" and run.data.tags["stage"] == "train_cnn"
     history = mlflow_client().get_metric_history(run.info.run_id, "val_accuracy")
