@@ -9,6 +9,9 @@ Bad input is answered with a 4xx and a message, never a 500.
 """
 
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +97,21 @@ def create_app(predictor: Predictor) -> FastAPI:
         return {"predictions": [answer(p, predictor, name) for p, name in zip(probabilities, names)]}
 
     return app
+
+
+def serve_in_background(predictor, host="127.0.0.1"):
+    """Start the app with uvicorn in a daemon thread on a free port (benchmarks, browser tests).
+    Returns the base URL and the server; set `server.should_exit = True` to stop it."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host=host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port} within 30 s")
+        time.sleep(0.05)
+    return f"http://{host}:{port}", server

@@ -85,29 +85,20 @@ def measure(name, model, seconds, epochs, x_test, y_test, batch_size):
 def api_latency(requests=300):
     """p50/p95 of POST /predict for one PNG upload, through a real uvicorn server on loopback."""
     import io
-    import socket
-    import threading
 
     import httpx
-    import uvicorn
     from PIL import Image, ImageDraw
 
-    from pipeline.api import create_app
+    from pipeline.api import serve_in_background
     from pipeline.predictor import Predictor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(Predictor()), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    url, server = serve_in_background(Predictor())
     image = Image.new("L", (280, 280), 255)
     ImageDraw.Draw(image).line([(70, 60), (210, 60), (120, 240)], fill=0, width=18)
     png = io.BytesIO()
     image.save(png, format="PNG")
     timings, failures = [], 0
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+    with httpx.Client(base_url=url) as client:
         for i in range(requests + 20):
             start = time.perf_counter()
             response = client.post("/predict", files={"file": ("seven.png", png.getvalue(), "image/png")})

@@ -27,13 +27,20 @@ def image_paths(arguments):
             yield path
 
 
-def predict(args):
+def load_predictor(source):
+    """The model, or None after saying why it could not be loaded."""
     from pipeline.predictor import Predictor
 
     try:
-        predictor = Predictor(args.model)
+        return Predictor(source)
     except FileNotFoundError as e:
         print(f"digits: {e}", file=sys.stderr)
+        return None
+
+
+def predict(args):
+    predictor = load_predictor(args.model)
+    if predictor is None:
         return 2
     rows, failed = [], 0
     for path in image_paths(args.images):
@@ -69,12 +76,9 @@ def serve(args):
     import uvicorn
 
     from pipeline.api import create_app
-    from pipeline.predictor import Predictor
 
-    try:
-        predictor = Predictor(args.model)
-    except FileNotFoundError as e:
-        print(f"digits: {e}", file=sys.stderr)
+    predictor = load_predictor(args.model)
+    if predictor is None:
         return 2
     print(f"digits: serving {args.model} ({predictor.identity}) on http://{args.host}:{args.port}/ "
           f"(API docs at /docs)", flush=True)

@@ -3,9 +3,6 @@ must show what the API answers for the same canvas image."""
 
 import base64
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 
@@ -16,24 +13,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def server(model_file):
-    import uvicorn
-
-    from pipeline.api import create_app
+    from pipeline.api import serve_in_background
     from pipeline.predictor import Predictor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     predictor = Predictor(model_file)
-    uv = uvicorn.Server(uvicorn.Config(create_app(predictor), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", predictor
-    uv.should_exit = True
-    thread.join(timeout=10)
+    url, uvicorn_server = serve_in_background(predictor)
+    yield url, predictor
+    uvicorn_server.should_exit = True
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")

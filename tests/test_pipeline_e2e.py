@@ -54,8 +54,9 @@ def repo(tmp_path_factory):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@example.com", "commit", "-qm", "tiny"]):
+    # A repository-local identity: DVC commits each experiment, and CI may have no global one.
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "e2e"],
+                ["git", "config", "user.email", "e2e@example.com"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
         run(cmd, repo, env)
     repro_log = run(["dvc", "repro"], repo, env)
     return repo, env, repro_log
