@@ -6,7 +6,6 @@ checksums match the published MNIST; the error names every source tried and why 
 
 import gzip
 import hashlib
-import io
 import pickle
 import subprocess
 import sys
