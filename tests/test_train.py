@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import models, params, tracking, train
+from pipeline.predictor import Predictor
 from tests.conftest import ROOT
 
 
@@ -73,6 +74,11 @@ def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     predictions = np.asarray(model.predict(np.zeros((4, 28, 28, 1), np.float32)))
     assert predictions.shape == (4, 10) and np.allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
+
+    # The CLI and API can serve the same model straight from the MLflow run.
+    served = Predictor(f"runs:/{run.info.run_id}/model")
+    assert served.identity == f"runs:/{run.info.run_id}/model"
+    assert np.allclose(served.probabilities(np.zeros((4, 28, 28))), predictions, atol=1e-5)
 
 
 def test_same_params_give_same_metrics(processed_data):
