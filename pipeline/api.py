@@ -48,12 +48,14 @@ async def uploaded_images(request, field):
     images, names = [], []
     for upload in uploads:
         data = await upload.read(normalize.MAX_BYTES + 1)
+        name = upload.filename or "upload"
         try:
-            images.append(normalize.to_mnist(normalize.decode(data, upload.filename or "upload")))
+            images.append(normalize.to_mnist(normalize.decode(data, name)))
+        except normalize.ImageTooLarge as e:
+            raise HTTPException(413, str(e)) from None
         except normalize.ImageError as e:
-            status = 413 if "limit" in str(e) else 422
-            raise HTTPException(status, str(e)) from None
-        names.append(upload.filename or "upload")
+            raise HTTPException(422, str(e)) from None
+        names.append(name)
     return images, names
 
 

@@ -59,23 +59,31 @@ def ours(kind, p, data):
     return model, seconds, len(rows)
 
 
+WARMUP_CALLS = 20  # the first calls trace graphs and fill caches; they are not what a user waits for
+
+
+def timed_ms(call, count):
+    """Run call(i) for i in range(WARMUP_CALLS + count); the milliseconds of the last `count`."""
+    timings = []
+    for i in range(WARMUP_CALLS + count):
+        start = time.perf_counter()
+        call(i)
+        timings.append((time.perf_counter() - start) * 1000)
+    return np.array(timings[WARMUP_CALLS:])
+
+
 def single_image_latency(model, x_test):
     """Milliseconds to answer one image, as the API does (a direct call, no predict() set-up)."""
-    timings = []
-    for i in range(LATENCY_SAMPLES + 20):
-        start = time.perf_counter()
-        np.asarray(model(x_test[i:i + 1], training=False))
-        timings.append((time.perf_counter() - start) * 1000)
-    timings = np.array(timings[20:])  # the first calls trace the graph
+    timings = timed_ms(lambda i: np.asarray(model(x_test[i:i + 1], training=False)), LATENCY_SAMPLES)
     return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
 
 
 def measure(name, model, seconds, epochs, x_test, y_test, batch_size):
     probabilities, images_per_second = evaluate.predict_timed(model, x_test, batch_size)
-    accuracy = float(np.mean(probabilities.argmax(1) == y_test))
+    summary, _, _ = evaluate.evaluate(probabilities, y_test)
     p50, p95 = single_image_latency(model, x_test)
     result = {"train_seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / epochs, 1), "epochs": epochs,
-              "test_accuracy": accuracy, "test_errors": int(round((1 - accuracy) * len(y_test))),
+              "test_accuracy": summary["accuracy"], "test_errors": summary["errors"],
               "batch_images_per_second": round(images_per_second), "single_image_ms_p50": round(p50, 2),
               "single_image_ms_p95": round(p95, 2), "params": model.count_params()}
     print(f"bench {name}: {json.dumps(result)}", flush=True)
@@ -97,15 +105,12 @@ def api_latency(requests=300):
     ImageDraw.Draw(image).line([(70, 60), (210, 60), (120, 240)], fill=0, width=18)
     png = io.BytesIO()
     image.save(png, format="PNG")
-    timings, failures = [], 0
+    statuses = []
     with httpx.Client(base_url=url) as client:
-        for i in range(requests + 20):
-            start = time.perf_counter()
-            response = client.post("/predict", files={"file": ("seven.png", png.getvalue(), "image/png")})
-            timings.append((time.perf_counter() - start) * 1000)
-            failures += response.status_code != 200
+        timings = timed_ms(lambda i: statuses.append(
+            client.post("/predict", files={"file": ("seven.png", png.getvalue(), "image/png")}).status_code), requests)
     server.should_exit = True
-    timings = np.array(timings[20:])
+    failures = sum(status != 200 for status in statuses)
     return {"requests": requests, "failures": failures, "ms_p50": round(float(np.percentile(timings, 50)), 2),
             "ms_p95": round(float(np.percentile(timings, 95)), 2), "ms_max": round(float(timings.max()), 2)}
 

@@ -20,19 +20,23 @@ class ImageError(ValueError):
     """The input cannot be read as a digit image; the message says why."""
 
 
+class ImageTooLarge(ImageError):
+    """The input is over a size limit (bytes or pixels)."""
+
+
 def decode(data: bytes, name="image"):
     """Bytes of a PNG/JPEG/BMP/GIF/WebP/... file -> PIL image, with size limits checked first."""
     if not data:
         raise ImageError(f"{name}: empty file")
     if len(data) > MAX_BYTES:
-        raise ImageError(f"{name}: {len(data):,} bytes is over the {MAX_BYTES:,}-byte limit")
+        raise ImageTooLarge(f"{name}: {len(data):,} bytes is over the {MAX_BYTES:,}-byte limit")
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF ...)") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise ImageError(f"{name}: {width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit")
+        raise ImageTooLarge(f"{name}: {width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit")
     try:
         image.load()
     except (OSError, Image.DecompressionBombError) as e:
