@@ -46,6 +46,7 @@ class ModelParams:
     dropout: float
     batch_size: int
     learning_rate: float
+    weight_decay: float
     warmup_epochs: int
     label_smoothing: float
     augment: AugmentParams
@@ -135,6 +136,7 @@ def _model(r, kind):
         dropout=r.get(f"{s}.dropout", float, 0.0, 0.9),
         batch_size=r.get(f"{s}.batch_size", int, 1, 60000),
         learning_rate=r.get(f"{s}.learning_rate", float, 1e-6, 1.0),
+        weight_decay=r.get(f"{s}.weight_decay", float, 0.0, 1.0),
         warmup_epochs=r.get(f"{s}.warmup_epochs", int, 0, 1000),
         label_smoothing=r.get(f"{s}.label_smoothing", float, 0.0, 0.5),
         augment=AugmentParams(

@@ -118,7 +118,10 @@ def compiled_model(mp, epochs, train_size):
     model = models.build(mp)
     steps_per_epoch = int(np.ceil(train_size / mp.batch_size))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate_schedule(mp, epochs, steps_per_epoch)),
+        # weight_decay is decoupled from the gradient (AdamW): each step shrinks every weight by
+        # learning_rate * weight_decay, so the decay follows the schedule to zero.
+        optimizer=keras.optimizers.Adam(learning_rate_schedule(mp, epochs, steps_per_epoch),
+                                        weight_decay=mp.weight_decay or None),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing),
         metrics=["accuracy"],
     )

@@ -1,6 +1,9 @@
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
 from PIL import Image
 
@@ -48,3 +51,11 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     draw_digit_seven().save(tmp_path / "a.png")
     assert cli.main(["predict", str(tmp_path / "a.png"), "--model", str(tmp_path / "none.keras")]) == 2
     assert "none.keras: no such model file" in capsys.readouterr().err
+
+
+def test_tensorflow_start_up_notices_are_held_back():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = "import pipeline, keras; print(keras.ops.ones((2,)).shape)"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "(2,)"
+    assert quiet.stderr == ""
