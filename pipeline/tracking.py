@@ -84,19 +84,35 @@ def run_name(model):
     return f"{model}-{exp_name or (commit[:7] if commit else 'workspace')}"
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+_pending_signal = None
+
+
+def _note_signal(signum, frame):
+    # Raising right here could land inside TensorFlow's C++ (seen: a heap-corruption abort when
+    # SIGTERM hit while a dataset iterator was being built), so note it for the next safe point.
+    global _pending_signal
+    _pending_signal = signum
+
+
+def raise_if_signalled():
+    """At a safe point (e.g. between training steps): stop as Ctrl-C does if a signal arrived."""
+    if _pending_signal is not None:
+        raise KeyboardInterrupt(f"signal {_pending_signal}")
 
 
 @contextmanager
 def run(**start_run_kwargs):
-    """mlflow.start_run that ends KILLED on Ctrl-C or SIGTERM and FAILED on an error."""
+    """mlflow.start_run that ends KILLED on Ctrl-C or SIGTERM and FAILED on an error. Either signal
+    takes effect at the next raise_if_signalled() or at the end of the block, whichever is first."""
     import mlflow
 
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    global _pending_signal
+    _pending_signal = None
+    previous = {sig: signal.signal(sig, _note_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     active = mlflow.start_run(**start_run_kwargs)
     try:
         yield active
+        raise_if_signalled()
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
@@ -106,7 +122,8 @@ def run(**start_run_kwargs):
     else:
         mlflow.end_run("FINISHED")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def log_keras_model(model, example):

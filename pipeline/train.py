@@ -86,7 +86,7 @@ def learning_rate_schedule(p, epochs, steps_per_epoch):
 
 class EpochLog:
     """Keras callback (built lazily so importing this module stays cheap): rows for the history
-    CSV and, inside an MLflow run, per-epoch metrics with step = epoch."""
+    CSV and, inside an MLflow run, per-epoch metrics with step = epoch; stops on Ctrl-C or SIGTERM."""
 
     @staticmethod
     def create(to_mlflow=True):
@@ -97,6 +97,11 @@ class EpochLog:
             def __init__(self):
                 super().__init__()
                 self.rows = []
+
+            def on_train_batch_begin(self, batch, logs=None):
+                # Ctrl-C and SIGTERM stop training between steps. (A batch *end* hook would make
+                # Keras wait for every step's metrics before starting the next.)
+                tracking.raise_if_signalled()
 
             def on_epoch_begin(self, epoch, logs=None):
                 self.start = time.perf_counter()
