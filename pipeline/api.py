@@ -68,7 +68,8 @@ def create_app(predictor: Predictor) -> FastAPI:
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": predictor.identity, "source": predictor.source}
+        return {"status": "ok", "model": predictor.identity, "source": predictor.source,
+                "registered_model": predictor.registered}
 
     @app.post("/predict", openapi_extra={"requestBody": {"content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},

@@ -2,6 +2,7 @@
 
   digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI]
   digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI]
+  digits promote NAME VERSION       move the Model Registry alias `champion` by hand
 """
 
 import argparse
@@ -86,10 +87,33 @@ def serve(args):
     return 0
 
 
+def promote(args):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = MlflowClient()
+    try:
+        version = client.get_model_version(args.name, str(args.version))
+        before = tracking.champion_of(args.name)
+        client.set_registered_model_alias(args.name, tracking.CHAMPION, version.version)
+    except MlflowException as e:
+        print(f"digits: {args.name} v{args.version}: {e.message}", file=sys.stderr)
+        return 2
+    was = f"v{before.version}" if before else "no version"
+    print(f"digits: {args.name}@{tracking.CHAMPION} moved from {was} to v{version.version} "
+          f"(val accuracy {version.tags.get('val_accuracy', '?')}, test accuracy {version.tags.get('test_accuracy', '?')})")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="digits", description="Recognise handwritten digits with the trained model.")
     commands = parser.add_subparsers(dest="command", required=True)
-    model_help = f"a .keras file or an MLflow model URI such as runs:/<run id>/model (default {DEFAULT_MODEL})"
+    model_help = (f"a .keras file or an MLflow model URI: runs:/<run id>/model, models:/digits-cnn/3, "
+                  f"models:/digits-cnn@champion (default {DEFAULT_MODEL})")
 
     p = commands.add_parser("predict", help="predict the digit in image files or folders of images")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP ...) or folders")
@@ -103,6 +127,11 @@ def main(argv=None):
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     s.set_defaults(run=serve)
+
+    m = commands.add_parser("promote", help="make a registered model version the champion (MLflow Model Registry)")
+    m.add_argument("name", help="registered model, e.g. digits-cnn")
+    m.add_argument("version", type=int, help="its version number")
+    m.set_defaults(run=promote)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -28,8 +28,9 @@ def build_cnn(p):
     less time than with Conv-BN-ReLU-Pool blocks, and the test accuracy was no lower."""
     inputs = keras.Input(INPUT_SHAPE, name="image")
     x = inputs
-    for filters in p.layers:
-        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+    for filters, convs in zip(p.layers, p.convs_per_block):
+        for _ in range(convs):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D(2)(x)
         x = layers.BatchNormalization()(x)
     x = layers.Flatten()(x)

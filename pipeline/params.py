@@ -43,18 +43,20 @@ class ModelParams:
     kind: str
     layers: tuple  # hidden_units of the MLP, filters of the CNN's conv blocks
     dense_units: int  # the CNN's dense head (0 for the MLP, which has its layers above)
+    convs_per_block: tuple  # the CNN's convolutions in each block (() for the MLP)
     dropout: float
     batch_size: int
     learning_rate: float
     weight_decay: float
     warmup_epochs: int
     label_smoothing: float
+    ema_momentum: float  # 0 = off; else the weights kept are an exponential moving average
     augment: AugmentParams
 
     def as_logged(self):
         """The section as params.yaml spells it, flattened with dots (e.g. for MLflow)."""
         names = {"layers": "hidden_units" if self.kind == "mlp" else "filters"}
-        skipped = {"kind", "augment"} | ({"dense_units"} if self.kind == "mlp" else set())
+        skipped = {"kind", "augment"} | ({"dense_units", "convs_per_block"} if self.kind == "mlp" else set())
         flat = {f"{self.kind}.{names.get(k, k)}": list(v) if isinstance(v, tuple) else v
                 for k, v in vars(self).items() if k not in skipped}
         flat.update({f"{self.kind}.augment.{k}": v for k, v in vars(self.augment).items()})
@@ -124,21 +126,26 @@ class _Reader:
 def _model(r, kind):
     s = kind
     if kind == "mlp":
-        layers, dense = r.int_list(f"{s}.hidden_units", 1, 8192), 0
+        layers, dense, convs = r.int_list(f"{s}.hidden_units", 1, 8192), 0, ()
     else:
         layers, dense = r.int_list(f"{s}.filters", 1, 1024), r.get(f"{s}.dense_units", int, 1, 8192)
         if len(layers) > 4:
             r.errors.append(f"{s}.filters: got {len(layers)} blocks, expected at most 4 (each halves 28x28)")
+        convs = r.int_list(f"{s}.convs_per_block", 1, 4)
+        if layers and convs and len(convs) != len(layers):
+            r.errors.append(f"{s}.convs_per_block: got {len(convs)} entries, expected one per entry of {s}.filters ({len(layers)})")
     return ModelParams(
         kind=kind,
         layers=layers,
         dense_units=dense,
+        convs_per_block=convs,
         dropout=r.get(f"{s}.dropout", float, 0.0, 0.9),
         batch_size=r.get(f"{s}.batch_size", int, 1, 60000),
         learning_rate=r.get(f"{s}.learning_rate", float, 1e-6, 1.0),
         weight_decay=r.get(f"{s}.weight_decay", float, 0.0, 1.0),
         warmup_epochs=r.get(f"{s}.warmup_epochs", int, 0, 1000),
         label_smoothing=r.get(f"{s}.label_smoothing", float, 0.0, 0.5),
+        ema_momentum=r.get(f"{s}.ema_momentum", float, 0.0, 0.99999),
         augment=AugmentParams(
             rotation_degrees=r.get(f"{s}.augment.rotation_degrees", float, 0.0, 45.0),
             shift_fraction=r.get(f"{s}.augment.shift_fraction", float, 0.0, 0.3),

@@ -5,20 +5,33 @@ file `mlflow.db` plus an artifact folder `mlartifacts/` at the project root. DVC
 `dvc exp run --temp` and queued experiments in throwaway copies under .dvc/tmp/exps/; their runs
 still go to the store of the checkout the user works in.
 
-How stages share a run: a training stage writes models/<model>.run.json with its run id; evaluate
-and visualize read it (it is a declared dependency) and add their metrics and figures to that run.
+How stages share a run: a training stage writes models/<model>.run.json with its run id and its
+registered model version; evaluate and visualize read it (it is a declared dependency) and add
+their metrics and figures to that run.
+
+The Model Registry: each training stage registers its model as `digits-<model>`. The alias
+`champion` moves to the new version only when it beats the champion's validation accuracy on the
+same validation images; `digits promote` moves it by hand.
 """
 
 import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
 RUN_FILE = "models/{model}.run.json"
+CHAMPION = "champion"
+# The MLflow 3 UI opens an experiment without this tag on its GenAI pages (traces, evaluations).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def registered_name(model):
+    return f"digits-{model}"
 
 
 def project_root(cwd=None):
@@ -56,8 +69,11 @@ def use_experiment(name):
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             local_artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
-            mlflow.create_experiment(name, artifact_location=local_artifacts)
-        return mlflow.set_experiment(name)
+            mlflow.create_experiment(name, artifact_location=local_artifacts, tags=EXPERIMENT_KIND)
+        experiment = mlflow.set_experiment(name)
+        if not EXPERIMENT_KIND.items() <= experiment.tags.items():
+            mlflow.set_experiment_tags(EXPERIMENT_KIND)
+        return experiment
 
 
 def git_commit():
@@ -110,6 +126,8 @@ def run(**start_run_kwargs):
     _pending_signal = None
     previous = {sig: signal.signal(sig, _note_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     active = mlflow.start_run(**start_run_kwargs)
+    # Which process holds the run open, so a later stage can tell a dead one's orphan from a live run.
+    mlflow.set_tags({"host": socket.gethostname(), "pid": str(os.getpid())})
     try:
         yield active
         raise_if_signalled()
@@ -156,14 +174,90 @@ def log_keras_model(model, example):
         keras.config.enable_interactive_logging()
 
 
-def write_run_file(model, run_info):
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def end_orphaned_runs(experiment_id):
+    """End FAILED the runs left RUNNING by processes of this host that died without a word
+    (SIGKILL, the OOM killer, a power cut). Runs of live processes and other hosts are left alone.
+    Returns the ended run ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    ended = []
+    for r in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'"):
+        pid = r.data.tags.get("pid", "")
+        if pid.isdigit() and not _process_alive(int(pid)):
+            client.set_tag(r.info.run_id, "ended_by", f"orphan check: process {pid} on {host} no longer runs")
+            client.set_terminated(r.info.run_id, "FAILED")
+            print(f"mlflow: run {r.info.run_name} ({r.info.run_id}) was left RUNNING by process {pid}, "
+                  f"which is gone; ended it FAILED", flush=True)
+            ended.append(r.info.run_id)
+    return ended
+
+
+def register(model, model_uri, tags):
+    """Register a logged model as a new version of digits-<model>; returns the version."""
+    import mlflow
+
+    return mlflow.register_model(model_uri, registered_name(model), tags={k: str(v) for k, v in tags.items()})
+
+
+def champion_of(name):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def crown_if_better(version):
+    """Move `champion` to `version` if there is none yet, or if `version` has the higher validation
+    accuracy on the same validation images. Returns the sentence that says what happened."""
+    from mlflow.tracking import MlflowClient
+
+    name, champion = version.name, champion_of(version.name)
+    accuracy = float(version.tags["val_accuracy"])
+    if champion is None:
+        verdict = f"{name} v{version.version} is the first champion (val accuracy {accuracy:.4f})"
+    elif champion.tags.get("val_digest") != version.tags["val_digest"]:
+        return (f"{name} v{version.version}: champion stays v{champion.version}: they were validated on different "
+                f"images, so their accuracies do not compare (`digits promote {name} {version.version}` moves it)")
+    elif accuracy > float(champion.tags["val_accuracy"]):
+        verdict = (f"{name} v{version.version} is the new champion: val accuracy {accuracy:.4f} beats "
+                   f"v{champion.version}'s {float(champion.tags['val_accuracy']):.4f}")
+    else:
+        return (f"{name} v{version.version}: champion stays v{champion.version} (val accuracy "
+                f"{float(champion.tags['val_accuracy']):.4f}; this one {accuracy:.4f})")
+    MlflowClient().set_registered_model_alias(name, CHAMPION, version.version)
+    return verdict
+
+
+def write_run_file(model, run_info, model_version=None):
     from pipeline.files import write_json
 
-    write_json(RUN_FILE.format(model=model), {"run_id": run_info.run_id, "experiment_id": run_info.experiment_id})
+    write_json(RUN_FILE.format(model=model), {
+        "run_id": run_info.run_id, "experiment_id": run_info.experiment_id,
+        "registered_model": registered_name(model), "model_version": model_version,
+    })
 
 
-def read_run_id(model):
+def read_run_file(model):
     path = Path(RUN_FILE.format(model=model))
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the train_{model} stage writes it (run `dvc repro`)")
-    return json.loads(path.read_text())["run_id"]
+    return json.loads(path.read_text())
+
+
+def read_run_id(model):
+    return read_run_file(model)["run_id"]

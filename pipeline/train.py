@@ -6,8 +6,10 @@ model its params.yaml section describes, and writes
   models/<model>.run.json           the MLflow run id, for evaluate and visualize
   reports/train/<model>_history.csv one row per epoch (dvc plots)
   reports/train/<model>.json        best and final validation metrics (dvc metrics)
-The MLflow run gets every param used, per-epoch metrics (step = epoch), the model in MLflow's
-Keras flavor with signature and input example, the history CSV and a model summary.
+The MLflow run gets every param used, the datasets it saw (with digests), per-epoch metrics
+(step = epoch), the model in MLflow's Keras flavor with signature and input example, the history
+CSV and a model summary. The model is registered as `digits-<model>`; the alias `champion` moves
+to it only if it beats the champion on validation.
 """
 
 import argparse
@@ -125,8 +127,10 @@ def compiled_model(mp, epochs, train_size):
     model.compile(
         # weight_decay is decoupled from the gradient (AdamW): each step shrinks every weight by
         # learning_rate * weight_decay, so the decay follows the schedule to zero.
+        # With ema_momentum, fit() ends by replacing the weights with their moving average.
         optimizer=keras.optimizers.Adam(learning_rate_schedule(mp, epochs, steps_per_epoch),
-                                        weight_decay=mp.weight_decay or None),
+                                        weight_decay=mp.weight_decay or None,
+                                        use_ema=mp.ema_momentum > 0, ema_momentum=mp.ema_momentum or 0.99),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing),
         metrics=["accuracy"],
     )
@@ -175,13 +179,19 @@ def train(kind, p):
     print(f"train {kind}: {model.count_params():,} parameters, {len(x_train):,} training and "
           f"{len(x_val):,} validation images, {p.epochs} epochs", flush=True)
 
-    tracking.use_experiment(p.experiment)
-    with tracking.run(run_name=tracking.run_name(kind), tags=tracking.run_tags(kind, f"train_{kind}")) as run:
+    experiment = tracking.use_experiment(p.experiment)
+    tracking.end_orphaned_runs(experiment.experiment_id)
+    train_set = mlflow.data.from_numpy(x_train, targets=data["y_train"], name="mnist-train")
+    val_set = mlflow.data.from_numpy(x_val, targets=data["y_val"], name="mnist-validation")
+    tags = tracking.run_tags(kind, f"train_{kind}")
+    with tracking.run(run_name=tracking.run_name(kind), tags=tags) as run:
         mlflow.log_params({
             "model": kind, "epochs": p.epochs, "seed": p.seed, **mp.as_logged(),
             "param_count": model.count_params(), "train_size": len(x_train), "val_size": len(x_val),
             "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
         })
+        mlflow.log_input(train_set, context="training")
+        mlflow.log_input(val_set, context="validation")
         rows, seconds = fit(model, mp, p, data)
         best = max(rows, key=lambda r: r["val_accuracy"])
         summary = {
@@ -199,10 +209,16 @@ def train(kind, p):
         mlflow.log_artifact(str(REPORTS_DIR / f"{kind}_history.csv"))
         mlflow.log_text(summary_text(model), "model_summary.txt")
 
-        tracking.log_keras_model(model, x_val[:5])
-        tracking.write_run_file(kind, run.info)
+        logged = tracking.log_keras_model(model, x_val[:5])
+        version = tracking.register(kind, logged.model_uri, {
+            "git_commit": tracking.git_commit() or "none", "dvc_exp_name": tags["dvc.exp_name"],
+            "run_id": run.info.run_id, "val_accuracy": summary["val_accuracy"], "val_digest": val_set.digest,
+        })
+        tracking.write_run_file(kind, run.info, version.version)
+        verdict = tracking.crown_if_better(version)
     print(f"train {kind}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
-          f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}", flush=True)
+          f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}\n"
+          f"train {kind}: registered {version.name} v{version.version}; {verdict}", flush=True)
     return summary
 
 

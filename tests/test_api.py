@@ -8,7 +8,7 @@ from PIL import Image
 from pipeline import normalize
 from pipeline.api import create_app
 from pipeline.predictor import Predictor
-from tests.conftest import draw_digit_seven
+from tests.helpers import draw_digit_seven
 
 
 @pytest.fixture(scope="module")

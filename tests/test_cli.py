@@ -8,7 +8,7 @@ import sys
 from PIL import Image
 
 from pipeline import cli
-from tests.conftest import draw_digit_seven
+from tests.helpers import draw_digit_seven
 
 
 def test_predict_files_and_folders_in_every_format(model_file, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import fetch, files
 from pipeline.params import FetchParams
-from tests.conftest import idx_bytes, tiny_images
+from tests.helpers import idx_bytes, tiny_images
 
 
 def tiny_mnist():

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline import normalize
-from tests.conftest import draw_digit_seven
+from tests.helpers import draw_digit_seven
 
 
 def centre_of_mass(image):

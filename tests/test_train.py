@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import models, params, tracking, train
 from pipeline.predictor import Predictor
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def mlflow_client():
@@ -104,6 +104,37 @@ def test_interrupted_training_ends_killed(processed_data):
     process.wait(timeout=60)
     assert process.returncode != 0
     assert only_run().info.status == "KILLED"
+
+
+def test_next_training_ends_the_run_of_a_process_killed_without_a_word(processed_data, capsys):
+    params_path = Path.cwd() / "params.yaml"
+    params_path.write_text(params_path.read_text().replace("epochs: 2", "epochs: 500"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.train", "mlp"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    for line in process.stdout:
+        if line.startswith("Epoch 2/") or time.time() > deadline:
+            break
+    process.kill()  # SIGKILL: no handler runs, the run stays RUNNING
+    process.wait(timeout=60)
+    orphan = only_run()
+    assert orphan.info.status == "RUNNING" and orphan.data.tags["pid"] == str(process.pid)
+
+    params_path.write_text(params_path.read_text().replace("epochs: 500", "epochs: 1"))
+    train.main(["mlp"])
+    assert f"was left RUNNING by process {process.pid}, which is gone; ended it FAILED" in capsys.readouterr().out
+    client = mlflow_client()
+    assert client.get_run(orphan.info.run_id).info.status == "FAILED"
+    runs = client.search_runs([orphan.info.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+
+
+def test_a_live_run_is_not_taken_for_an_orphan(project):
+    experiment = tracking.use_experiment("mnist-digits")
+    with tracking.run(run_name="alive") as active:
+        assert tracking.end_orphaned_runs(experiment.experiment_id) == []
+        assert mlflow_client().get_run(active.info.run_id).info.status == "RUNNING"
 
 
 def test_crash_ends_failed(project):

@@ -1,0 +1,211 @@
+"""Benchmark: our CNN and MLP (default params.yaml) over several seeds, against the keras-io
+"simple MNIST convnet", all trained in this one process.
+
+    ./dev run python -m bench                        # seeds 1 2 3 of cnn and mlp, keras-io once
+    ./dev run python -m bench --seeds 1 --models cnn --val-only --set cnn.dropout=0.4
+    ./dev run python -m bench --api                  # latency of POST /predict with models/cnn.keras
+
+For each model and seed: validation accuracy, test accuracy and errors, training seconds, batch
+inference images/s, single-image latency (p50, p95); then per model the mean, standard deviation
+and minimum, and each time's ratio to the keras-io recipe's. The JSON goes to reports/benchmark.json.
+
+Recipes are compared on validation only: `--val-only` (what a sweep of variants uses) never reads
+the test split, and `--set KEY=VALUE` tries a change to params.yaml without editing it. Nothing in
+models/ or the MLflow store is touched. A script, not a test: timings depend on the machine's load.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
+from pipeline import evaluate, params as params_module, train
+from pipeline.files import load_arrays, write_json
+
+OUT = "reports/benchmark.json"
+LATENCY_SAMPLES = 300
+
+
+def kerasio_recipe(data, seed):
+    """keras-io's simple MNIST convnet, as published: 15 epochs, batch 128, validation_split 0.1."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+        layers.MaxPooling2D(pool_size=(2, 2)),
+        layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+        layers.MaxPooling2D(pool_size=(2, 2)),
+        layers.Flatten(),
+        layers.Dropout(0.5),
+        layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+    # The recipe trains on all 60,000 training images and holds out the last 10% itself.
+    x = np.concatenate([data["x_train"], data["x_val"]])
+    y = np.concatenate([data["y_train"], data["y_val"]])
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=128, epochs=15, validation_split=0.1, verbose=2)
+    return model, time.perf_counter() - start, 15
+
+
+def ours(kind, p, data):
+    mp = p.model(kind)
+    train.seed_everything(p.seed)
+    model = train.compiled_model(mp, p.epochs, len(data["x_train"]))
+    rows, seconds = train.fit(model, mp, p, data, to_mlflow=False)
+    return model, seconds, len(rows)
+
+
+def params_with(overrides, seed):
+    """params.yaml with `KEY=VALUE` overrides (dotted keys, YAML values) and the given seed."""
+    tree = yaml.safe_load(Path("params.yaml").read_text())
+    for override in [*overrides, f"seed={seed}"]:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(tree, f)
+        f.flush()
+        return params_module.load(f.name)
+
+
+WARMUP_CALLS = 20  # the first calls trace graphs and fill caches; they are not what a user waits for
+
+
+def timed_ms(call, count):
+    """Run call(i) for i in range(WARMUP_CALLS + count); the milliseconds of the last `count`."""
+    timings = []
+    for i in range(WARMUP_CALLS + count):
+        start = time.perf_counter()
+        call(i)
+        timings.append((time.perf_counter() - start) * 1000)
+    return np.array(timings[WARMUP_CALLS:])
+
+
+def single_image_latency(model, x_test):
+    """Milliseconds to answer one image, as the API does (a direct call, no predict() set-up)."""
+    timings = timed_ms(lambda i: np.asarray(model(x_test[i:i + 1], training=False)), LATENCY_SAMPLES)
+    return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
+
+
+def accuracy(model, x, labels, batch_size):
+    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(np.mean(probabilities.argmax(1) == labels))
+
+
+def measure(model, seconds, epochs, data, batch_size, val_only):
+    result = {"train_seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / epochs, 1), "epochs": epochs,
+              "params": model.count_params(),
+              "val_accuracy": accuracy(model, data["x_val"], data["y_val"].argmax(1), batch_size)}
+    if val_only:
+        return result
+    labels = data["y_test"].argmax(1)
+    probabilities, images_per_second = evaluate.predict_timed(model, data["x_test"], batch_size)
+    summary, _, _ = evaluate.evaluate(probabilities, labels)
+    p50, p95 = single_image_latency(model, data["x_test"])
+    return {**result, "test_accuracy": summary["accuracy"], "test_errors": summary["errors"],
+            "batch_images_per_second": round(images_per_second), "single_image_ms_p50": round(p50, 2),
+            "single_image_ms_p95": round(p95, 2)}
+
+
+def spread(runs):
+    """Mean, standard deviation and minimum of each accuracy, and the mean of the timings."""
+    out = {}
+    for key in ("val_accuracy", "test_accuracy", "test_errors", "train_seconds", "batch_images_per_second",
+                "single_image_ms_p50"):
+        values = [r[key] for r in runs if key in r]
+        if values:
+            out[key] = {"mean": round(statistics.mean(values), 5), "min": min(values), "max": max(values),
+                        "sd": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}
+    return out
+
+
+def api_latency(requests=300):
+    """p50/p95 of POST /predict for one PNG upload, through a real uvicorn server on loopback."""
+    import io
+
+    import httpx
+    from PIL import Image, ImageDraw
+
+    from pipeline.api import serve_in_background
+    from pipeline.predictor import Predictor
+
+    url, server = serve_in_background(Predictor())
+    image = Image.new("L", (280, 280), 255)
+    ImageDraw.Draw(image).line([(70, 60), (210, 60), (120, 240)], fill=0, width=18)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    statuses = []
+    with httpx.Client(base_url=url) as client:
+        timings = timed_ms(lambda i: statuses.append(
+            client.post("/predict", files={"file": ("seven.png", png.getvalue(), "image/png")}).status_code), requests)
+    server.should_exit = True
+    failures = sum(status != 200 for status in statuses)
+    return {"requests": requests, "failures": failures, "ms_p50": round(float(np.percentile(timings, 50)), 2),
+            "ms_p95": round(float(np.percentile(timings, 95)), 2), "ms_max": round(float(timings.max()), 2)}
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{os.cpu_count()} cores, {cpu}, CPU only, {platform.machine()}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=["kerasio", "cnn", "mlp"], default=["kerasio", "cnn", "mlp"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of our models (default 1 2 3)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides, e.g. cnn.dropout=0.4")
+    parser.add_argument("--val-only", action="store_true", help="compare on validation; never read the test split")
+    parser.add_argument("--out", default=OUT, help=f"where the JSON goes (default {OUT})")
+    parser.add_argument("--api", action="store_true", help="only measure POST /predict latency (models/cnn.keras)")
+    args = parser.parse_args(argv)
+    if args.api:
+        print(json.dumps({"date": date.today().isoformat(), "api_predict_latency": api_latency()}, indent=2))
+        return
+    splits = ["train", "val"] + ([] if args.val_only else ["test"])
+    data = load_arrays(train.PROCESSED_DIR, [f"{xy}_{s}" for s in splits for xy in "xy"])
+    started = time.perf_counter()
+
+    results = {}
+    for name in args.models:
+        for seed in [args.seeds[0]] if name == "kerasio" else args.seeds:
+            p = params_with(args.set, seed)
+            print(f"bench {name} seed {seed}: training ...", flush=True)
+            model, seconds, epochs = kerasio_recipe(data, seed) if name == "kerasio" else ours(name, p, data)
+            result = {"seed": seed, **measure(model, seconds, epochs, data, p.eval_batch_size, args.val_only)}
+            if name == "kerasio":
+                del result["val_accuracy"]  # the recipe trains on our validation images too
+            print(f"bench {name} seed {seed}: {json.dumps(result)}", flush=True)
+            results.setdefault(name, {"runs": []})["runs"].append(result)
+    for name, entry in results.items():
+        entry["summary"] = spread(entry["runs"])
+    if "kerasio" in results:
+        base = results["kerasio"]["summary"]["train_seconds"]["mean"]
+        for name in results.keys() - {"kerasio"}:
+            results[name]["train_time_ratio_to_kerasio"] = round(results[name]["summary"]["train_seconds"]["mean"] / base, 2)
+
+    report = {"date": date.today().isoformat(), "machine": machine(), "overrides": args.set, "epochs": p.epochs,
+              "seeds": args.seeds, "val_only": args.val_only,
+              "wall_seconds": round(time.perf_counter() - started), "results": results}
+    write_json(args.out, report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

