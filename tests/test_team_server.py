@@ -1,0 +1,121 @@
+"""Team mode against real servers: scripts/team-server starts PostgreSQL and an MLflow tracking
+server with basic-auth, and the tiny pipeline plus two queued experiments (`-j 2`) log into it."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, run, tiny_repo
+
+pytestmark = pytest.mark.e2e
+HAS_POSTGRES = bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not HAS_POSTGRES:
+        pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql; .ci/run installs it)")
+    # Under /tmp, readable: as root, PostgreSQL runs as the `postgres` user and must reach its folder.
+    folder = Path(tempfile.mkdtemp(prefix="team-server-", dir="/tmp"))
+    folder.chmod(0o755)
+    port, pg_port = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log = open(folder / "team-server.log", "w")
+    process = subprocess.Popen([str(ROOT / "scripts/team-server"), "--dir", str(folder), "--port", str(port),
+                                "--pg-port", str(pg_port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, (folder / "team-server.log").read_text()[-3000:]
+        assert time.time() < deadline, "the team server did not answer /health in 180 s"
+        time.sleep(1)
+    yield url, (folder / "admin-password").read_text().strip()
+    process.send_signal(signal.SIGTERM)  # the script stops MLflow, then PostgreSQL
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def teammate(server):
+    """A user added the way the README says, signed in through the standard variables."""
+    from mlflow.server import get_app_client
+
+    url, admin_password = server
+    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin_password)
+    try:
+        get_app_client("basic-auth", tracking_uri=url).create_user(username="alice", password="alice-secret-42")
+    finally:
+        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    return {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-secret-42"}
+
+
+def test_nobody_gets_in_without_credentials(server, teammate):
+    url, _ = server
+    search = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"
+    with httpx.Client(timeout=60) as client:  # generous: a loaded 2-core machine is slow, not wrong
+        assert client.get(search).status_code == 401
+        assert client.get(search, auth=("alice", "wrong password")).status_code == 401
+        assert client.get(search, auth=("alice", "alice-secret-42")).status_code == 200
+
+
+def test_pipeline_and_two_parallel_experiments_log_into_the_server(teammate, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    repo = tmp_path / "repo"
+    env = tiny_repo(repo, **teammate)
+    logs = [run(["dvc", "repro"], repo, env)]
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "run"], repo, env)
+    for name, change in [("two-epochs", "epochs=2"), ("seed-7", "seed=7")]:
+        logs.append(run(["dvc", "exp", "run", "--queue", "-S", change, "-n", name], repo, env))
+    started = time.perf_counter()
+    logs.append(run(["dvc", "exp", "run", "--run-all", "-j", "2"], repo, env))
+    print(f"dvc exp run --run-all -j 2 against the server: {time.perf_counter() - started:.0f} s")
+    logs += [run(["dvc", "queue", "logs", name], repo, env) for name in ("two-epochs", "seed-7")]
+    assert not any("database is locked" in log for log in logs)
+
+    for key, value in teammate.items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("mnist-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == sorted(
+        ["workspace", "workspace", "two-epochs", "two-epochs", "seed-7", "seed-7"])
+    for r in runs:
+        assert r.info.status == "FINISHED", r.info.run_name
+        assert {"val_accuracy", "test_accuracy", "test_accuracy_ci95_low"} <= set(r.data.metrics)
+        assert r.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the tracking server
+        kind = r.data.tags["model"]
+        figure = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=f"figures/confusion_{kind}.png",
+                                                     dst_path=str(tmp_path / r.info.run_id))
+        assert Path(figure).read_bytes()[:4] == b"\x89PNG"
+    versions = client.search_model_versions("name='digits-cnn'")
+    assert len(versions) == 3 and client.get_model_version_by_alias("digits-cnn", "champion")
+    model = mlflow.pyfunc.load_model("models:/digits-cnn@champion")
+    assert model.predict(__import__("numpy").zeros((2, 28, 28, 1), "float32")).shape == (2, 10)
