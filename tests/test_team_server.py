@@ -17,6 +17,7 @@ import pytest
 from tests.helpers import ROOT, run, tiny_repo
 
 pytestmark = pytest.mark.e2e
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HAS_POSTGRES = bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb"))
 
 
@@ -119,3 +120,30 @@ def test_pipeline_and_two_parallel_experiments_log_into_the_server(teammate, tmp
     assert len(versions) == 3 and client.get_model_version_by_alias("digits-cnn", "champion")
     model = mlflow.pyfunc.load_model("models:/digits-cnn@champion")
     assert model.predict(__import__("numpy").zeros((2, 28, 28, 1), "float32")).shape == (2, 10)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+def test_the_ui_lists_the_runs_with_their_datasets(server, teammate):
+    """What a teammate sees: the run list of mnist-digits in MLflow's model-training view."""
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    os.environ.update({k: v for k, v in teammate.items() if k != "MLFLOW_TRACKING_URI"})
+    try:
+        experiment = MlflowClient(url).get_experiment_by_name("mnist-digits")
+    finally:
+        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(http_credentials={"username": "alice", "password": "alice-secret-42"},
+                                viewport={"width": 1500, "height": 900})
+        # MLflow 3's UI opens on its GenAI pages unless told the workflow; the README's link says it too.
+        page.goto(f"{url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning", timeout=120_000)
+        page.get_by_text("cnn-seed-7").first.wait_for(timeout=120_000)
+        assert page.get_by_text("mlp-two-epochs").first.is_visible()
+        assert page.get_by_text("mnist-train").first.is_visible()  # the Dataset column
+        browser.close()
