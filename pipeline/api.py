@@ -83,6 +83,8 @@ def create_app(predictor: Predictor) -> FastAPI:
                 image = normalize.from_array(body["pixels"])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise HTTPException(400, "body is not valid JSON") from None
+            except RecursionError:
+                raise HTTPException(400, "JSON body is nested too deeply") from None
             except (KeyError, TypeError):
                 raise HTTPException(422, "JSON body must be an object with 'pixels': a 28x28 array of numbers") from None
             except (ValueError, normalize.ImageError) as e:

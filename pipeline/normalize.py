@@ -32,6 +32,8 @@ def decode(data: bytes, name="image"):
         raise ImageTooLarge(f"{name}: {len(data):,} bytes is over the {MAX_BYTES:,}-byte limit")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own limit, hit while opening very large images
+        raise ImageTooLarge(f"{name}: {e}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF ...)") from None
     width, height = image.size
@@ -39,7 +41,9 @@ def decode(data: bytes, name="image"):
         raise ImageTooLarge(f"{name}: {width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit")
     try:
         image.load()
-    except (OSError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{name}: {e}") from None
+    except OSError as e:
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
     return image
 

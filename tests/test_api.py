@@ -79,7 +79,17 @@ BAD_REQUESTS = {
     "ragged array": dict(json={"pixels": [[0.0] * 28, [0.0] * 3]}),
     "non-numeric pixels": dict(json={"pixels": [["a"] * 28] * 28}),
     "out of range pixels": dict(json={"pixels": [[300.0] * 28] * 28}),
+    "deeply nested json": dict(content=b'{"pixels": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                               headers={"content-type": "application/json"}),
 }
+
+
+def test_a_huge_image_in_a_small_file_gets_413(client):
+    """20000x20000 1-bit pixels compress to a few dozen KB; PIL refuses them while opening."""
+    bomb = png(Image.new("1", (20000, 20000), 1))
+    assert len(bomb) < normalize.MAX_BYTES
+    response = client.post("/predict", files={"file": ("bomb.png", bomb, "image/png")})
+    assert response.status_code == 413 and "bomb.png" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)

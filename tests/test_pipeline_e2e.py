@@ -3,6 +3,7 @@ with its own MLflow store, then a `dvc exp run --temp` whose runs must land in t
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -134,4 +135,6 @@ def test_a_model_served_from_the_registry_by_alias(repo):
     out = run(["digits", "predict", str(image), "--model", "models:/digits-cnn@champion", "--format", "json"], repo, env)
     assert json.loads(out)["model"] == "models:/digits-cnn@champion"
     promoted = run(["digits", "promote", "digits-mlp", "1"], repo, env)
-    assert "digits-mlp@champion moved from v1 to v1" in promoted
+    assert re.search(r"digits-mlp@champion moved from v\d+ to v1 \(val accuracy 0\.\d+", promoted)
+    client, _ = mlflow_runs(repo)
+    assert client.get_model_version_by_alias("digits-mlp", "champion").version == "1"
