@@ -120,6 +120,12 @@ def test_pushed_outputs_pull_into_a_fresh_clone_that_needs_no_training(repo, tmp
     for out in ("models/cnn.keras", "models/mlp.keras", "data/processed/x_train.npy"):
         assert (clone / out).read_bytes() == (repo / out).read_bytes(), out
 
+    # What `./dev repro` runs when a default remote is set: restore what was pushed, train nothing.
+    other = tmp_path / "other-clone"
+    run(["git", "clone", "-q", str(repo), str(other)], tmp_path, env)
+    log = run(["dvc", "repro", "--pull"], other, env)
+    assert "Running stage" not in log and (other / "models/cnn.keras").read_bytes() == (repo / "models/cnn.keras").read_bytes()
+
     image = clone / "seven.png"
     draw_digit_seven().save(image)
     answer = json.loads(run(["digits", "predict", str(image), "--format", "json"], clone, env))
