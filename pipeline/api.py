@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from pipeline import normalize
@@ -24,6 +25,20 @@ from pipeline.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
 MAX_BATCH = 64
+MAX_JSON_BYTES = 1024 * 1024  # 28x28 numbers as JSON take about 20 KB
+
+
+async def json_body(request):
+    """The request body, refused with 413 as soon as it is over MAX_JSON_BYTES (before the rest is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+        raise HTTPException(413, f"JSON body of {int(declared):,} bytes is over the {MAX_JSON_BYTES:,}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise HTTPException(413, f"JSON body is over the {MAX_JSON_BYTES:,}-byte limit")
+    return bytes(body)
 
 
 def answer(probabilities, predictor, name=None):
@@ -79,7 +94,7 @@ def create_app(predictor: Predictor) -> FastAPI:
         """Predict one digit: upload an image file (any size, either polarity) or send 28x28 pixels."""
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await json_body(request))
                 image = normalize.from_array(body["pixels"])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise HTTPException(400, "body is not valid JSON") from None
@@ -89,16 +104,17 @@ def create_app(predictor: Predictor) -> FastAPI:
                 raise HTTPException(422, "JSON body must be an object with 'pixels': a 28x28 array of numbers") from None
             except (ValueError, normalize.ImageError) as e:
                 raise HTTPException(422, str(e)) from None
-            return answer(predictor.probabilities([image])[0], predictor)
+            return answer((await run_in_threadpool(predictor.probabilities, [image]))[0], predictor)
         images, names = await uploaded_images(request, "file")
-        return answer(predictor.probabilities(images[:1])[0], predictor)
+        # The model runs in a worker thread, so the event loop keeps accepting other requests.
+        return answer((await run_in_threadpool(predictor.probabilities, images[:1]))[0], predictor)
 
     @app.post("/predict/batch", openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
         "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
     async def predict_batch(request: Request):
         """Predict several uploaded images at once (form field `files`, repeated; at most 64)."""
         images, names = await uploaded_images(request, "files")
-        probabilities = predictor.probabilities(images)
+        probabilities = await run_in_threadpool(predictor.probabilities, images)
         return {"predictions": [answer(p, predictor, name) for p, name in zip(probabilities, names)]}
 
     return app

@@ -79,6 +79,8 @@ BAD_REQUESTS = {
     "ragged array": dict(json={"pixels": [[0.0] * 28, [0.0] * 3]}),
     "non-numeric pixels": dict(json={"pixels": [["a"] * 28] * 28}),
     "out of range pixels": dict(json={"pixels": [[300.0] * 28] * 28}),
+    "json body over the limit": dict(content=b'{"pixels": [' + b"0.0, " * 400_000 + b"0.0]}",
+                                     headers={"content-type": "application/json"}),
     "deeply nested json": dict(content=b'{"pixels": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                                headers={"content-type": "application/json"}),
 }
@@ -90,6 +92,11 @@ def test_a_huge_image_in_a_small_file_gets_413(client):
     assert len(bomb) < normalize.MAX_BYTES
     response = client.post("/predict", files={"file": ("bomb.png", bomb, "image/png")})
     assert response.status_code == 413 and "bomb.png" in response.json()["detail"]
+
+
+def test_a_json_body_over_the_limit_gets_413(client):
+    response = client.post("/predict", **BAD_REQUESTS["json body over the limit"])
+    assert response.status_code == 413 and "byte limit" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
