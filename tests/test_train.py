@@ -89,24 +89,8 @@ def test_same_params_give_same_metrics(processed_data):
         assert first[key] == second[key], key
 
 
-def test_interrupted_training_ends_killed(processed_data):
-    processed_data_project = Path.cwd()
-    params_path = processed_data_project / "params.yaml"
-    params_path.write_text(params_path.read_text().replace("epochs: 2", "epochs: 500"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.train", "mlp"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if line.startswith("Epoch 3/") or time.time() > deadline:
-            break
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-    assert process.returncode != 0
-    assert only_run().info.status == "KILLED"
-
-
-def test_next_training_ends_the_run_of_a_process_killed_without_a_word(processed_data, capsys):
+def long_training_in_a_subprocess(until_line):
+    """`python -m pipeline.train mlp` for 500 epochs in this project, once it has printed `until_line`."""
     params_path = Path.cwd() / "params.yaml"
     params_path.write_text(params_path.read_text().replace("epochs: 2", "epochs: 500"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -114,13 +98,27 @@ def test_next_training_ends_the_run_of_a_process_killed_without_a_word(processed
                                stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 120
     for line in process.stdout:
-        if line.startswith("Epoch 2/") or time.time() > deadline:
+        if line.startswith(until_line) or time.time() > deadline:
             break
+    return process
+
+
+def test_interrupted_training_ends_killed(processed_data):
+    process = long_training_in_a_subprocess("Epoch 3/")
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert only_run().info.status == "KILLED"
+
+
+def test_next_training_ends_the_run_of_a_process_killed_without_a_word(processed_data, capsys):
+    process = long_training_in_a_subprocess("Epoch 2/")
     process.kill()  # SIGKILL: no handler runs, the run stays RUNNING
     process.wait(timeout=60)
     orphan = only_run()
     assert orphan.info.status == "RUNNING" and orphan.data.tags["pid"] == str(process.pid)
 
+    params_path = Path.cwd() / "params.yaml"
     params_path.write_text(params_path.read_text().replace("epochs: 500", "epochs: 1"))
     train.main(["mlp"])
     assert f"was left RUNNING by process {process.pid}, which is gone; ended it FAILED" in capsys.readouterr().out
