@@ -133,8 +133,19 @@ def test_pushed_outputs_pull_into_a_fresh_clone_that_needs_no_training(repo, tmp
     assert answer["model"] == pushed and 0 <= answer["predictions"][0]["digit"] <= 9
 
 
-def test_a_model_served_from_the_registry_by_alias(repo):
+def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from pipeline.api import create_app
+    from pipeline.predictor import Predictor
+
     repo, env, log = repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    predictor = Predictor("models:/digits-cnn@champion")
+    health = TestClient(create_app(predictor)).get("/health").json()
+    assert health["registered_model"]["name"] == "digits-cnn" and health["registered_model"]["alias"] == "champion"
+    assert "champion" in health["registered_model"]["aliases"] and health["registered_model"]["version"] >= 1
+
     image = repo / "seven.png"
     draw_digit_seven().save(image)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
