@@ -154,4 +154,4 @@ def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
     promoted = run(["digits", "promote", "digits-mlp", "1"], repo, env)
     assert re.search(r"digits-mlp@champion moved from v\d+ to v1 \(val accuracy 0\.\d+", promoted)
     client, _ = mlflow_runs(repo)
-    assert client.get_model_version_by_alias("digits-mlp", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("digits-mlp", "champion").version) == "1"
