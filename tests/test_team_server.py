@@ -104,7 +104,11 @@ def test_pipeline_and_two_parallel_experiments_log_into_the_server(teammate, tmp
     client = MlflowClient()
     experiment = client.get_experiment_by_name("mnist-digits")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == ["seed-7", "seed-7", "two-epochs", "two-epochs"]
+    # Both experiments, both models, each with its own params. (Once in CI the two runs of one
+    # experiment carried dvc.exp_name "workspace", i.e. no DVC_EXP_NAME in their environment; the
+    # params are what identifies an experiment's runs for certain.)
+    assert sorted((r.data.tags["model"], r.data.params["seed"], r.data.params["epochs"]) for r in runs) == [
+        ("cnn", "42", "2"), ("cnn", "7", "1"), ("mlp", "42", "2"), ("mlp", "7", "1")]
     for r in runs:
         assert r.info.status == "FINISHED", r.info.run_name
         assert {"val_accuracy", "test_accuracy", "test_accuracy_ci95_low"} <= set(r.data.metrics)
