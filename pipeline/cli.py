@@ -39,26 +39,47 @@ def load_predictor(source):
         return None
 
 
+BATCH_SIZE = 256  # images per model call: one call per image made a folder of 1,797 take 31 s
+
+
+def decoded_images(paths, on_error):
+    """(path, image in MNIST form) for each readable image; on_error(message) for the others."""
+    for path in paths:
+        try:
+            yield path, normalize.to_mnist(normalize.decode(path.read_bytes(), str(path)))
+        except OSError as e:
+            on_error(f"{path}: {e.strerror or e}")
+        except normalize.ImageError as e:  # its message names the file
+            on_error(str(e))
+
+
+def batches(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def predict(args):
     predictor = load_predictor(args.model)
     if predictor is None:
         return 2
-    rows, failed = [], 0
-    for path in image_paths(args.images):
-        try:
-            image = normalize.to_mnist(normalize.decode(path.read_bytes(), str(path)))
-        except OSError as e:
-            print(f"digits: {path}: {e.strerror or e}", file=sys.stderr)
-            failed += 1
-            continue
-        except normalize.ImageError as e:  # its message names the file
-            print(f"digits: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        probabilities = predictor.probabilities([image])[0]
-        ranked = probabilities.argsort()[::-1][:args.top_k]
-        rows.append({"file": str(path), "digit": int(ranked[0]), "confidence": round(float(probabilities[ranked[0]]), 4),
-                     "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in ranked]})
+    rows, errors = [], []
+
+    def report(message):
+        print(f"digits: {message}", file=sys.stderr)
+        errors.append(message)
+
+    for batch in batches(decoded_images(image_paths(args.images), report), BATCH_SIZE):
+        paths, images = zip(*batch)
+        for path, probabilities in zip(paths, predictor.probabilities(images)):
+            ranked = probabilities.argsort()[::-1][:args.top_k]
+            rows.append({"file": str(path), "digit": int(ranked[0]), "confidence": round(float(probabilities[ranked[0]]), 4),
+                         "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in ranked]})
     if args.format == "json":
         print(json.dumps({"model": predictor.identity, "predictions": rows}, indent=2))
     elif args.format == "csv":
@@ -70,7 +91,7 @@ def predict(args):
         for r in rows:
             others = "  ".join(f"{t['digit']} {t['probability']:.1%}" for t in r["top"][1:])
             print(f"{r['file']}\t{r['digit']}\t{r['confidence']:.1%}" + (f"\t(then {others})" if others else ""))
-    return 1 if failed else 0
+    return 1 if errors else 0
 
 
 def serve(args):
