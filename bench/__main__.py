@@ -3,7 +3,7 @@
 
     ./dev run python -m bench                        # seeds 1 2 3 of cnn and mlp, keras-io once
     ./dev run python -m bench --seeds 1 --models cnn --val-only --set cnn.dropout=0.4
-    ./dev run python -m bench --api                  # latency of POST /predict with models/cnn.keras
+    ./dev run python -m bench --api --concurrency 1 32 --requests 2000   # load test: bench/load.py
 
 For each model and seed: validation accuracy, test accuracy and errors, training seconds, batch
 inference images/s, single-image latency (p50, p95); then per model the mean, standard deviation
@@ -32,6 +32,7 @@ from pipeline import evaluate, params as params_module, train
 from pipeline.files import load_arrays, write_json
 
 OUT = "reports/benchmark.json"
+API_OUT = "reports/benchmark_api.json"
 LATENCY_SAMPLES = 300
 
 
@@ -135,31 +136,6 @@ def spread(runs):
     return out
 
 
-def api_latency(requests=300):
-    """p50/p95 of POST /predict for one PNG upload, through a real uvicorn server on loopback."""
-    import io
-
-    import httpx
-    from PIL import Image, ImageDraw
-
-    from pipeline.api import serve_in_background
-    from pipeline.predictor import Predictor
-
-    url, server = serve_in_background(Predictor())
-    image = Image.new("L", (280, 280), 255)
-    ImageDraw.Draw(image).line([(70, 60), (210, 60), (120, 240)], fill=0, width=18)
-    png = io.BytesIO()
-    image.save(png, format="PNG")
-    statuses = []
-    with httpx.Client(base_url=url) as client:
-        timings = timed_ms(lambda i: statuses.append(
-            client.post("/predict", files={"file": ("seven.png", png.getvalue(), "image/png")}).status_code), requests)
-    server.should_exit = True
-    failures = sum(status != 200 for status in statuses)
-    return {"requests": requests, "failures": failures, "ms_p50": round(float(np.percentile(timings, 50)), 2),
-            "ms_p95": round(float(np.percentile(timings, 95)), 2), "ms_max": round(float(timings.max()), 2)}
-
-
 def machine():
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -173,10 +149,23 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides, e.g. cnn.dropout=0.4")
     parser.add_argument("--val-only", action="store_true", help="compare on validation; never read the test split")
     parser.add_argument("--out", default=OUT, help=f"where the JSON goes (default {OUT})")
-    parser.add_argument("--api", action="store_true", help="only measure POST /predict latency (models/cnn.keras)")
+    api = parser.add_argument_group("API load test (--api): see bench/load.py")
+    api.add_argument("--api", action="store_true", help="load-test POST /predict of `digits serve` instead of training")
+    api.add_argument("--concurrency", nargs="+", type=int, default=[1, 32], help="clients per level (default 1 32)")
+    api.add_argument("--requests", type=int, default=2000, help="requests per level (default 2000)")
+    api.add_argument("--bad-share", type=float, default=0.0, help="share of bad requests mixed in, e.g. 0.1")
+    api.add_argument("--workers", type=int, default=1, help="server processes (digits serve --workers)")
+    api.add_argument("--model", default="models/cnn.keras")
     args = parser.parse_args(argv)
     if args.api:
-        print(json.dumps({"date": date.today().isoformat(), "api_predict_latency": api_latency()}, indent=2))
+        from bench.load import load_test
+
+        started = time.perf_counter()
+        report = {"date": date.today().isoformat(), "machine": machine(),
+                  **load_test(args.model, args.workers, args.concurrency, args.requests, args.bad_share)}
+        report["wall_seconds"] = round(time.perf_counter() - started)
+        write_json(API_OUT if args.out == OUT else args.out, report)
+        print(json.dumps(report, indent=2))
         return
     splits = ["train", "val"] + ([] if args.val_only else ["test"])
     data = load_arrays(train.PROCESSED_DIR, [f"{xy}_{s}" for s in splits for xy in "xy"])

@@ -1,22 +1,27 @@
 """REST API and drawing page: `digits serve`, then open http://127.0.0.1:8000/.
 
   GET  /               the drawing page (pipeline/static/index.html)
-  GET  /health         status and the model's identity
+  GET  /health         status and the model's identity (also /health/live, /health/ready)
   POST /predict        one image: multipart upload (field `file`), or JSON {"pixels": 28x28 array}
   POST /predict/batch  several images: multipart upload (field `files`, repeated)
+  GET  /metrics        Prometheus metrics: requests, latencies, model batch sizes, model identity
   GET  /docs           OpenAPI documentation
-Bad input is answered with a 4xx and a message, never a 500.
+Bad input is answered with a 4xx and a message, never a 500. Concurrent requests share model
+calls: images that arrive while the model is busy go into its next batch.
 """
 
-import json
+import asyncio
 import socket
 import threading
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -25,26 +30,155 @@ from pipeline.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
 MAX_BATCH = 64
-MAX_JSON_BYTES = 1024 * 1024  # 28x28 numbers as JSON take about 20 KB
+MAX_JSON_BYTES = 1024 * 1024        # 28x28 numbers as JSON take about 20 KB
+MULTIPART_OVERHEAD = 64 * 1024      # boundaries and part headers around the files
+BODY_LIMITS = {                     # bytes a request body may have, by route; 413 beyond
+    "/predict": normalize.MAX_BYTES + MULTIPART_OVERHEAD,
+    "/predict/batch": 4 * normalize.MAX_BYTES + MULTIPART_OVERHEAD,
+}
+OTHER_ROUTES_BODY_LIMIT = 64 * 1024
+MODEL_BATCH = 256                   # a model call takes queued requests until it has this many images
+BATCH_WAIT_SECONDS = 0.001          # after the first image, how long a model call waits for more
+
+IMAGE_FILE_SCHEMA = {"type": "string", "format": "binary",
+                     "description": f"an image file PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF), at most "
+                                    f"{normalize.MAX_BYTES:,} bytes and {normalize.MAX_PIXELS:,} pixels"}
 
 
-async def json_body(request):
-    """The request body, refused with 413 as soon as it is over MAX_JSON_BYTES (before the rest is read)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_JSON_BYTES:
-        raise HTTPException(413, f"JSON body of {int(declared):,} bytes is over the {MAX_JSON_BYTES:,}-byte limit")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            raise HTTPException(413, f"JSON body is over the {MAX_JSON_BYTES:,}-byte limit")
-    return bytes(body)
+Pixel = Annotated[float, Field(strict=True, ge=0, le=255)]  # strict: true, false and "1" are not numbers
+PixelRow = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
+
+
+class PixelsBody(BaseModel):
+    pixels: Annotated[list[PixelRow], Field(min_length=28, max_length=28, description=(
+        "28 rows of 28 grey levels, white ink on black as in MNIST: 0-1, or 0-255"))]
+
+
+class Prediction(BaseModel):
+    digit: int = Field(ge=0, le=9)
+    confidence: float = Field(ge=0, le=1, description="the probability of `digit`")
+    probabilities: list[float] = Field(min_length=10, max_length=10, description="one per digit 0-9")
+    model: str = Field(description="identity of the model that answered (file hash or MLflow URI)")
+
+
+class FilePrediction(Prediction):
+    file: str
+
+
+class BatchPredictions(BaseModel):
+    predictions: list[FilePrediction]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+PROBLEMS = {
+    400: {"model": Problem, "description": "the body cannot be parsed (broken multipart, invalid or too deeply nested JSON)"},
+    413: {"model": Problem, "description": "the body, a file or an image's pixel count is over its limit"},
+    415: {"model": Problem, "description": "the content type is not one the route accepts"},
+    422: {"model": Problem, "description": "the body parses but is not what the route needs (no file, not an "
+                                           "image, a blank image, pixels of the wrong shape or range)"},
+}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over its route's limit gets 413 without being read further,
+    whether it declares its length or streams chunks. (Starlette and uvicorn have no such limit.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = BODY_LIMITS.get(scope["path"], OTHER_ROUTES_BODY_LIMIT)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await too_large(int(declared), limit)(scope, receive, send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"request body is over the {limit:,}-byte limit of {scope['path']}")
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+def too_large(size, limit):
+    return JSONResponse({"detail": f"request body of {size:,} bytes is over the {limit:,}-byte limit"}, 413)
+
+
+class MicroBatcher:
+    """Puts the images of concurrent requests into shared model calls, one call at a time, in a
+    worker thread so the event loop keeps serving. While one call runs, new images queue up; the
+    next call takes them all (up to about MODEL_BATCH). A lone request waits BATCH_WAIT_SECONDS."""
+
+    def __init__(self, predict, on_batch=lambda size, seconds: None):
+        self.predict, self.on_batch = predict, on_batch
+        self.queue = asyncio.Queue()
+
+    async def __call__(self, images):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((np.asarray(images, np.float32), future))
+        return await future
+
+    async def run(self):
+        while True:
+            waiting = [await self.queue.get()]
+            # A short pause lets requests that arrive together share this call. (Not wait_for on
+            # queue.get: on Python 3.11 a timeout can drop the item it raced with.)
+            await asyncio.sleep(BATCH_WAIT_SECONDS)
+            while not self.queue.empty() and sum(len(images) for images, _ in waiting) < MODEL_BATCH:
+                waiting.append(self.queue.get_nowait())
+            batch = np.concatenate([images for images, _ in waiting])
+            start = time.perf_counter()
+            try:
+                probabilities = await run_in_threadpool(self.predict, batch)
+            except Exception as e:  # every waiting request must hear of it, and the loop must go on
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            self.on_batch(len(batch), time.perf_counter() - start)
+            offset = 0
+            for images, future in waiting:
+                if not future.done():  # done: the request was cancelled (its client went away)
+                    future.set_result(probabilities[offset:offset + len(images)])
+                offset += len(images)
 
 
 def answer(probabilities, predictor, name=None):
     result = {"digit": int(np.argmax(probabilities)), "confidence": float(np.max(probabilities)),
               "probabilities": [round(float(p), 6) for p in probabilities], "model": predictor.identity}
     return {"file": name, **result} if name is not None else result
+
+
+async def json_pixels(request):
+    """The 28x28 image of a JSON body {"pixels": [[...], ...]}; 4xx on anything else."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise HTTPException(413, f"JSON body is over the {MAX_JSON_BYTES:,}-byte limit")
+    try:
+        pixels = PixelsBody.model_validate_json(body).pixels
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":  # includes nesting deeper than the parser's limit
+            raise HTTPException(400, f"body is not valid JSON: {first['msg']}") from None
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+        more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+        raise HTTPException(422, f"{where or 'body'}: {first['msg']}{more}; expected "
+                                 f"{{\"pixels\": 28 rows of 28 numbers in [0, 255]}}") from None
+    try:
+        return normalize.from_array(pixels)
+    except normalize.ImageError as e:
+        raise HTTPException(422, str(e)) from None
 
 
 async def uploaded_images(request, field):
@@ -55,6 +189,8 @@ async def uploaded_images(request, field):
                                  f"got content type '{content_type or 'none'}'")
     try:
         form = await request.form(max_files=MAX_BATCH, max_part_size=normalize.MAX_BYTES + 1)
+    except HTTPException:
+        raise
     except Exception as e:  # malformed multipart bodies raise several starlette/multipart errors
         raise HTTPException(400, f"could not read the multipart body: {e}") from None
     uploads = [u for u in form.getlist(field) if isinstance(u, UploadFile)]
@@ -75,7 +211,39 @@ async def uploaded_images(request, field):
 
 
 def create_app(predictor: Predictor) -> FastAPI:
-    app = FastAPI(title="MNIST digits", description="Recognise handwritten digits with the pipeline's CNN.")
+    from prometheus_client import CollectorRegistry, Gauge, Histogram
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    registry = CollectorRegistry()  # one per app: tests and benchmarks create several in one process
+    batch_sizes = Histogram("digits_model_batch_size", "Images per model call",
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+    batch_seconds = Histogram("digits_model_batch_seconds", "Seconds per model call",
+                              buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25), registry=registry)
+    model_info = Gauge("digits_model_info", "The model that answers (always 1)", ["model", "source"],
+                       multiprocess_mode="max", registry=registry)
+    model_info.labels(predictor.identity, predictor.source).set(1)
+
+    def record(size, seconds):
+        batch_sizes.observe(size)
+        batch_seconds.observe(seconds)
+
+    batcher = MicroBatcher(predictor.probabilities, record)
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        await batcher(np.zeros((1, 28, 28), np.float32))  # the first call through the whole path
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        task.cancel()
+
+    app = FastAPI(title="MNIST digits", description="Recognise handwritten digits with the pipeline's CNN.",
+                  lifespan=lifespan)
+    app.add_middleware(BodyLimit)
+    # Request counts by route and status, and a latency histogram; a client's abort is not a 5xx.
+    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app).expose(app, include_in_schema=False)
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -86,38 +254,53 @@ def create_app(predictor: Predictor) -> FastAPI:
         return {"status": "ok", "model": predictor.identity, "source": predictor.source,
                 "registered_model": predictor.registered}
 
-    @app.post("/predict", openapi_extra={"requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
-        "application/json": {"schema": {"type": "object", "properties": {"pixels": {
-            "type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}}}}})
-    async def predict(request: Request):
-        """Predict one digit: upload an image file (any size, either polarity) or send 28x28 pixels."""
-        if request.headers.get("content-type", "").startswith("application/json"):
-            try:
-                body = json.loads(await json_body(request))
-                image = normalize.from_array(body["pixels"])
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise HTTPException(400, "body is not valid JSON") from None
-            except RecursionError:
-                raise HTTPException(400, "JSON body is nested too deeply") from None
-            except (KeyError, TypeError):
-                raise HTTPException(422, "JSON body must be an object with 'pixels': a 28x28 array of numbers") from None
-            except (ValueError, normalize.ImageError) as e:
-                raise HTTPException(422, str(e)) from None
-            return answer((await run_in_threadpool(predictor.probabilities, [image]))[0], predictor)
-        images, names = await uploaded_images(request, "file")
-        # The model runs in a worker thread, so the event loop keeps accepting other requests.
-        return answer((await run_in_threadpool(predictor.probabilities, images[:1]))[0], predictor)
+    @app.get("/health/live")
+    def live():
+        """The process answers."""
+        return {"status": "ok"}
 
-    @app.post("/predict/batch", openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
-        "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
+    @app.get("/health/ready", responses={503: {"model": Problem, "description": "not ready: starting or stopping"}})
+    def ready():
+        """Ready for traffic: the model is loaded and has answered its warm-up call."""
+        if not state["ready"]:
+            raise HTTPException(503, "the model is not ready")
+        return {"status": "ready", "model": predictor.identity}
+
+    @app.post("/predict", response_model=Prediction, responses=PROBLEMS, openapi_extra={"requestBody": {
+        "required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": IMAGE_FILE_SCHEMA}}},
+            "application/json": {"schema": PixelsBody.model_json_schema()}}}})
+    async def predict(request: Request):
+        """Predict one digit: upload an image file (any size, either polarity) or send 28x28 pixels
+        (0-1 or 0-255, white ink on black, as MNIST)."""
+        if request.headers.get("content-type", "").startswith("application/json"):
+            image = await json_pixels(request)
+        else:
+            images, _ = await uploaded_images(request, "file")
+            image = images[0]
+        return answer((await batcher([image]))[0], predictor)
+
+    @app.post("/predict/batch", response_model=BatchPredictions, responses=PROBLEMS, openapi_extra={"requestBody": {
+        "required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["files"], "properties": {"files": {
+                "type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": IMAGE_FILE_SCHEMA}}}}}}})
     async def predict_batch(request: Request):
-        """Predict several uploaded images at once (form field `files`, repeated; at most 64)."""
+        """Predict several uploaded images at once (form field `files`, repeated; at most 64 files,
+        4 times the one-file limit in all)."""
         images, names = await uploaded_images(request, "files")
-        probabilities = await run_in_threadpool(predictor.probabilities, images)
+        probabilities = await batcher(images)
         return {"predictions": [answer(p, predictor, name) for p, name in zip(probabilities, names)]}
 
     return app
+
+
+def app_from_environment():
+    """App factory for `uvicorn --factory` and `digits serve --workers N`: each worker process loads
+    the model named by DIGITS_MODEL."""
+    import os
+
+    return create_app(Predictor(os.environ.get("DIGITS_MODEL", "models/cnn.keras")))
 
 
 def serve_in_background(predictor, host="127.0.0.1"):

@@ -1,7 +1,7 @@
 """`digits`: use the trained model on your own images.
 
   digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI]
-  digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI]
+  digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N]
   digits promote NAME VERSION       move the Model Registry alias `champion` by hand
 """
 
@@ -39,6 +39,7 @@ def load_predictor(source):
         return None
 
 
+GRACEFUL_SECONDS = 30  # on SIGTERM or Ctrl-C, requests in flight get this long to be answered
 BATCH_SIZE = 256  # images per model call: one call per image made a folder of 1,797 take 31 s
 
 
@@ -95,16 +96,32 @@ def predict(args):
 
 
 def serve(args):
+    import os
+    import tempfile
+
     import uvicorn
 
     from pipeline.api import create_app
 
-    predictor = load_predictor(args.model)
-    if predictor is None:
+    where = f"http://{args.host}:{args.port}/ (API docs at /docs, metrics at /metrics)"
+    if args.workers == 1:
+        predictor = load_predictor(args.model)
+        if predictor is None:
+            return 2
+        print(f"digits: serving {args.model} ({predictor.identity}) on {where}", flush=True)
+        uvicorn.run(create_app(predictor), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=GRACEFUL_SECONDS)
+        return 0
+    # Each worker process loads the model itself; the workers' metrics are summed through files in
+    # a fresh folder (prometheus_client's multiprocess mode).
+    if not ("://" in args.model or args.model.startswith(("runs:/", "models:/")) or Path(args.model).exists()):
+        print(f"digits: {args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)", file=sys.stderr)
         return 2
-    print(f"digits: serving {args.model} ({predictor.identity}) on http://{args.host}:{args.port}/ "
-          f"(API docs at /docs)", flush=True)
-    uvicorn.run(create_app(predictor), host=args.host, port=args.port, log_level="warning")
+    os.environ["DIGITS_MODEL"] = args.model
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digits-metrics-")
+    print(f"digits: serving {args.model} with {args.workers} worker processes on {where}", flush=True)
+    uvicorn.run("pipeline.api:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                port=args.port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS)
     return 0
 
 
@@ -147,6 +164,8 @@ def main(argv=None):
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes, each with its own copy of the model (default 1)")
     s.set_defaults(run=serve)
 
     m = commands.add_parser("promote", help="make a registered model version the champion (MLflow Model Registry)")

@@ -51,7 +51,7 @@ def decode(data: bytes, name="image"):
 def to_gray(image):
     """PIL image or array -> float grey levels in [0, 1]; transparency becomes white paper."""
     if isinstance(image, np.ndarray):
-        array = image.astype(np.float64)
+        array = image.astype(np.float32)
         if array.ndim == 3 and array.shape[-1] in (3, 4):
             array = array[..., :3].mean(axis=-1)
         elif array.ndim == 3 and array.shape[-1] == 1:
@@ -64,7 +64,7 @@ def to_gray(image):
         rgba = image.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(paper, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    return np.asarray(image.convert("L"), dtype=np.float32) / np.float32(255.0)
 
 
 def to_ink(gray):

@@ -27,6 +27,8 @@ class Predictor:
                 raise FileNotFoundError(f"{path}: no such model file (train one with `./dev repro`, or `dvc pull`)")
             self.identity = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self.model = keras.models.load_model(path, compile=False)
+        self._infer = traced(self.model)
+        self.probabilities(np.zeros((1, 28, 28), np.float32))  # trace now, not in the first request
 
     def _download(self, uri):
         import mlflow
@@ -58,5 +60,14 @@ class Predictor:
     def probabilities(self, images):
         """(n, 28, 28) float32 in MNIST form -> (n, 10) probabilities."""
         batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
-        # Calling the model directly skips predict()'s per-call set-up: faster for small batches.
-        return np.asarray(self.model(batch, training=False))
+        return self._infer(batch).numpy()
+
+
+def traced(model):
+    """The model's forward pass as one TensorFlow graph for any batch size. A plain `model(batch)`
+    runs every Keras layer's Python code on each call (~10 ms for one image on two cores); the
+    graph answers one image in well under a millisecond, with the same numbers."""
+    import tensorflow as tf
+
+    return tf.function(lambda batch: model(batch, training=False),
+                       input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])

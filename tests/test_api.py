@@ -1,14 +1,18 @@
+import asyncio
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipeline import normalize
-from pipeline.api import create_app
+from pipeline import api, normalize
+from pipeline.api import create_app, serve_in_background
 from pipeline.predictor import Predictor
-from tests.helpers import draw_digit_seven
+from tests.helpers import ROOT, draw_digit_seven
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +22,8 @@ def predictor(model_file):
 
 @pytest.fixture(scope="module")
 def client(predictor):
-    return TestClient(create_app(predictor))
+    with TestClient(create_app(predictor)) as client:  # `with`: the app's start-up runs (model batcher)
+        yield client
 
 
 def png(image, fmt="PNG"):
@@ -78,6 +83,7 @@ BAD_REQUESTS = {
     "wrong array shape": dict(json={"pixels": [[0.0] * 27] * 28}),
     "ragged array": dict(json={"pixels": [[0.0] * 28, [0.0] * 3]}),
     "non-numeric pixels": dict(json={"pixels": [["a"] * 28] * 28}),
+    "boolean pixels": dict(json={"pixels": [[True] * 28] * 28}),
     "out of range pixels": dict(json={"pixels": [[300.0] * 28] * 28}),
     "json body over the limit": dict(content=b'{"pixels": [' + b"0.0, " * 400_000 + b"0.0]}",
                                      headers={"content-type": "application/json"}),
@@ -111,3 +117,90 @@ def test_batch_with_one_bad_file_names_it(client):
     files = [("files", ("good.png", png(draw_digit_seven()), "image/png")), ("files", ("bad.png", b"nope", "image/png"))]
     response = client.post("/predict/batch", files=files)
     assert response.status_code == 422 and "bad.png" in response.json()["detail"]
+
+
+def test_liveness_readiness_and_metrics(client, predictor):
+    assert client.get("/health/live").json() == {"status": "ok"}
+    assert client.get("/health/ready").json() == {"status": "ready", "model": predictor.identity}
+    client.post("/predict", json={"pixels": normalize.to_mnist(draw_digit_seven()).tolist()})
+    client.post("/predict", **BAD_REQUESTS["invalid json"])
+    metrics = client.get("/metrics").text
+    assert 'http_requests_total{handler="/predict",method="POST",status="2xx"}' in metrics
+    assert 'http_requests_total{handler="/predict",method="POST",status="4xx"}' in metrics
+    assert 'http_request_duration_seconds_bucket{handler="/predict"' in metrics
+    assert "digits_model_batch_size_bucket" in metrics and "digits_model_batch_seconds_count" in metrics
+    assert f'digits_model_info{{model="{predictor.identity}"' in metrics
+
+
+def chunks(total, size=1024 * 1024):
+    """A request body streamed in chunks, with no content-length: the server cannot know its size."""
+    for start in range(0, total, size):
+        yield b"x" * min(size, total - start)
+
+
+@pytest.mark.parametrize("route", ["/predict", "/predict/batch", "/health"])
+def test_every_route_refuses_a_body_over_its_limit_with_413(client, route):
+    limit = api.BODY_LIMITS.get(route, api.OTHER_ROUTES_BODY_LIMIT)
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    declared = client.post(route, content=b"x" * (limit + 1), headers=headers)
+    assert declared.status_code == 413 and "limit" in declared.json()["detail"]
+    if route != "/health":  # a GET route never reads its body, so a stream without a length ends unread
+        streamed = client.post(route, content=chunks(limit + 1), headers=headers)
+        assert streamed.status_code == 413 and "limit" in streamed.json()["detail"]
+
+
+def test_concurrent_requests_share_one_model_call():
+    calls = []
+
+    def predict(batch):
+        calls.append(len(batch))
+        return batch.reshape(len(batch), -1)[:, :10] + 1
+
+    async def main():
+        batcher = api.MicroBatcher(predict)
+        runner = asyncio.create_task(batcher.run())
+        requests = [np.full((n, 28, 28), n, np.float32) for n in (1, 3, 1, 2)]
+        answers = await asyncio.gather(*(batcher(images) for images in requests))
+        runner.cancel()
+        return requests, answers
+
+    requests, answers = asyncio.run(main())
+    assert calls == [7]  # one call for all four requests
+    for images, answer in zip(requests, answers):
+        assert answer.shape == (len(images), 10) and (answer == len(images) + 1).all()
+
+
+def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
+    outcomes = iter([RuntimeError("model broke"), None])
+
+    def predict(batch):
+        error = next(outcomes)
+        if error:
+            raise error
+        return np.zeros((len(batch), 10))
+
+    async def main():
+        batcher = api.MicroBatcher(predict)
+        runner = asyncio.create_task(batcher.run())
+        first = await asyncio.gather(batcher(np.zeros((1, 28, 28))), batcher(np.zeros((1, 28, 28))),
+                                     return_exceptions=True)
+        second = await batcher(np.zeros((2, 28, 28)))
+        runner.cancel()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) for e in first) and second.shape == (2, 10)
+
+
+def test_schemathesis_finds_no_failure_in_the_live_api(predictor):
+    """Every schemathesis check against the running server: no 5xx, statuses and bodies as the
+    OpenAPI document says, schema-violating requests refused, schema-valid ones accepted."""
+    url, server = serve_in_background(predictor)
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "st"), "--config-file", str(ROOT / "tests/schemathesis.toml"),
+                               "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "40", "--seed", "1",
+                               "--workers", "1"], capture_output=True, text=True, timeout=300)
+    finally:
+        server.should_exit = True
+    assert done.returncode == 0, done.stdout[-5000:]
+    assert "passed" in done.stdout and "failed" not in done.stdout.split("SUMMARY")[-1]
