@@ -192,14 +192,15 @@ def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
     assert all(isinstance(e, RuntimeError) for e in first) and second.shape == (2, 10)
 
 
-def test_schemathesis_finds_no_failure_in_the_live_api(predictor):
+def test_schemathesis_finds_no_failure_in_the_live_api(predictor, tmp_path):
     """Every schemathesis check against the running server: no 5xx, statuses and bodies as the
     OpenAPI document says, schema-violating requests refused, schema-valid ones accepted."""
     url, server = serve_in_background(predictor)
     try:
         done = subprocess.run([str(Path(sys.executable).parent / "st"), "--config-file", str(ROOT / "tests/schemathesis.toml"),
                                "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "40", "--seed", "1",
-                               "--workers", "1"], capture_output=True, text=True, timeout=300)
+                               "--workers", "1"], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)  # its cache folder goes there
     finally:
         server.should_exit = True
     assert done.returncode == 0, done.stdout[-5000:]
