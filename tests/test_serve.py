@@ -1,0 +1,83 @@
+"""`digits serve` as a user runs it: its own process, two workers, stopped with SIGTERM."""
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, draw_digit_seven
+
+WORKERS = 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_file):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--model", str(model_file),
+                                "--workers", str(WORKERS)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "digits serve was not ready within 180 s"
+        try:
+            if httpx.get(f"{url}/health/ready").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    yield url, process, port
+    process.kill()
+    process.wait()
+
+
+def seven_png():
+    import io
+
+    out = io.BytesIO()
+    draw_digit_seven().save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_workers_answer_and_metrics_add_up_across_them(server):
+    url, _, _ = server
+    with httpx.Client(base_url=url) as client:
+        statuses = [client.post("/predict", files={"file": ("seven.png", seven_png(), "image/png")}).status_code
+                    for _ in range(20)]
+        metrics = client.get("/metrics").text
+    assert statuses == [200] * 20
+    counted = re.search(r'http_requests_total\{handler="/predict",method="POST",status="2xx"\} (\S+)', metrics)
+    assert counted and float(counted[1]) == 20  # summed over both worker processes
+    assert "digits_model_info{" in metrics and "digits_model_batch_size_count" in metrics
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits(server):
+    url, process, port = server
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"seven.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + seven_png() + b"\r\n--b--\r\n")
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+        time.sleep(0.5)  # the server has the request's headers: it is in flight
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        connection.sendall(body[100:])
+        response = b""
+        while chunk := connection.recv(65536):  # the server closes the connection after answering
+            response += chunk
+    response = response.decode()
+    assert response.startswith("HTTP/1.1 200"), response
+    assert '"digit"' in response
+    assert process.wait(timeout=60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health/live", timeout=2)
