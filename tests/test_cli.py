@@ -59,3 +59,17 @@ def test_tensorflow_start_up_notices_are_held_back():
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert quiet.returncode == 0 and quiet.stdout.strip() == "(2,)"
     assert quiet.stderr == ""
+
+
+def test_a_large_folder_is_decoded_in_parallel_in_order_with_bad_files_named(model_file, tmp_path, capsys):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(cli.PARALLEL_FROM + 10):
+        draw_digit_seven(120, 100, offset=(10 + i % 20, 10)).save(folder / f"{i:04d}.png")
+    (folder / "0100.png").write_bytes(b"not a png")
+    assert cli.main(["predict", str(folder), "--model", str(model_file)]) == 1
+    out, err = capsys.readouterr()
+    files = [line.split("\t")[0] for line in out.splitlines()]
+    expected = [str(p) for p in sorted(folder.iterdir()) if p.name != "0100.png"]
+    assert files == expected
+    assert f"{folder / '0100.png'}: not an image" in err
