@@ -30,6 +30,7 @@ import yaml
 import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
 from pipeline import evaluate, params as params_module, predictor, train
 from pipeline.files import load_arrays, write_json
+from pipeline.layout import PROCESSED_DIR
 
 OUT = "reports/benchmark.json"
 API_OUT = "reports/benchmark_api.json"
@@ -61,11 +62,11 @@ def kerasio_recipe(data, seed):
     return model, time.perf_counter() - start, 15
 
 
-def ours(kind, p, data):
-    mp = p.model(kind)
-    train.seed_everything(p.seed)
-    model = train.compiled_model(mp, p.epochs, len(data["x_train"]))
-    rows, seconds = train.fit(model, mp, p, data, to_mlflow=False)
+def ours(kind, params, data):
+    model_params = params.model(kind)
+    train.seed_everything(params.seed)
+    model = train.compiled_model(model_params, params.epochs, len(data["x_train"]))
+    rows, seconds = train.fit(model, model_params, params, data, to_mlflow=False)
     return model, seconds, len(rows)
 
 
@@ -118,7 +119,7 @@ def measure(model, seconds, epochs, data, batch_size, val_only):
         return result
     labels = data["y_test"].argmax(1)
     probabilities, images_per_second = evaluate.predict_timed(model, data["x_test"], batch_size)
-    summary, _, _ = evaluate.evaluate(probabilities, labels)
+    summary, _, _ = evaluate.score(probabilities, labels)
     p50, p95 = single_image_latency(model, data["x_test"])
     return {**result, "test_accuracy": summary["accuracy"], "test_errors": summary["errors"],
             "batch_images_per_second": round(images_per_second), "single_image_ms_p50": round(p50, 2),
@@ -169,7 +170,7 @@ def main(argv=None):
         print(json.dumps(report, indent=2))
         return
     splits = ["train", "val"] + ([] if args.val_only else ["test"])
-    data = load_arrays(train.PROCESSED_DIR, [f"{xy}_{s}" for s in splits for xy in "xy"])
+    data = load_arrays(PROCESSED_DIR, [f"{xy}_{s}" for s in splits for xy in "xy"])
     started = time.perf_counter()
 
     results = {}

@@ -21,22 +21,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from scipy.stats import binomtest
 
 from pipeline import params as params_module, tracking
-from pipeline.files import DataError, load_arrays, write_json, write_text
-
-PROCESSED_DIR = "data/processed"
-MODELS_DIR = Path("models")
-EVAL_DIR = Path("reports/eval")
-METRICS_FILE = Path("reports/metrics.json")
-DIGITS = list(range(10))
-
-
-def load_model(kind):
-    import keras
-
-    path = MODELS_DIR / f"{kind}.keras"
-    if not path.exists():
-        raise DataError(f"{path} not found: the train_{kind} stage writes it (run `dvc repro`)")
-    return keras.models.load_model(path)
+from pipeline.files import DataError, load_arrays, require, write_json, write_text
+from pipeline.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, model_file
 
 
 def predict_timed(model, x, batch_size, passes=3):
@@ -57,7 +43,7 @@ def most_confused(matrix, top=5):
     return [{"actual": a, "predicted": p, "count": n} for n, a, p in sorted(off_diagonal, reverse=True)[:top]]
 
 
-def evaluate(probabilities, labels):
+def score(probabilities, labels):
     """Every number the stage reports, from predicted probabilities and true labels (ints)."""
     predicted = probabilities.argmax(axis=1)
     eps = 1e-7
@@ -94,23 +80,21 @@ def predictions_csv(labels, predicted, probabilities):
     return out.getvalue()
 
 
-def main():
+def evaluate_models(params):
+    import keras
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    p = params_module.load_or_exit()
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
+    require(*(model_file(kind) for kind in params_module.MODELS))
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
-    tracking.use_experiment(p.experiment)
+    tracking.use_experiment(params.experiment)
 
     metrics = {}
     for kind in params_module.MODELS:
-        try:
-            model, run_file = load_model(kind), tracking.read_run_file(kind)
-        except (DataError, FileNotFoundError) as e:
-            raise SystemExit(f"evaluate: {e}") from None
-        probabilities, images_per_second = predict_timed(model, x_test, p.eval_batch_size)
-        summary, report, predicted = evaluate(probabilities, labels)
+        model, run_file = keras.models.load_model(model_file(kind)), tracking.read_run_file(kind)
+        probabilities, images_per_second = predict_timed(model, x_test, params.eval_batch_size)
+        summary, report, predicted = score(probabilities, labels)
         summary["images_per_second"] = round(images_per_second, 1)
         metrics[kind] = {"test": summary}
 
@@ -133,6 +117,14 @@ def main():
               f"most confused {pairs or 'none'}", flush=True)
 
     write_json(METRICS_FILE, metrics)
+
+
+def main():
+    params = params_module.load_or_exit("evaluate")
+    try:
+        evaluate_models(params)
+    except DataError as e:
+        raise SystemExit(f"evaluate: {e}") from None
 
 
 if __name__ == "__main__":

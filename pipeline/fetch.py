@@ -19,8 +19,7 @@ import numpy as np
 
 from pipeline import params as params_module
 from pipeline.files import save_arrays
-
-RAW_DIR = Path("data/raw")
+from pipeline.layout import RAW_DIR
 
 # SHA-256 of each array's C-order bytes (uint8 images 28x28, uint8 labels 0-9).
 SHA256 = {
@@ -175,9 +174,9 @@ def fetch(fetch_params):
 
 
 def main():
-    p = params_module.load_or_exit()
+    params = params_module.load_or_exit("fetch")
     try:
-        label, arrays = fetch(p.fetch)
+        label, arrays = fetch(params.fetch)
     except FetchError as e:
         sys.exit(f"fetch: {e}")
     save_arrays(RAW_DIR, arrays)

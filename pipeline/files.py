@@ -13,7 +13,15 @@ os.umask(_UMASK)
 
 
 class DataError(ValueError):
-    """An input file exists but is not what the stage expects."""
+    """A stage's input is missing or is not what the stage expects; the message says which and why."""
+
+
+def require(*paths):
+    """DataError naming every one of `paths` that does not exist (an earlier stage writes them)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{', '.join(missing)} not found: an earlier stage writes {'it' if len(missing) == 1 else 'them'} "
+                        f"(run `dvc repro`)")
 
 
 @contextmanager

@@ -3,6 +3,7 @@ error names the key, the value found and what is allowed."""
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -37,13 +38,9 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
-class ModelParams:
-    """One model's section: its architecture plus how it is trained."""
+class TrainingParams:
+    """How a model is trained: the part of its params.yaml section that both models have."""
 
-    kind: str
-    layers: tuple  # hidden_units of the MLP, filters of the CNN's conv blocks
-    dense_units: int  # the CNN's dense head (0 for the MLP, which has its layers above)
-    convs_per_block: tuple  # the CNN's convolutions in each block (() for the MLP)
     dropout: float
     batch_size: int
     learning_rate: float
@@ -53,14 +50,25 @@ class ModelParams:
     ema_momentum: float  # 0 = off; else the weights kept are an exponential moving average
     augment: AugmentParams
 
-    def as_logged(self):
+    def flat(self):
         """The section as params.yaml spells it, flattened with dots (e.g. for MLflow)."""
-        names = {"layers": "hidden_units" if self.kind == "mlp" else "filters"}
-        skipped = {"kind", "augment"} | ({"dense_units", "convs_per_block"} if self.kind == "mlp" else set())
-        flat = {f"{self.kind}.{names.get(k, k)}": list(v) if isinstance(v, tuple) else v
-                for k, v in vars(self).items() if k not in skipped}
-        flat.update({f"{self.kind}.augment.{k}": v for k, v in vars(self.augment).items()})
-        return flat
+        section = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items() if k != "augment"}
+        section.update({f"augment.{k}": v for k, v in vars(self.augment).items()})
+        return {f"{self.name}.{k}": v for k, v in section.items()}
+
+
+@dataclass(frozen=True)
+class MLPParams(TrainingParams):
+    hidden_units: tuple
+    name: ClassVar[str] = "mlp"
+
+
+@dataclass(frozen=True)
+class CNNParams(TrainingParams):
+    filters: tuple  # one convolution block per entry
+    convs_per_block: tuple
+    dense_units: int
+    name: ClassVar[str] = "cnn"
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,14 @@ class Params:
     fetch: FetchParams
     preprocess: PreprocessParams
     experiment: str
-    mlp: ModelParams
-    cnn: ModelParams
+    mlp: MLPParams
+    cnn: CNNParams
     eval_batch_size: int
     grid_images: int
 
-    def model(self, kind):
-        return getattr(self, kind)
+    def model(self, name):
+        """The params.yaml section of model `name` ("mlp" or "cnn")."""
+        return getattr(self, name)
 
 
 class _Reader:
@@ -123,35 +132,35 @@ class _Reader:
         return tuple(values)
 
 
-def _model(r, kind):
-    s = kind
-    if kind == "mlp":
-        layers, dense, convs = r.int_list(f"{s}.hidden_units", 1, 8192), 0, ()
-    else:
-        layers, dense = r.int_list(f"{s}.filters", 1, 1024), r.get(f"{s}.dense_units", int, 1, 8192)
-        if len(layers) > 4:
-            r.errors.append(f"{s}.filters: got {len(layers)} blocks, expected at most 4 (each halves 28x28)")
-        convs = r.int_list(f"{s}.convs_per_block", 1, 4)
-        if layers and convs and len(convs) != len(layers):
-            r.errors.append(f"{s}.convs_per_block: got {len(convs)} entries, expected one per entry of {s}.filters ({len(layers)})")
-    return ModelParams(
-        kind=kind,
-        layers=layers,
-        dense_units=dense,
-        convs_per_block=convs,
-        dropout=r.get(f"{s}.dropout", float, 0.0, 0.9),
-        batch_size=r.get(f"{s}.batch_size", int, 1, 60000),
-        learning_rate=r.get(f"{s}.learning_rate", float, 1e-6, 1.0),
-        weight_decay=r.get(f"{s}.weight_decay", float, 0.0, 1.0),
-        warmup_epochs=r.get(f"{s}.warmup_epochs", int, 0, 1000),
-        label_smoothing=r.get(f"{s}.label_smoothing", float, 0.0, 0.5),
-        ema_momentum=r.get(f"{s}.ema_momentum", float, 0.0, 0.99999),
+def _training(r, section):
+    return dict(
+        dropout=r.get(f"{section}.dropout", float, 0.0, 0.9),
+        batch_size=r.get(f"{section}.batch_size", int, 1, 60000),
+        learning_rate=r.get(f"{section}.learning_rate", float, 1e-6, 1.0),
+        weight_decay=r.get(f"{section}.weight_decay", float, 0.0, 1.0),
+        warmup_epochs=r.get(f"{section}.warmup_epochs", int, 0, 1000),
+        label_smoothing=r.get(f"{section}.label_smoothing", float, 0.0, 0.5),
+        ema_momentum=r.get(f"{section}.ema_momentum", float, 0.0, 0.99999),
         augment=AugmentParams(
-            rotation_degrees=r.get(f"{s}.augment.rotation_degrees", float, 0.0, 45.0),
-            shift_fraction=r.get(f"{s}.augment.shift_fraction", float, 0.0, 0.3),
-            zoom_fraction=r.get(f"{s}.augment.zoom_fraction", float, 0.0, 0.3),
+            rotation_degrees=r.get(f"{section}.augment.rotation_degrees", float, 0.0, 45.0),
+            shift_fraction=r.get(f"{section}.augment.shift_fraction", float, 0.0, 0.3),
+            zoom_fraction=r.get(f"{section}.augment.zoom_fraction", float, 0.0, 0.3),
         ),
     )
+
+
+def _mlp(r):
+    return MLPParams(hidden_units=r.int_list("mlp.hidden_units", 1, 8192), **_training(r, "mlp"))
+
+
+def _cnn(r):
+    filters, convs = r.int_list("cnn.filters", 1, 1024), r.int_list("cnn.convs_per_block", 1, 4)
+    if len(filters) > 4:
+        r.errors.append(f"cnn.filters: got {len(filters)} blocks, expected at most 4 (each halves 28x28)")
+    if filters and convs and len(convs) != len(filters):
+        r.errors.append(f"cnn.convs_per_block: got {len(convs)} entries, expected one per entry of cnn.filters ({len(filters)})")
+    return CNNParams(filters=filters, convs_per_block=convs, dense_units=r.get("cnn.dense_units", int, 1, 8192),
+                     **_training(r, "cnn"))
 
 
 def load(path="params.yaml"):
@@ -188,8 +197,8 @@ def load(path="params.yaml"):
             max_test_images=r.get("preprocess.max_test_images", int, 10, 10000, nullable=True),
         ),
         experiment=r.get("mlflow.experiment", str),
-        mlp=_model(r, "mlp"),
-        cnn=_model(r, "cnn"),
+        mlp=_mlp(r),
+        cnn=_cnn(r),
         eval_batch_size=r.get("evaluate.batch_size", int, 1, 10000),
         grid_images=r.get("visualize.grid_images", int, 4, 100),
     )
@@ -198,9 +207,9 @@ def load(path="params.yaml"):
     return params
 
 
-def load_or_exit(path="params.yaml"):
-    """load() for a stage's entry point: a bad params.yaml ends the stage with the message alone."""
+def load_or_exit(stage, path="params.yaml"):
+    """load() for a stage's entry point: a bad params.yaml ends the stage with `<stage>: <message>`."""
     try:
         return load(path)
     except ParamsError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"{stage}: {e}") from None

@@ -9,12 +9,8 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from pipeline import params as params_module
-from pipeline.files import load_arrays, save_arrays, write_json
-
-RAW_DIR = "data/raw"
-PROCESSED_DIR = "data/processed"
-STATS_FILE = "reports/data_stats.json"
-NUM_CLASSES = 10
+from pipeline.files import DataError, load_arrays, save_arrays, write_json
+from pipeline.layout import DATA_STATS_FILE, NUM_CLASSES, PROCESSED_DIR, RAW_DIR
 
 
 def scale(images):
@@ -50,13 +46,12 @@ def stats(splits):
     }
 
 
-def main():
-    p = params_module.load_or_exit()
+def preprocess(params):
     raw = load_arrays(RAW_DIR, ["x_train", "y_train", "x_test", "y_test"])
 
-    x, y = stratified_subset(raw["x_train"], raw["y_train"], p.preprocess.max_train_images, p.seed)
-    x_test, y_test = stratified_subset(raw["x_test"], raw["y_test"], p.preprocess.max_test_images, p.seed)
-    (x_train, y_train), (x_val, y_val) = split(x, y, p.preprocess.val_size, p.seed)
+    x, y = stratified_subset(raw["x_train"], raw["y_train"], params.preprocess.max_train_images, params.seed)
+    x_test, y_test = stratified_subset(raw["x_test"], raw["y_test"], params.preprocess.max_test_images, params.seed)
+    (x_train, y_train), (x_val, y_val) = split(x, y, params.preprocess.val_size, params.seed)
     splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
     arrays = {}
@@ -64,9 +59,17 @@ def main():
         arrays[f"x_{name}"] = scale(images)
         arrays[f"y_{name}"] = one_hot(labels)
     save_arrays(PROCESSED_DIR, arrays)
-    write_json(STATS_FILE, stats({name: (arrays[f"x_{name}"], labels) for name, (_, labels) in splits.items()}))
+    write_json(DATA_STATS_FILE, stats({name: (arrays[f"x_{name}"], labels) for name, (_, labels) in splits.items()}))
     sizes = ", ".join(f"{name} {len(labels)}" for name, (_, labels) in splits.items())
-    print(f"preprocess: wrote {PROCESSED_DIR}/ ({sizes}) and {STATS_FILE}")
+    print(f"preprocess: wrote {PROCESSED_DIR}/ ({sizes}) and {DATA_STATS_FILE}")
+
+
+def main():
+    params = params_module.load_or_exit("preprocess")
+    try:
+        preprocess(params)
+    except DataError as e:
+        raise SystemExit(f"preprocess: {e}") from None
 
 
 if __name__ == "__main__":

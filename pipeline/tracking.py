@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
-RUN_FILE = "models/{model}.run.json"
+from pipeline.layout import run_file
+
 CHAMPION = "champion"
 # The MLflow 3 UI opens an experiment without this tag on its GenAI pages (traces, evaluations).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -283,16 +284,17 @@ def _judge(version, champion):
 def write_run_file(model, run_info, model_version=None):
     from pipeline.files import write_json
 
-    write_json(RUN_FILE.format(model=model), {
+    write_json(run_file(model), {
         "run_id": run_info.run_id, "experiment_id": run_info.experiment_id,
         "registered_model": registered_name(model), "model_version": model_version,
     })
 
 
 def read_run_file(model):
-    path = Path(RUN_FILE.format(model=model))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the train_{model} stage writes it (run `dvc repro`)")
+    from pipeline.files import require
+
+    path = run_file(model)
+    require(path)
     return json.loads(path.read_text())
 
 

@@ -23,10 +23,7 @@ import numpy as np
 
 from pipeline import models, params as params_module, tracking
 from pipeline.files import DataError, atomic_path, load_arrays, write_json, write_text
-
-PROCESSED_DIR = "data/processed"
-REPORTS_DIR = Path("reports/train")
-MODELS_DIR = Path("models")
+from pipeline.layout import IMAGE_SHAPE, NUM_CLASSES, PROCESSED_DIR, TRAIN_REPORTS_DIR, model_file
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
 
@@ -34,7 +31,7 @@ def load_data():
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
     for split in ("train", "val"):
         x, y = data[f"x_{split}"], data[f"y_{split}"]
-        if x.ndim != 4 or x.shape[1:] != models.INPUT_SHAPE or y.shape != (len(x), models.NUM_CLASSES):
+        if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE or y.shape != (len(x), NUM_CLASSES):
             raise DataError(f"{PROCESSED_DIR}/x_{split}.npy, y_{split}.npy have shapes {x.shape}, {y.shape}; "
                              f"expected (N, 28, 28, 1) and (N, 10): rerun `dvc repro preprocess`")
     return data
@@ -48,40 +45,43 @@ def seed_everything(seed):
     tf.config.experimental.enable_op_determinism()
 
 
-def training_dataset(x, y, p, seed):
+def training_dataset(x, y, model_params, seed):
     """Shuffled batches with on-the-fly augmentation (small rotations, shifts, zooms; never flips,
     which would turn digits into other shapes), run in the tf.data pipeline so the saved model stays
     a plain inference model."""
     import keras
     import tensorflow as tf
 
-    a = p.augment
+    strength = model_params.augment
     augment = keras.Sequential(
         [layer for layer, active in [
-            (keras.layers.RandomRotation(a.rotation_degrees / 360, fill_mode="constant", seed=seed), a.rotation_degrees),
-            (keras.layers.RandomTranslation(a.shift_fraction, a.shift_fraction, fill_mode="constant", seed=seed + 1), a.shift_fraction),
-            (keras.layers.RandomZoom(a.zoom_fraction, fill_mode="constant", seed=seed + 2), a.zoom_fraction),
+            (keras.layers.RandomRotation(strength.rotation_degrees / 360, fill_mode="constant", seed=seed),
+             strength.rotation_degrees),
+            (keras.layers.RandomTranslation(strength.shift_fraction, strength.shift_fraction, fill_mode="constant",
+                                            seed=seed + 1), strength.shift_fraction),
+            (keras.layers.RandomZoom(strength.zoom_fraction, fill_mode="constant", seed=seed + 2), strength.zoom_fraction),
         ] if active],
         name="augment",
     )
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(p.batch_size)
+    ds = ds.batch(model_params.batch_size)
     if augment.layers:
         ds = ds.map(lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def learning_rate_schedule(p, epochs, steps_per_epoch):
+def learning_rate_schedule(model_params, epochs, steps_per_epoch):
     """Linear warm-up to the peak rate, then cosine decay to zero at the last step, so the schedule
     stretches with `epochs` and `dvc exp run -S epochs=20` keeps the same recipe."""
     import keras
 
-    warmup = min(p.warmup_epochs, epochs - 1) * steps_per_epoch
+    warmup = min(model_params.warmup_epochs, epochs - 1) * steps_per_epoch
     total = epochs * steps_per_epoch
+    peak = model_params.learning_rate
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else p.learning_rate,
+        initial_learning_rate=0.0 if warmup else peak,
         decay_steps=max(total - warmup, 1),
-        warmup_target=p.learning_rate if warmup else None,
+        warmup_target=peak if warmup else None,
         warmup_steps=warmup,
     )
 
@@ -119,31 +119,31 @@ class EpochLog:
         return _EpochLog()
 
 
-def compiled_model(mp, epochs, train_size):
+def compiled_model(model_params, epochs, train_size):
     import keras
 
-    model = models.build(mp)
-    steps_per_epoch = int(np.ceil(train_size / mp.batch_size))
+    model = models.build(model_params)
+    steps_per_epoch = int(np.ceil(train_size / model_params.batch_size))
     model.compile(
         # weight_decay is decoupled from the gradient (AdamW): each step shrinks every weight by
         # learning_rate * weight_decay, so the decay follows the schedule to zero.
         # With ema_momentum, fit() ends by replacing the weights with their moving average.
-        optimizer=keras.optimizers.Adam(learning_rate_schedule(mp, epochs, steps_per_epoch),
-                                        weight_decay=mp.weight_decay or None,
-                                        use_ema=mp.ema_momentum > 0, ema_momentum=mp.ema_momentum or 0.99),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing),
+        optimizer=keras.optimizers.Adam(learning_rate_schedule(model_params, epochs, steps_per_epoch),
+                                        weight_decay=model_params.weight_decay or None,
+                                        use_ema=model_params.ema_momentum > 0, ema_momentum=model_params.ema_momentum or 0.99),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=model_params.label_smoothing),
         metrics=["accuracy"],
     )
     return model
 
 
-def fit(model, mp, p, data, to_mlflow=True):
+def fit(model, model_params, params, data, to_mlflow=True):
     """Train in place; returns the per-epoch rows and the training seconds."""
     epoch_log = EpochLog.create(to_mlflow)
     start = time.perf_counter()
     model.fit(
-        training_dataset(data["x_train"], data["y_train"], mp, p.seed),
-        epochs=p.epochs,
+        training_dataset(data["x_train"], data["y_train"], model_params, params.seed),
+        epochs=params.epochs,
         validation_data=(data["x_val"], data["y_val"]),
         callbacks=[epoch_log],
         shuffle=False,  # the dataset shuffles; Keras warns that it cannot
@@ -166,33 +166,33 @@ def summary_text(model):
     return "\n".join(lines) + "\n"
 
 
-def train(kind, p):
+def train(kind, params):
     import keras
     import mlflow
     import tensorflow as tf
 
-    mp = p.model(kind)
+    model_params = params.model(kind)
     data = load_data()
     x_train, x_val = data["x_train"], data["x_val"]
-    seed_everything(p.seed)
-    model = compiled_model(mp, p.epochs, len(x_train))
+    seed_everything(params.seed)
+    model = compiled_model(model_params, params.epochs, len(x_train))
     print(f"train {kind}: {model.count_params():,} parameters, {len(x_train):,} training and "
-          f"{len(x_val):,} validation images, {p.epochs} epochs", flush=True)
+          f"{len(x_val):,} validation images, {params.epochs} epochs", flush=True)
 
-    experiment = tracking.use_experiment(p.experiment)
+    experiment = tracking.use_experiment(params.experiment)
     tracking.end_orphaned_runs(experiment.experiment_id)
     train_set = mlflow.data.from_numpy(x_train, targets=data["y_train"], name="mnist-train")
     val_set = mlflow.data.from_numpy(x_val, targets=data["y_val"], name="mnist-validation")
     tags = tracking.run_tags(kind, f"train_{kind}")
     with tracking.run(run_name=tracking.run_name(kind), tags=tags) as run:
         mlflow.log_params({
-            "model": kind, "epochs": p.epochs, "seed": p.seed, **mp.as_logged(),
+            "model": kind, "epochs": params.epochs, "seed": params.seed, **model_params.flat(),
             "param_count": model.count_params(), "train_size": len(x_train), "val_size": len(x_val),
             "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
         })
         mlflow.log_input(train_set, context="training")
         mlflow.log_input(val_set, context="validation")
-        rows, seconds = fit(model, mp, p, data)
+        rows, seconds = fit(model, model_params, params, data)
         best = max(rows, key=lambda r: r["val_accuracy"])
         summary = {
             "val_accuracy": rows[-1]["val_accuracy"], "val_loss": rows[-1]["val_loss"],
@@ -202,11 +202,11 @@ def train(kind, p):
         }
         mlflow.log_metrics({"train_seconds": seconds, "best_val_accuracy": best["val_accuracy"]})
 
-        with atomic_path(MODELS_DIR / f"{kind}.keras") as tmp:
+        with atomic_path(model_file(kind)) as tmp:
             model.save(tmp)
-        write_text(REPORTS_DIR / f"{kind}_history.csv", history_csv(rows))
-        write_json(REPORTS_DIR / f"{kind}.json", {kind: summary})
-        mlflow.log_artifact(str(REPORTS_DIR / f"{kind}_history.csv"))
+        write_text(TRAIN_REPORTS_DIR / f"{kind}_history.csv", history_csv(rows))
+        write_json(TRAIN_REPORTS_DIR / f"{kind}.json", {kind: summary})
+        mlflow.log_artifact(str(TRAIN_REPORTS_DIR / f"{kind}_history.csv"))
         mlflow.log_text(summary_text(model), "model_summary.txt")
 
         logged = tracking.log_keras_model(model, x_val[:5])
@@ -226,9 +226,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=params_module.MODELS)
     args = parser.parse_args(argv)
-    p = params_module.load_or_exit()
+    params = params_module.load_or_exit(f"train {args.model}")
     try:
-        train(args.model, p)
+        train(args.model, params)
     except DataError as e:
         sys.exit(f"train {args.model}: {e}")
 

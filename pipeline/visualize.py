@@ -21,13 +21,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from pipeline import params as params_module, tracking  # noqa: E402
-from pipeline.files import atomic_path, load_arrays  # noqa: E402
-
-PROCESSED_DIR = "data/processed"
-TRAIN_DIR = Path("reports/train")
-EVAL_DIR = Path("reports/eval")
-STATS_FILE = Path("reports/data_stats.json")
-FIGURES_DIR = Path("reports/figures")
+from pipeline.files import DataError, atomic_path, load_arrays, require  # noqa: E402
+from pipeline.layout import DATA_STATS_FILE, EVAL_DIR, FIGURES_DIR, PROCESSED_DIR, TRAIN_REPORTS_DIR  # noqa: E402
 NAMES = {"mlp": "MLP", "cnn": "CNN"}
 
 
@@ -117,31 +112,40 @@ def samples(x_test, labels, stats, per_digit=8):
     return fig
 
 
-def main():
+def visualize(params):
     import mlflow
 
-    p = params_module.load_or_exit()
     x_test = load_arrays(PROCESSED_DIR, ["x_test"])["x_test"]
-    histories = {kind: pd.read_csv(TRAIN_DIR / f"{kind}_history.csv") for kind in params_module.MODELS}
+    require(DATA_STATS_FILE, *(TRAIN_REPORTS_DIR / f"{kind}_history.csv" for kind in params_module.MODELS),
+            *(EVAL_DIR / f"{kind}_{what}" for kind in params_module.MODELS for what in ("predictions.csv", "report.json")))
+    histories = {kind: pd.read_csv(TRAIN_REPORTS_DIR / f"{kind}_history.csv") for kind in params_module.MODELS}
     predictions = {kind: pd.read_csv(EVAL_DIR / f"{kind}_predictions.csv") for kind in params_module.MODELS}
     reports = {kind: json.loads((EVAL_DIR / f"{kind}_report.json").read_text()) for kind in params_module.MODELS}
-    stats = json.loads(STATS_FILE.read_text())
-    count = min(p.grid_images, len(x_test))
+    stats = json.loads(DATA_STATS_FILE.read_text())
+    count = min(params.grid_images, len(x_test))
 
     shared = [save(training_curves(histories), "training_curves.png"),
               save(samples(x_test, predictions["cnn"].actual.to_numpy(), stats), "samples.png")]
     figures = {kind: shared + [
         save(confusion(kind, reports[kind]["confusion_matrix"]), f"confusion_{kind}.png"),
-        save(prediction_grid(kind, x_test, predictions[kind], count, p.seed), f"predictions_{kind}.png"),
+        save(prediction_grid(kind, x_test, predictions[kind], count, params.seed), f"predictions_{kind}.png"),
         save(confident_mistakes(kind, x_test, predictions[kind], min(count, 15)), f"mistakes_{kind}.png"),
     ] for kind in params_module.MODELS}
 
-    tracking.use_experiment(p.experiment)
+    tracking.use_experiment(params.experiment)
     for kind, paths in figures.items():
         with tracking.run(run_id=tracking.read_run_id(kind)):
             for path in paths:
                 mlflow.log_artifact(str(path), "figures")
     print(f"visualize: wrote {len(set(sum(figures.values(), [])))} figures to {FIGURES_DIR}/", flush=True)
+
+
+def main():
+    params = params_module.load_or_exit("visualize")
+    try:
+        visualize(params)
+    except DataError as e:
+        raise SystemExit(f"visualize: {e}") from None
 
 
 if __name__ == "__main__":

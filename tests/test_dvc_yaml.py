@@ -25,13 +25,14 @@ def imported_modules(path):
 
 
 def code_run_by(module):
-    """The module's file, every pipeline module it imports transitively, and the package's __init__."""
-    files, todo = {"pipeline/__init__.py"}, [module]
+    """The module's file and every pipeline module it imports, transitively, with the package's
+    __init__ (which importing any submodule runs) and what that imports."""
+    files, todo = set(), [module, "pipeline.__init__"]
     while todo:
         path = todo.pop().replace(".", "/") + ".py"
-        if path not in files or path == "pipeline/__init__.py":
+        if path not in files:
             files.add(path)
-            todo += [m for m in imported_modules(ROOT / path) if m.replace(".", "/") + ".py" not in files]
+            todo += imported_modules(ROOT / path)
     return files
 
 

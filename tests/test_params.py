@@ -7,7 +7,7 @@ def test_default_params_load(project):
     p = params.load()
     assert 10 <= p.epochs <= 20
     assert p.fetch.sources[-1] == "pypi"
-    assert p.cnn.kind == "cnn" and p.mlp.kind == "mlp"
+    assert p.cnn.name == "cnn" and p.mlp.name == "mlp"
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -46,5 +46,5 @@ def test_missing_key_and_missing_file(project, tmp_path):
 def test_stage_entry_point_exits_with_the_message(project):
     project(epochs=0)
     with pytest.raises(SystemExit) as stop:
-        params.load_or_exit()
-    assert "epochs: got 0" in str(stop.value)
+        params.load_or_exit("train cnn")
+    assert str(stop.value).startswith("train cnn: ") and "epochs: got 0" in str(stop.value)

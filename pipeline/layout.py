@@ -1,0 +1,26 @@
+"""Where the pipeline's files live and what its data looks like: the one place the stages, the
+benchmark and the tests take paths and shapes from. Paths are relative to the project root,
+where DVC runs every stage; dvc.yaml names the same paths as deps and outs."""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")              # fetch: MNIST as published, as .npy
+PROCESSED_DIR = Path("data/processed")  # preprocess: x_/y_ train, val, test, ready for Keras
+DATA_STATS_FILE = Path("reports/data_stats.json")
+MODELS_DIR = Path("models")             # train: <model>.keras and <model>.run.json
+TRAIN_REPORTS_DIR = Path("reports/train")
+EVAL_DIR = Path("reports/eval")         # evaluate: per-model report and predictions
+METRICS_FILE = Path("reports/metrics.json")
+FIGURES_DIR = Path("reports/figures")   # visualize
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+DIGITS = tuple(range(NUM_CLASSES))
+
+
+def model_file(model):
+    return MODELS_DIR / f"{model}.keras"
+
+
+def run_file(model):
+    return MODELS_DIR / f"{model}.run.json"
