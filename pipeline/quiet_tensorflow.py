@@ -2,7 +2,6 @@
 CPU feature flags) before anything useful. Imported by pipeline/__init__.py, so any import of the
 package installs it before TensorFlow loads; TF_CPP_MIN_LOG_LEVEL set by the user still wins."""
 
-
 import importlib.abc
 import importlib.machinery
 import os

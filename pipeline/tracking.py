@@ -41,7 +41,7 @@ def project_root(cwd=None):
     path = Path(cwd or os.getcwd()).resolve()
     parts = path.parts
     for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return path
 
@@ -167,7 +167,9 @@ def log_keras_model(model, example):
     try:
         with mock.patch.object(mlflow.keras.save, "_save_example", save_example_into_new_folder):
             return mlflow.keras.log_model(
-                model, name="model", input_example=example,
+                model,
+                name="model",
+                input_example=example,
                 signature=infer_signature(example, model.predict(example, verbose=0)),
                 # Named, not inferred: inference reloads the model in a subprocess, costing seconds.
                 pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
@@ -195,13 +197,18 @@ def end_orphaned_runs(experiment_id):
     client = MlflowClient()
     host = socket.gethostname()
     ended = []
-    for r in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'"):
+    for r in client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'"
+    ):
         pid = r.data.tags.get("pid", "")
         if pid.isdigit() and not _process_alive(int(pid)):
             client.set_tag(r.info.run_id, "ended_by", f"orphan check: process {pid} on {host} no longer runs")
             client.set_terminated(r.info.run_id, "FAILED")
-            print(f"mlflow: run {r.info.run_name} ({r.info.run_id}) was left RUNNING by process {pid}, "
-                  f"which is gone; ended it FAILED", flush=True)
+            print(
+                f"mlflow: run {r.info.run_name} ({r.info.run_id}) was left RUNNING by process {pid}, "
+                f"which is gone; ended it FAILED",
+                flush=True,
+            )
             ended.append(r.info.run_id)
     return ended
 
@@ -235,21 +242,30 @@ def crown_if_better(version):
     if not better:
         return verdict
     _set_champion(version)
-    best = max(_contenders(version, since=int(champion.version) if champion else 0),
-               key=lambda v: (float(v.tags["val_accuracy"]), -int(v.version)))
+    best = max(
+        _contenders(version, since=int(champion.version) if champion else 0),
+        key=lambda v: (float(v.tags["val_accuracy"]), -int(v.version)),
+    )
     if best.version == version.version:
         return verdict
     _set_champion(best)
-    return (f"{verdict}, but v{best.version} of a parallel run is better (val accuracy "
-            f"{float(best.tags['val_accuracy']):.4f}): champion is v{best.version}")
+    return (
+        f"{verdict}, but v{best.version} of a parallel run is better (val accuracy "
+        f"{float(best.tags['val_accuracy']):.4f}): champion is v{best.version}"
+    )
 
 
 def _contenders(version, since):
     from mlflow.tracking import MlflowClient
 
     versions = MlflowClient().search_model_versions(f"name='{version.name}'")
-    return [v for v in versions if int(v.version) > since and "val_accuracy" in v.tags
-            and v.tags.get("val_digest") == version.tags["val_digest"]]
+    return [
+        v
+        for v in versions
+        if int(v.version) > since
+        and "val_accuracy" in v.tags
+        and v.tags.get("val_digest") == version.tags["val_digest"]
+    ]
 
 
 def _set_champion(version, attempts=3):
@@ -272,22 +288,33 @@ def _judge(version, champion):
     if champion is None:
         return f"{name} v{version.version} is the first champion (val accuracy {accuracy:.4f})", True
     if champion.tags.get("val_digest") != version.tags["val_digest"]:
-        return (f"{name} v{version.version}: champion stays v{champion.version}: they were validated on different "
-                f"images, so their accuracies do not compare (`digits promote {name} {version.version}` moves it)"), False
+        return (
+            f"{name} v{version.version}: champion stays v{champion.version}: they were validated on different "
+            f"images, so their accuracies do not compare (`digits promote {name} {version.version}` moves it)"
+        ), False
     if accuracy > float(champion.tags["val_accuracy"]):
-        return (f"{name} v{version.version} is the new champion: val accuracy {accuracy:.4f} beats "
-                f"v{champion.version}'s {float(champion.tags['val_accuracy']):.4f}"), True
-    return (f"{name} v{version.version}: champion stays v{champion.version} (val accuracy "
-            f"{float(champion.tags['val_accuracy']):.4f}; this one {accuracy:.4f})"), False
+        return (
+            f"{name} v{version.version} is the new champion: val accuracy {accuracy:.4f} beats "
+            f"v{champion.version}'s {float(champion.tags['val_accuracy']):.4f}"
+        ), True
+    return (
+        f"{name} v{version.version}: champion stays v{champion.version} (val accuracy "
+        f"{float(champion.tags['val_accuracy']):.4f}; this one {accuracy:.4f})"
+    ), False
 
 
 def write_run_file(model, run_info, model_version=None):
     from pipeline.files import write_json
 
-    write_json(run_file(model), {
-        "run_id": run_info.run_id, "experiment_id": run_info.experiment_id,
-        "registered_model": registered_name(model), "model_version": model_version,
-    })
+    write_json(
+        run_file(model),
+        {
+            "run_id": run_info.run_id,
+            "experiment_id": run_info.experiment_id,
+            "registered_model": registered_name(model),
+            "model_version": model_version,
+        },
+    )
 
 
 def read_run_file(model):

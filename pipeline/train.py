@@ -17,13 +17,14 @@ import csv
 import io
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from pipeline import models, params as params_module, tracking
+from pipeline import models, tracking
+from pipeline import params as params_module
 from pipeline.files import DataError, atomic_path, load_arrays, write_json, write_text
 from pipeline.layout import IMAGE_SHAPE, NUM_CLASSES, PROCESSED_DIR, TRAIN_REPORTS_DIR, model_file
+
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
 
@@ -32,8 +33,10 @@ def load_data():
     for split in ("train", "val"):
         x, y = data[f"x_{split}"], data[f"y_{split}"]
         if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE or y.shape != (len(x), NUM_CLASSES):
-            raise DataError(f"{PROCESSED_DIR}/x_{split}.npy, y_{split}.npy have shapes {x.shape}, {y.shape}; "
-                             f"expected (N, 28, 28, 1) and (N, 10): rerun `dvc repro preprocess`")
+            raise DataError(
+                f"{PROCESSED_DIR}/x_{split}.npy, y_{split}.npy have shapes {x.shape}, {y.shape}; "
+                f"expected (N, 28, 28, 1) and (N, 10): rerun `dvc repro preprocess`"
+            )
     return data
 
 
@@ -54,19 +57,34 @@ def training_dataset(x, y, model_params, seed):
 
     strength = model_params.augment
     augment = keras.Sequential(
-        [layer for layer, active in [
-            (keras.layers.RandomRotation(strength.rotation_degrees / 360, fill_mode="constant", seed=seed),
-             strength.rotation_degrees),
-            (keras.layers.RandomTranslation(strength.shift_fraction, strength.shift_fraction, fill_mode="constant",
-                                            seed=seed + 1), strength.shift_fraction),
-            (keras.layers.RandomZoom(strength.zoom_fraction, fill_mode="constant", seed=seed + 2), strength.zoom_fraction),
-        ] if active],
+        [
+            layer
+            for layer, active in [
+                (
+                    keras.layers.RandomRotation(strength.rotation_degrees / 360, fill_mode="constant", seed=seed),
+                    strength.rotation_degrees,
+                ),
+                (
+                    keras.layers.RandomTranslation(
+                        strength.shift_fraction, strength.shift_fraction, fill_mode="constant", seed=seed + 1
+                    ),
+                    strength.shift_fraction,
+                ),
+                (
+                    keras.layers.RandomZoom(strength.zoom_fraction, fill_mode="constant", seed=seed + 2),
+                    strength.zoom_fraction,
+                ),
+            ]
+            if active
+        ],
         name="augment",
     )
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(model_params.batch_size)
     if augment.layers:
-        ds = ds.map(lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(
+            lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE
+        )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -128,9 +146,12 @@ def compiled_model(model_params, epochs, train_size):
         # weight_decay is decoupled from the gradient (AdamW): each step shrinks every weight by
         # learning_rate * weight_decay, so the decay follows the schedule to zero.
         # With ema_momentum, fit() ends by replacing the weights with their moving average.
-        optimizer=keras.optimizers.Adam(learning_rate_schedule(model_params, epochs, steps_per_epoch),
-                                        weight_decay=model_params.weight_decay or None,
-                                        use_ema=model_params.ema_momentum > 0, ema_momentum=model_params.ema_momentum or 0.99),
+        optimizer=keras.optimizers.Adam(
+            learning_rate_schedule(model_params, epochs, steps_per_epoch),
+            weight_decay=model_params.weight_decay or None,
+            use_ema=model_params.ema_momentum > 0,
+            ema_momentum=model_params.ema_momentum or 0.99,
+        ),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=model_params.label_smoothing),
         metrics=["accuracy"],
     )
@@ -176,8 +197,11 @@ def train(kind, params):
     x_train, x_val = data["x_train"], data["x_val"]
     seed_everything(params.seed)
     model = compiled_model(model_params, params.epochs, len(x_train))
-    print(f"train {kind}: {model.count_params():,} parameters, {len(x_train):,} training and "
-          f"{len(x_val):,} validation images, {params.epochs} epochs", flush=True)
+    print(
+        f"train {kind}: {model.count_params():,} parameters, {len(x_train):,} training and "
+        f"{len(x_val):,} validation images, {params.epochs} epochs",
+        flush=True,
+    )
 
     experiment = tracking.use_experiment(params.experiment)
     tracking.end_orphaned_runs(experiment.experiment_id)
@@ -185,20 +209,32 @@ def train(kind, params):
     val_set = mlflow.data.from_numpy(x_val, targets=data["y_val"], name="mnist-validation")
     tags = tracking.run_tags(kind, f"train_{kind}")
     with tracking.run(run_name=tracking.run_name(kind), tags=tags) as run:
-        mlflow.log_params({
-            "model": kind, "epochs": params.epochs, "seed": params.seed, **model_params.flat(),
-            "param_count": model.count_params(), "train_size": len(x_train), "val_size": len(x_val),
-            "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
-        })
+        mlflow.log_params(
+            {
+                "model": kind,
+                "epochs": params.epochs,
+                "seed": params.seed,
+                **model_params.flat(),
+                "param_count": model.count_params(),
+                "train_size": len(x_train),
+                "val_size": len(x_val),
+                "tensorflow_version": tf.__version__,
+                "keras_version": keras.__version__,
+            }
+        )
         mlflow.log_input(train_set, context="training")
         mlflow.log_input(val_set, context="validation")
         rows, seconds = fit(model, model_params, params, data)
         best = max(rows, key=lambda r: r["val_accuracy"])
         summary = {
-            "val_accuracy": rows[-1]["val_accuracy"], "val_loss": rows[-1]["val_loss"],
-            "best_val_accuracy": best["val_accuracy"], "best_val_loss": min(r["val_loss"] for r in rows),
-            "best_epoch": best["epoch"], "epochs": len(rows),
-            "params": model.count_params(), "train_seconds": round(seconds, 1),
+            "val_accuracy": rows[-1]["val_accuracy"],
+            "val_loss": rows[-1]["val_loss"],
+            "best_val_accuracy": best["val_accuracy"],
+            "best_val_loss": min(r["val_loss"] for r in rows),
+            "best_epoch": best["epoch"],
+            "epochs": len(rows),
+            "params": model.count_params(),
+            "train_seconds": round(seconds, 1),
         }
         mlflow.log_metrics({"train_seconds": seconds, "best_val_accuracy": best["val_accuracy"]})
 
@@ -210,15 +246,25 @@ def train(kind, params):
         mlflow.log_text(summary_text(model), "model_summary.txt")
 
         logged = tracking.log_keras_model(model, x_val[:5])
-        version = tracking.register(kind, logged.model_uri, {
-            "git_commit": tracking.git_commit() or "none", "dvc_exp_name": tags["dvc.exp_name"],
-            "run_id": run.info.run_id, "val_accuracy": summary["val_accuracy"], "val_digest": val_set.digest,
-        })
+        version = tracking.register(
+            kind,
+            logged.model_uri,
+            {
+                "git_commit": tracking.git_commit() or "none",
+                "dvc_exp_name": tags["dvc.exp_name"],
+                "run_id": run.info.run_id,
+                "val_accuracy": summary["val_accuracy"],
+                "val_digest": val_set.digest,
+            },
+        )
         tracking.write_run_file(kind, run.info, version.version)
         verdict = tracking.crown_if_better(version)
-    print(f"train {kind}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
-          f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}\n"
-          f"train {kind}: registered {version.name} v{version.version}; {verdict}", flush=True)
+    print(
+        f"train {kind}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
+        f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}\n"
+        f"train {kind}: registered {version.name} v{version.version}; {verdict}",
+        flush=True,
+    )
     return summary
 
 

@@ -9,20 +9,21 @@ Each model's figures (and the shared ones) are added to its MLflow training run.
 """
 
 import json
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-from pipeline import params as params_module, tracking  # noqa: E402
-from pipeline.files import DataError, atomic_path, load_arrays, require  # noqa: E402
-from pipeline.layout import DATA_STATS_FILE, EVAL_DIR, FIGURES_DIR, PROCESSED_DIR, TRAIN_REPORTS_DIR  # noqa: E402
+from pipeline import params as params_module
+from pipeline import tracking
+from pipeline.files import DataError, atomic_path, load_arrays, require
+from pipeline.layout import DATA_STATS_FILE, EVAL_DIR, FIGURES_DIR, PROCESSED_DIR, TRAIN_REPORTS_DIR
+
 NAMES = {"mlp": "MLP", "cnn": "CNN"}
 
 
@@ -37,9 +38,10 @@ def save(fig, name):
 def training_curves(histories):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, label in [(axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")]:
-        for (kind, history), color in zip(histories.items(), ("tab:blue", "tab:orange")):
-            ax.plot(history.epoch, history[metric], color=color, linestyle="--", marker=".",
-                    label=f"{NAMES[kind]} training")
+        for (kind, history), color in zip(histories.items(), ("tab:blue", "tab:orange"), strict=True):
+            ax.plot(
+                history.epoch, history[metric], color=color, linestyle="--", marker=".", label=f"{NAMES[kind]} training"
+            )
             ax.plot(history.epoch, history[f"val_{metric}"], color=color, marker="o", label=f"{NAMES[kind]} validation")
         ax.set(title=f"{label} per epoch", xlabel="Epoch", ylabel=label)
         ax.grid(alpha=0.3)
@@ -52,11 +54,22 @@ def confusion(kind, matrix):
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     matrix = np.asarray(matrix)
     # Log colour scale: the diagonal holds ~1,000 per class, mistakes a handful, and both should show.
-    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", ax=ax, cbar_kws={"label": "images"},
-                norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)), annot_kws={"size": 8})
+    sns.heatmap(
+        matrix,
+        annot=True,
+        fmt="d",
+        cmap="Blues",
+        ax=ax,
+        cbar_kws={"label": "images"},
+        norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(matrix.max(), 2)),
+        annot_kws={"size": 8},
+    )
     errors = int(matrix.sum() - np.trace(matrix))
-    ax.set(title=f"{NAMES[kind]} confusion matrix on the test set ({errors} errors)",
-           xlabel="Predicted digit", ylabel="Actual digit")
+    ax.set(
+        title=f"{NAMES[kind]} confusion matrix on the test set ({errors} errors)",
+        xlabel="Predicted digit",
+        ylabel="Actual digit",
+    )
     return fig
 
 
@@ -65,7 +78,7 @@ def image_grid(images, titles, colors, suptitle, columns=5):
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 2.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title, color in zip(axes.flat, images, titles, colors):
+    for ax, image, title, color in zip(axes.flat, images, titles, colors, strict=False):  # the grid may have spare axes
         ax.imshow(image.squeeze(), cmap="gray_r")
         ax.set_title(title, color=color, fontsize=10)
     fig.suptitle(suptitle)
@@ -103,7 +116,7 @@ def samples(x_test, labels, stats, per_digit=8):
             ax = fig.add_subplot(grid[digit, i])
             ax.imshow(x_test[index].squeeze(), cmap="gray_r")
             ax.axis("off")
-    bars = fig.add_subplot(grid[1:9, per_digit + 1:])
+    bars = fig.add_subplot(grid[1:9, per_digit + 1 :])
     counts = pd.DataFrame({split: s["class_counts"] for split, s in stats.items()}).astype(int)
     counts.plot.bar(ax=bars, rot=0)
     bars.set(title="Images per digit in each split", xlabel="Digit", ylabel="Images")
@@ -116,21 +129,30 @@ def visualize(params):
     import mlflow
 
     x_test = load_arrays(PROCESSED_DIR, ["x_test"])["x_test"]
-    require(DATA_STATS_FILE, *(TRAIN_REPORTS_DIR / f"{kind}_history.csv" for kind in params_module.MODELS),
-            *(EVAL_DIR / f"{kind}_{what}" for kind in params_module.MODELS for what in ("predictions.csv", "report.json")))
+    require(
+        DATA_STATS_FILE,
+        *(TRAIN_REPORTS_DIR / f"{kind}_history.csv" for kind in params_module.MODELS),
+        *(EVAL_DIR / f"{kind}_{what}" for kind in params_module.MODELS for what in ("predictions.csv", "report.json")),
+    )
     histories = {kind: pd.read_csv(TRAIN_REPORTS_DIR / f"{kind}_history.csv") for kind in params_module.MODELS}
     predictions = {kind: pd.read_csv(EVAL_DIR / f"{kind}_predictions.csv") for kind in params_module.MODELS}
     reports = {kind: json.loads((EVAL_DIR / f"{kind}_report.json").read_text()) for kind in params_module.MODELS}
     stats = json.loads(DATA_STATS_FILE.read_text())
     count = min(params.grid_images, len(x_test))
 
-    shared = [save(training_curves(histories), "training_curves.png"),
-              save(samples(x_test, predictions["cnn"].actual.to_numpy(), stats), "samples.png")]
-    figures = {kind: shared + [
-        save(confusion(kind, reports[kind]["confusion_matrix"]), f"confusion_{kind}.png"),
-        save(prediction_grid(kind, x_test, predictions[kind], count, params.seed), f"predictions_{kind}.png"),
-        save(confident_mistakes(kind, x_test, predictions[kind], min(count, 15)), f"mistakes_{kind}.png"),
-    ] for kind in params_module.MODELS}
+    shared = [
+        save(training_curves(histories), "training_curves.png"),
+        save(samples(x_test, predictions["cnn"].actual.to_numpy(), stats), "samples.png"),
+    ]
+    figures = {
+        kind: shared
+        + [
+            save(confusion(kind, reports[kind]["confusion_matrix"]), f"confusion_{kind}.png"),
+            save(prediction_grid(kind, x_test, predictions[kind], count, params.seed), f"predictions_{kind}.png"),
+            save(confident_mistakes(kind, x_test, predictions[kind], min(count, 15)), f"mistakes_{kind}.png"),
+        ]
+        for kind in params_module.MODELS
+    }
 
     tracking.use_experiment(params.experiment)
     for kind, paths in figures.items():

@@ -40,8 +40,15 @@ def processed_data(project):
         x, y = tiny_images(n, seed=len(split))
         arrays[f"x_{split}"], arrays[f"y_{split}"] = preprocess.scale(x), preprocess.one_hot(y)
     save_arrays("data/processed", arrays)
-    project(epochs=2, mlp__hidden_units=[32], cnn__filters=[8, 16], cnn__convs_per_block=[1, 1], cnn__dense_units=16,
-            mlp__batch_size=64, cnn__batch_size=64)
+    project(
+        epochs=2,
+        mlp__hidden_units=[32],
+        cnn__filters=[8, 16],
+        cnn__convs_per_block=[1, 1],
+        cnn__dense_units=16,
+        mlp__batch_size=64,
+        cnn__batch_size=64,
+    )
     return arrays
 
 

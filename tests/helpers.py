@@ -39,8 +39,24 @@ def draw_digit_seven(width=400, height=300, ink=(20, 20, 20), paper=(250, 248, 2
 
 
 # What a copy of the repository leaves out: local state, outputs, caches.
-COPY_SKIP = {".git", ".venv", ".tools", "data", "models", "mlflow.db", "mlartifacts", "mlruns", ".pytest_cache",
-             "__pycache__", "cache", "tmp", "figures", "eval", "train", ".team-server"}
+COPY_SKIP = {
+    ".git",
+    ".venv",
+    ".tools",
+    "data",
+    "models",
+    "mlflow.db",
+    "mlartifacts",
+    "mlruns",
+    ".pytest_cache",
+    "__pycache__",
+    "cache",
+    "tmp",
+    "figures",
+    "eval",
+    "train",
+    ".team-server",
+}
 
 
 def real_mnist_source(folder):
@@ -81,7 +97,12 @@ def tiny_repo(repo, **env_extra):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(env_extra)
     # A repository-local identity: DVC commits each experiment, and CI may have no global one.
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "e2e"],
-                ["git", "config", "user.email", "e2e@example.com"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.name", "e2e"],
+        ["git", "config", "user.email", "e2e@example.com"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "tiny"],
+    ):
         run(cmd, repo, env)
     return env

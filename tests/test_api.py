@@ -46,7 +46,9 @@ def test_health_and_page_and_docs(client, predictor):
 @pytest.mark.parametrize("inverted", [False, True])
 def test_upload_answers_digit_probabilities_and_model(client, predictor, fmt, inverted):
     image = draw_digit_seven(ink=(235,) * 3, paper=(10,) * 3) if inverted else draw_digit_seven()
-    response = client.post("/predict", files={"file": (f"seven.{fmt.lower()}", png(image, fmt), f"image/{fmt.lower()}")})
+    response = client.post(
+        "/predict", files={"file": (f"seven.{fmt.lower()}", png(image, fmt), f"image/{fmt.lower()}")}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     expected = predictor.probabilities([normalize.to_mnist(normalize.decode(png(image, fmt)))])[0]
@@ -85,10 +87,12 @@ BAD_REQUESTS = {
     "non-numeric pixels": dict(json={"pixels": [["a"] * 28] * 28}),
     "boolean pixels": dict(json={"pixels": [[True] * 28] * 28}),
     "out of range pixels": dict(json={"pixels": [[300.0] * 28] * 28}),
-    "json body over the limit": dict(content=b'{"pixels": [' + b"0.0, " * 400_000 + b"0.0]}",
-                                     headers={"content-type": "application/json"}),
-    "deeply nested json": dict(content=b'{"pixels": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                               headers={"content-type": "application/json"}),
+    "json body over the limit": dict(
+        content=b'{"pixels": [' + b"0.0, " * 400_000 + b"0.0]}", headers={"content-type": "application/json"}
+    ),
+    "deeply nested json": dict(
+        content=b'{"pixels": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers={"content-type": "application/json"}
+    ),
 }
 
 
@@ -114,7 +118,10 @@ def test_bad_input_gets_a_4xx_with_a_message_and_the_server_stays_up(client, cas
 
 
 def test_batch_with_one_bad_file_names_it(client):
-    files = [("files", ("good.png", png(draw_digit_seven()), "image/png")), ("files", ("bad.png", b"nope", "image/png"))]
+    files = [
+        ("files", ("good.png", png(draw_digit_seven()), "image/png")),
+        ("files", ("bad.png", b"nope", "image/png")),
+    ]
     response = client.post("/predict/batch", files=files)
     assert response.status_code == 422 and "bad.png" in response.json()["detail"]
 
@@ -166,7 +173,7 @@ def test_concurrent_requests_share_one_model_call():
 
     requests, answers = asyncio.run(main())
     assert calls == [7]  # one call for all four requests
-    for images, answer in zip(requests, answers):
+    for images, answer in zip(requests, answers, strict=True):
         assert answer.shape == (len(images), 10) and (answer == len(images) + 1).all()
 
 
@@ -182,8 +189,9 @@ def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
     async def main():
         batcher = api.MicroBatcher(predict)
         runner = asyncio.create_task(batcher.run())
-        first = await asyncio.gather(batcher(np.zeros((1, 28, 28))), batcher(np.zeros((1, 28, 28))),
-                                     return_exceptions=True)
+        first = await asyncio.gather(
+            batcher(np.zeros((1, 28, 28))), batcher(np.zeros((1, 28, 28))), return_exceptions=True
+        )
         second = await batcher(np.zeros((2, 28, 28)))
         runner.cancel()
         return first, second
@@ -197,10 +205,27 @@ def test_schemathesis_finds_no_failure_in_the_live_api(predictor, tmp_path):
     OpenAPI document says, schema-violating requests refused, schema-valid ones accepted."""
     url, server = serve_in_background(predictor)
     try:
-        done = subprocess.run([str(Path(sys.executable).parent / "st"), "--config-file", str(ROOT / "tests/schemathesis.toml"),
-                               "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "40", "--seed", "1",
-                               "--workers", "1"], capture_output=True, text=True, timeout=300,
-                              cwd=tmp_path)  # its cache folder goes there
+        done = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "st"),
+                "--config-file",
+                str(ROOT / "tests/schemathesis.toml"),
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                "all",
+                "--max-examples",
+                "40",
+                "--seed",
+                "1",
+                "--workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )  # its cache folder goes there
     finally:
         server.should_exit = True
     assert done.returncode == 0, done.stdout[-5000:]

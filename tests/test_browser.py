@@ -22,7 +22,9 @@ def server(model_file):
     uvicorn_server.should_exit = True
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it"
+)
 def test_drawing_shows_the_apis_prediction(server):
     from fastapi.testclient import TestClient
     from playwright.sync_api import sync_playwright
@@ -31,9 +33,19 @@ def test_drawing_shows_the_apis_prediction(server):
 
     url, predictor = server
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector(".bar")
@@ -47,14 +59,22 @@ def test_drawing_shows_the_apis_prediction(server):
                 page.mouse.move(box["x"] + x, box["y"] + y, steps=12)
             page.mouse.up()
         # The page marks which stroke its shown answer covers; wait until it covers the last one.
-        page.wait_for_function("(pad => pad.dataset.drawn && pad.dataset.answered === pad.dataset.drawn)"
-                               "(document.getElementById('pad'))", timeout=30000)
+        page.wait_for_function(
+            "(pad => pad.dataset.drawn && pad.dataset.answered === pad.dataset.drawn)(document.getElementById('pad'))",
+            timeout=30000,
+        )
         shown = int(page.locator("#digit").inner_text())
         bars = page.locator(".bar em").all_inner_texts()
-        canvas_png = base64.b64decode(page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1])
+        canvas_png = base64.b64decode(
+            page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1]
+        )
         browser.close()
 
-    api = TestClient(create_app(predictor)).post("/predict", files={"file": ("canvas.png", canvas_png, "image/png")}).json()
+    api = (
+        TestClient(create_app(predictor))
+        .post("/predict", files={"file": ("canvas.png", canvas_png, "image/png")})
+        .json()
+    )
     assert shown == api["digit"]
     assert len(bars) == 10
     assert bars[api["digit"]] == f"{api['probabilities'][api['digit']] * 100:.1f}%"

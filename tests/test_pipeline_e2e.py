@@ -46,8 +46,13 @@ def test_repro_produces_every_output(repo):
         assert 0.0 <= test["accuracy"] <= 1.0 and test["errors"] == round((1 - test["accuracy"]) * 200)
         assert test["images_per_second"] > 0
     figures = {p.name for p in (repo / "reports/figures").iterdir()}
-    assert {"training_curves.png", "samples.png", "confusion_cnn.png", "predictions_mlp.png",
-            "mistakes_cnn.png"} <= figures
+    assert {
+        "training_curves.png",
+        "samples.png",
+        "confusion_cnn.png",
+        "predictions_mlp.png",
+        "mistakes_cnn.png",
+    } <= figures
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"fetch", "preprocess", "train_mlp", "train_cnn", "evaluate", "visualize"}
 
@@ -58,8 +63,14 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
     assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "mlp"]
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert {"val_accuracy", "loss", "test_accuracy", "test_f1_macro", "test_images_per_second",
-                "test_recall_class_7"} <= set(r.data.metrics)
+        assert {
+            "val_accuracy",
+            "loss",
+            "test_accuracy",
+            "test_f1_macro",
+            "test_images_per_second",
+            "test_recall_class_7",
+        } <= set(r.data.metrics)
         figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
         assert f"figures/confusion_{r.data.tags['model']}.png" in figures
         assert {"evaluation", "figures", "model_summary.txt"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -124,7 +135,10 @@ def test_pushed_outputs_pull_into_a_fresh_clone_that_needs_no_training(repo, tmp
     other = tmp_path / "other-clone"
     run(["git", "clone", "-q", str(repo), str(other)], tmp_path, env)
     log = run(["dvc", "repro", "--pull"], other, env)
-    assert "Running stage" not in log and (other / "models/cnn.keras").read_bytes() == (repo / "models/cnn.keras").read_bytes()
+    assert (
+        "Running stage" not in log
+        and (other / "models/cnn.keras").read_bytes() == (repo / "models/cnn.keras").read_bytes()
+    )
 
     image = clone / "seven.png"
     draw_digit_seven().save(image)
@@ -149,7 +163,9 @@ def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
     image = repo / "seven.png"
     draw_digit_seven().save(image)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    out = run(["digits", "predict", str(image), "--model", "models:/digits-cnn@champion", "--format", "json"], repo, env)
+    out = run(
+        ["digits", "predict", str(image), "--model", "models:/digits-cnn@champion", "--format", "json"], repo, env
+    )
     assert json.loads(out)["model"] == "models:/digits-cnn@champion"
     promoted = run(["digits", "promote", "digits-mlp", "1"], repo, env)
     assert re.search(r"digits-mlp@champion moved from v\d+ to v1 \(val accuracy 0\.\d+", promoted)

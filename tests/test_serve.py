@@ -24,8 +24,24 @@ def free_port():
 @pytest.fixture(scope="module")
 def server(model_file):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--model", str(model_file),
-                                "--workers", str(WORKERS)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            str(model_file),
+            "--workers",
+            str(WORKERS),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -52,8 +68,10 @@ def seven_png():
 def test_workers_answer_and_metrics_add_up_across_them(server):
     url, _, _ = server
     with httpx.Client(base_url=url) as client:
-        statuses = [client.post("/predict", files={"file": ("seven.png", seven_png(), "image/png")}).status_code
-                    for _ in range(20)]
+        statuses = [
+            client.post("/predict", files={"file": ("seven.png", seven_png(), "image/png")}).status_code
+            for _ in range(20)
+        ]
         metrics = client.get("/metrics").text
     assert statuses == [200] * 20
     counted = re.search(r'http_requests_total\{handler="/predict",method="POST",status="2xx"\} (\S+)', metrics)
@@ -63,11 +81,15 @@ def test_workers_answer_and_metrics_add_up_across_them(server):
 
 def test_sigterm_answers_the_request_in_flight_then_exits(server):
     url, process, port = server
-    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"seven.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + seven_png() + b"\r\n--b--\r\n")
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="seven.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + seven_png() + b"\r\n--b--\r\n"
+    )
     with socket.create_connection(("127.0.0.1", port)) as connection:
-        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                           b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+        connection.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:100]
+        )
         time.sleep(0.5)  # the server has the request's headers: it is in flight
         process.send_signal(signal.SIGTERM)
         time.sleep(1.0)

@@ -29,8 +29,10 @@ def test_a_stage_without_its_inputs_names_them_without_a_traceback(project, tmp_
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("stage, missing", [("evaluate", "models/mlp.keras, models/cnn.keras not found"),
-                                            ("visualize", "reports/data_stats.json")])
+@pytest.mark.parametrize(
+    "stage, missing",
+    [("evaluate", "models/mlp.keras, models/cnn.keras not found"), ("visualize", "reports/data_stats.json")],
+)
 def test_later_stages_name_the_missing_upstream_outputs(processed_data, stage, missing):
     done = run_stage([f"pipeline.{stage}"])
     assert done.returncode != 0

@@ -37,9 +37,13 @@ def server():
     port, pg_port = free_port(), free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     log = open(folder / "team-server.log", "w")
-    process = subprocess.Popen([str(ROOT / "scripts/team-server"), "--dir", str(folder), "--port", str(port),
-                                "--pg-port", str(pg_port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [str(ROOT / "scripts/team-server"), "--dir", str(folder), "--port", str(port), "--pg-port", str(pg_port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -72,7 +76,11 @@ def teammate(server):
         get_app_client("basic-auth", tracking_uri=url).create_user(username="alice", password="alice-secret-42")
     finally:
         del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
-    return {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-secret-42"}
+    return {
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "alice-secret-42",
+    }
 
 
 @pytest.fixture
@@ -94,13 +102,22 @@ def run_all_in_parallel(repo, env, names, log_path, timeout=900):
     stayed up after both experiments had succeeded (a queue worker left behind), so it is stopped
     once the queue says all is done, instead of hanging the suite."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(["dvc", "exp", "run", "--run-all", "-j", "2"], cwd=repo, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            ["dvc", "exp", "run", "--run-all", "-j", "2"],
+            cwd=repo,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.time() + timeout
     while True:
         status = run(["dvc", "queue", "status"], repo, env)
-        done = {line.split()[1] for line in status.splitlines()[1:]
-                if len(line.split()) > 1 and line.split()[-1] in ("Success", "Failed")}
+        done = {
+            line.split()[1]
+            for line in status.splitlines()[1:]
+            if len(line.split()) > 1 and line.split()[-1] in ("Success", "Failed")
+        }
         if set(names) <= done or time.time() > deadline:
             break
         time.sleep(5)
@@ -124,13 +141,22 @@ def test_nobody_gets_in_without_credentials(server, teammate):
         assert client.get(search, auth=("alice", "alice-secret-42")).status_code == 200
 
 
+def crown_behind(barrier, version, verdicts, errors):
+    """One training stage's crowning, started with the other's behind `barrier`."""
+    from pipeline import tracking
+
+    barrier.wait()
+    try:
+        verdicts[version.version] = tracking.crown_if_better(version)
+    except Exception as error:  # any error: the assertion below shows it
+        errors.append(error)
+
+
 def test_stages_crowning_at_once_leave_the_better_version_champion(as_teammate):
     """Two training stages of parallel experiments judge and move `champion` at the same moment."""
     import threading
 
     from mlflow.tracking import MlflowClient
-
-    from pipeline import tracking
 
     client = MlflowClient()
     assert client.tracking_uri == as_teammate["MLFLOW_TRACKING_URI"]
@@ -139,19 +165,17 @@ def test_stages_crowning_at_once_leave_the_better_version_champion(as_teammate):
     for trial in range(3):
         name = f"race-{trial}"
         client.create_registered_model(name)
-        versions = [client.create_model_version(
-            name, f"{source_run.info.artifact_uri}/model-{trial}-{i}", run_id=source_run.info.run_id,
-            tags={"val_accuracy": str(accuracy), "val_digest": "same-images"}) for i, accuracy in enumerate((0.91, 0.93))]
+        versions = [
+            client.create_model_version(
+                name,
+                f"{source_run.info.artifact_uri}/model-{trial}-{i}",
+                run_id=source_run.info.run_id,
+                tags={"val_accuracy": str(accuracy), "val_digest": "same-images"},
+            )
+            for i, accuracy in enumerate((0.91, 0.93))
+        ]
         start, verdicts, errors = threading.Barrier(2), {}, []
-
-        def crown(version):
-            start.wait()
-            try:
-                verdicts[version.version] = tracking.crown_if_better(version)
-            except Exception as error:  # noqa: BLE001 - the assertion below shows it
-                errors.append(error)
-
-        threads = [threading.Thread(target=crown, args=(v,)) for v in versions]
+        threads = [threading.Thread(target=crown_behind, args=(start, v, verdicts, errors)) for v in versions]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -167,8 +191,10 @@ def test_pipeline_and_two_parallel_experiments_log_into_the_server(as_teammate, 
 
     repo = tmp_path / "repo"
     env = tiny_repo(repo, **as_teammate)
-    logs = [run(["dvc", "exp", "run", "--queue", "-S", change, "-n", name], repo, env)
-            for name, change in [("two-epochs", "epochs=2"), ("seed-7", "seed=7")]]
+    logs = [
+        run(["dvc", "exp", "run", "--queue", "-S", change, "-n", name], repo, env)
+        for name, change in [("two-epochs", "epochs=2"), ("seed-7", "seed=7")]
+    ]
     started = time.perf_counter()
     logs.append(run_all_in_parallel(repo, env, ["two-epochs", "seed-7"], tmp_path / "run-all.log"))
     print(f"dvc exp run --run-all -j 2 against the server: {time.perf_counter() - started:.0f} s")
@@ -180,15 +206,21 @@ def test_pipeline_and_two_parallel_experiments_log_into_the_server(as_teammate, 
     runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)
     # Both experiments, both models, each with its own params.
     assert sorted((r.data.tags["model"], r.data.params["seed"], r.data.params["epochs"]) for r in runs) == [
-        ("cnn", "42", "2"), ("cnn", "7", "1"), ("mlp", "42", "2"), ("mlp", "7", "1")], "\n".join(
-        f"{r.info.run_name} {r.info.run_id} {r.info.status} {r.info.lifecycle_stage} {r.data.params}" for r in runs)
+        ("cnn", "42", "2"),
+        ("cnn", "7", "1"),
+        ("mlp", "42", "2"),
+        ("mlp", "7", "1"),
+    ], "\n".join(
+        f"{r.info.run_name} {r.info.run_id} {r.info.status} {r.info.lifecycle_stage} {r.data.params}" for r in runs
+    )
     for r in runs:
         assert r.info.status == "FINISHED", r.info.run_name
         assert {"val_accuracy", "test_accuracy", "test_accuracy_ci95_low"} <= set(r.data.metrics)
         assert r.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the tracking server
         kind = r.data.tags["model"]
-        figure = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=f"figures/confusion_{kind}.png",
-                                                     dst_path=str(tmp_path / r.info.run_id))
+        figure = mlflow.artifacts.download_artifacts(
+            run_id=r.info.run_id, artifact_path=f"figures/confusion_{kind}.png", dst_path=str(tmp_path / r.info.run_id)
+        )
         assert Path(figure).read_bytes()[:4] == b"\x89PNG"
     # Both experiments registered a first version at about the same time; one of them is champion.
     for kind in ("mlp", "cnn"):
@@ -199,7 +231,9 @@ def test_pipeline_and_two_parallel_experiments_log_into_the_server(as_teammate, 
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it"
+)
 def test_the_ui_lists_the_runs_with_their_datasets(server, teammate):
     """What a teammate sees: the run list of mnist-digits in MLflow's model-training view."""
     from mlflow.tracking import MlflowClient
@@ -212,11 +246,23 @@ def test_the_ui_lists_the_runs_with_their_datasets(server, teammate):
     finally:
         del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(http_credentials={"username": "alice", "password": "alice-secret-42"},
-                                viewport={"width": 1500, "height": 900})
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(
+            http_credentials={"username": "alice", "password": "alice-secret-42"},
+            viewport={"width": 1500, "height": 900},
+        )
         # MLflow 3's UI opens on its GenAI pages unless told the workflow; the README's link says it too.
         page.goto(f"{url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning", timeout=120_000)
         page.get_by_text("cnn-seed-7").first.wait_for(timeout=120_000)

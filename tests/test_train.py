@@ -94,8 +94,13 @@ def long_training_in_a_subprocess(until_line):
     params_path = Path.cwd() / "params.yaml"
     params_path.write_text(params_path.read_text().replace("epochs: 2", "epochs: 500"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.train", "mlp"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "mlp"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
     for line in process.stdout:
         if line.startswith(until_line) or time.time() > deadline:
@@ -139,7 +144,7 @@ def test_crash_ends_failed(project):
     tracking.use_experiment("mnist-digits")
     with pytest.raises(ZeroDivisionError):
         with tracking.run(run_name="boom"):
-            1 / 0
+            raise ZeroDivisionError("boom")
     assert only_run().info.status == "FAILED"
 
 
