@@ -213,10 +213,10 @@ def main(argv=None):
     results = {}
     for name in args.models:
         for seed in [args.seeds[0]] if name == "kerasio" else args.seeds:
-            p = params_with(args.set, seed)
+            params = params_with(args.set, seed)
             print(f"bench {name} seed {seed}: training ...", flush=True)
-            model, seconds, epochs = kerasio_recipe(data, seed) if name == "kerasio" else ours(name, p, data)
-            result = {"seed": seed, **measure(model, seconds, epochs, data, p.eval_batch_size, args.val_only)}
+            model, seconds, epochs = kerasio_recipe(data, seed) if name == "kerasio" else ours(name, params, data)
+            result = {"seed": seed, **measure(model, seconds, epochs, data, params.eval_batch_size, args.val_only)}
             if name == "kerasio":
                 del result["val_accuracy"]  # the recipe trains on our validation images too
             print(f"bench {name} seed {seed}: {json.dumps(result)}", flush=True)
@@ -234,7 +234,7 @@ def main(argv=None):
         "date": date.today().isoformat(),
         "machine": machine(),
         "overrides": args.set,
-        "epochs": p.epochs,
+        "epochs": params.epochs,
         "seeds": args.seeds,
         "val_only": args.val_only,
         "wall_seconds": round(time.perf_counter() - started),

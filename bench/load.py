@@ -161,9 +161,34 @@ async def run_level(url, clients, requests, bad_share, timeout):
     }
 
 
+def in_process_latency(model, samples=500):
+    """One image through the serving graph and through a plain Keras call, in this process:
+    p50 milliseconds of each (their ratio is what the traced graph saves)."""
+    import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
+    from pipeline.predictor import Predictor
+
+    predictor = Predictor(model)
+    image = np.zeros((1, 28, 28), np.float32)
+    image[0, 6:22, 12:16] = 1.0  # a "1"
+    result = {}
+    for name, call in [
+        ("traced_graph", lambda: predictor.probabilities(image)),
+        ("keras_call", lambda: np.asarray(predictor.model(image[..., None], training=False))),
+    ]:
+        timings = []
+        for _ in range(samples + 20):
+            start = time.perf_counter()
+            call()
+            timings.append(time.perf_counter() - start)
+        result[f"{name}_ms_p50"] = round(float(np.median(timings[20:])) * 1000, 3)
+    return result
+
+
 def load_test(model, workers, concurrency, requests, bad_share, timeout=300):
     import httpx
 
+    latency = in_process_latency(model)
+    print(f"bench api: one image in-process {json.dumps(latency)}", flush=True)
     server, url = start_server(model, workers)
     try:
         # Warm up every worker's graph and the client's connections before measuring.

@@ -22,6 +22,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -278,7 +279,8 @@ def create_app(predictor: Predictor) -> FastAPI:
         state["ready"] = False
         task.cancel()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs served with Swagger UI's files from the package, not from a CDN.
+    app = FastAPIOffline(
         title="MNIST digits", description="Recognise handwritten digits with the pipeline's CNN.", lifespan=lifespan
     )
     app.add_middleware(BodyLimit)

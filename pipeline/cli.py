@@ -229,14 +229,14 @@ def main(argv=None):
         f"models:/digits-cnn@champion (default {DEFAULT_MODEL})"
     )
 
-    p = commands.add_parser("predict", help="predict the digit in image files or folders of images")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP ...) or folders")
-    p.add_argument(
+    predict_parser = commands.add_parser("predict", help="predict the digit in image files or folders of images")
+    predict_parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP ...) or folders")
+    predict_parser.add_argument(
         "--top-k", type=int, default=1, choices=range(1, 11), metavar="K", help="also show the next K-1 guesses"
     )
-    p.add_argument("--format", choices=["text", "json", "csv"], default="text")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.set_defaults(run=predict)
+    predict_parser.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    predict_parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    predict_parser.set_defaults(run=predict)
 
     s = commands.add_parser("serve", help="start the REST API and the drawing page")
     s.add_argument("--host", default="127.0.0.1")

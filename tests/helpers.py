@@ -106,3 +106,34 @@ def tiny_repo(repo, **env_extra):
     ):
         run(cmd, repo, env)
     return env
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def offline_page(playwright, allowed_prefixes):
+    """A headless Chromium page that can reach only URLs starting with `allowed_prefixes`, as on a
+    machine without internet. Returns (browser, page, refused): `refused` collects the URLs it blocked."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page()
+    refused = []
+
+    def route(request_route):
+        if request_route.request.url.startswith(tuple(allowed_prefixes)):
+            request_route.continue_()
+        else:
+            refused.append(request_route.request.url)
+            request_route.abort()
+
+    page.route("**/*", route)
+    return browser, page, refused

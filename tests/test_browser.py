@@ -1,14 +1,18 @@
-"""The drawing page in a real headless Chromium: draw a digit with mouse strokes, and the page
-must show what the API answers for the same canvas image."""
+"""The pages in a real headless Chromium: draw a digit with mouse strokes, and the page must show
+what the API answers for the same canvas image; /docs renders with no internet."""
 
 import base64
-import shutil
 
 import pytest
 
-pytestmark = pytest.mark.browser
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, offline_page
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +26,6 @@ def server(model_file):
     uvicorn_server.should_exit = True
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it"
-)
 def test_drawing_shows_the_apis_prediction(server):
     from fastapi.testclient import TestClient
     from playwright.sync_api import sync_playwright
@@ -33,19 +34,7 @@ def test_drawing_shows_the_apis_prediction(server):
 
     url, predictor = server
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector(".bar")
@@ -70,11 +59,23 @@ def test_drawing_shows_the_apis_prediction(server):
         )
         browser.close()
 
-    api = (
-        TestClient(create_app(predictor))
-        .post("/predict", files={"file": ("canvas.png", canvas_png, "image/png")})
-        .json()
-    )
+    with TestClient(create_app(predictor)) as client:
+        api = client.post("/predict", files={"file": ("canvas.png", canvas_png, "image/png")}).json()
     assert shown == api["digit"]
     assert len(bars) == 10
     assert bars[api["digit"]] == f"{api['probabilities'][api['digit']] * 100:.1f}%"
+
+
+def test_api_docs_render_without_internet(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    with sync_playwright() as p:
+        browser, page, refused = offline_page(p, [url])
+        page.goto(f"{url}/docs")
+        page.wait_for_selector(".opblock", timeout=30000)
+        operations = page.locator(".opblock-summary-path").all_inner_texts()
+        page.screenshot(path=tmp_path / "docs.png", full_page=True)
+        browser.close()
+    assert {"/predict", "/predict/batch", "/health/ready"} <= set(operations)
+    assert refused == []  # Swagger UI's files come from the server itself

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import draw_digit_seven, run, tiny_repo
+from tests.helpers import CHROMIUM, draw_digit_seven, offline_page, run, tiny_repo
 
 pytestmark = pytest.mark.e2e
 
@@ -171,3 +171,41 @@ def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
     assert re.search(r"digits-mlp@champion moved from v\d+ to v1 \(val accuracy 0\.\d+", promoted)
     client, _ = mlflow_runs(repo)
     assert str(client.get_model_version_by_alias("digits-mlp", "champion").version) == "1"
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
+def test_dvc_plots_render_without_internet(repo, tmp_path):
+    """.dvc/config's html_template carries Vega itself (scripts/offline-plots), so the curves and
+    confusion matrices draw with every request outside the page's own folder refused."""
+    from playwright.sync_api import sync_playwright
+
+    repo, env, _ = repo
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo, env)
+    with sync_playwright() as p:
+        browser, page, refused = offline_page(p, [(tmp_path / "plots").as_uri()])
+        page.goto((tmp_path / "plots" / "index.html").as_uri())
+        page.wait_for_function(
+            "document.querySelectorAll('.vega-embed canvas, .vega-embed svg').length >= 4", timeout=30000
+        )
+        drawn = page.locator(".vega-embed canvas, .vega-embed svg").count()
+        images = page.eval_on_selector_all("img", "all => all.filter(i => i.complete && i.naturalWidth > 0).length")
+        page.screenshot(path=tmp_path / "plots.png", full_page=True)
+        browser.close()
+    assert drawn >= 4 and images >= 3
+    assert refused == []
+
+
+def test_serving_graph_answers_as_the_keras_model(repo):
+    """The traced graph that serves (API, CLI) gives the Keras model's probabilities on real test images."""
+    import keras
+
+    from pipeline.predictor import Predictor
+
+    repo, _, _ = repo
+    x_test = np.load(repo / "data/processed/x_test.npy")
+    expected = np.asarray(keras.models.load_model(repo / "models/cnn.keras", compile=False)(x_test, training=False))
+    predictor = Predictor(repo / "models/cnn.keras")
+    np.testing.assert_allclose(predictor.probabilities(x_test[..., 0]), expected, atol=1e-5)
+    one_at_a_time = np.concatenate([predictor.probabilities(x_test[i : i + 1, ..., 0]) for i in range(20)])
+    np.testing.assert_allclose(one_at_a_time, expected[:20], atol=1e-5)

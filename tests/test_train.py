@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import models, params, tracking, train
+from pipeline import layout, models, params, tracking, train
 from pipeline.predictor import Predictor
 from tests.helpers import ROOT
 
@@ -50,17 +50,17 @@ def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
 
     train.train("cnn", params.load())
 
-    assert Path("models/cnn.keras").stat().st_size > 0
+    assert layout.model_file("cnn").stat().st_size > 0
     with open("reports/train/cnn_history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(train.HISTORY_COLUMNS) == set(rows[0])
-    summary = json.loads(Path("reports/train/cnn.json").read_text())["cnn"]
+    summary = json.loads((layout.TRAIN_REPORTS_DIR / "cnn.json").read_text())["cnn"]
     assert summary["epochs"] == 2 and 0.0 <= summary["best_val_accuracy"] <= 1.0
 
     run = only_run()
     assert run.info.status == "FINISHED"
-    assert json.loads(Path("models/cnn.run.json").read_text())["run_id"] == run.info.run_id
+    assert json.loads(layout.run_file("cnn").read_text())["run_id"] == run.info.run_id
     assert run.data.params["cnn.filters"] == "[8, 16]" and run.data.params["epochs"] == "2"
     assert run.data.params["cnn.augment.rotation_degrees"] == "10.0" and "cnn.dense_units" in run.data.params
     assert int(run.data.params["param_count"]) > 0 and run.data.params["train_size"] == "200"
