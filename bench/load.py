@@ -197,6 +197,7 @@ def load_test(model, workers, concurrency, requests, bad_share, timeout=300):
             "model": model,
             "workers": workers,
             "bad_share": bad_share,
+            "in_process_one_image": latency,
             "rss_mb_before": server_rss_mb(server),
             "levels": [],
         }
