@@ -14,18 +14,12 @@ a level stops after --timeout seconds, and the server is stopped at the end.
 import asyncio
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 
 import numpy as np
 
-from tests.helpers import draw_digit_seven
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import draw_digit_seven, serve_in_subprocess
 
 
 def png(image):
@@ -64,44 +58,6 @@ def request_kinds():
         ("wrong content type", "application/xml", b"<xml/>"),
     ]
     return good, bad
-
-
-def start_server(model, workers):
-    """`digits serve` on a free loopback port; returns (process, base URL) once /health/ready is 200."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--model",
-            model,
-            "--workers",
-            str(workers),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"digits serve exited with {server.returncode}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("digits serve was not ready within 180 s")
 
 
 def server_rss_mb(server):
@@ -189,7 +145,7 @@ def load_test(model, workers, concurrency, requests, bad_share, timeout=300):
 
     latency = in_process_latency(model)
     print(f"bench api: one image in-process {json.dumps(latency)}", flush=True)
-    server, url = start_server(model, workers)
+    server, url = serve_in_subprocess(model, workers)
     try:
         # Warm up every worker's graph and the client's connections before measuring.
         asyncio.run(run_level(url, max(concurrency), 200, 0, timeout))

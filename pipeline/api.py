@@ -64,6 +64,15 @@ class PixelsBody(BaseModel):
     ]
 
 
+def request_body(content):
+    """OpenAPI for a required body the handler reads itself (it takes either of two content types)."""
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def form_schema(field, schema):
+    return {"schema": {"type": "object", "required": [field], "properties": {field: schema}}}
+
+
 class Prediction(BaseModel):
     digit: int = Field(ge=0, le=9)
     confidence: float = Field(ge=0, le=1, description="the probability of `digit`")
@@ -318,17 +327,12 @@ def create_app(predictor: Predictor) -> FastAPI:
         "/predict",
         response_model=Prediction,
         responses=PROBLEMS,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {"type": "object", "required": ["file"], "properties": {"file": IMAGE_FILE_SCHEMA}}
-                    },
-                    "application/json": {"schema": PixelsBody.model_json_schema()},
-                },
+        openapi_extra=request_body(
+            {
+                "multipart/form-data": form_schema("file", IMAGE_FILE_SCHEMA),
+                "application/json": {"schema": PixelsBody.model_json_schema()},
             }
-        },
+        ),
     )
     async def predict(request: Request):
         """Predict one digit: upload an image file (any size, either polarity) or send 28x28 pixels
@@ -344,27 +348,13 @@ def create_app(predictor: Predictor) -> FastAPI:
         "/predict/batch",
         response_model=BatchPredictions,
         responses=PROBLEMS,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["files"],
-                            "properties": {
-                                "files": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "maxItems": MAX_BATCH,
-                                    "items": IMAGE_FILE_SCHEMA,
-                                }
-                            },
-                        }
-                    }
-                },
+        openapi_extra=request_body(
+            {
+                "multipart/form-data": form_schema(
+                    "files", {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": IMAGE_FILE_SCHEMA}
+                )
             }
-        },
+        ),
     )
     async def predict_batch(request: Request):
         """Predict several uploaded images at once (form field `files`, repeated; at most 64 files,

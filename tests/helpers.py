@@ -137,3 +137,32 @@ def offline_page(playwright, allowed_prefixes):
 
     page.route("**/*", route)
     return browser, page, refused
+
+
+def serve_in_subprocess(model, workers=1, port=None):
+    """`digits serve` in its own process on a loopback port (a free one unless given); returns
+    (process, base URL) once /health/ready answers 200. Output goes to the process's stdout pipe."""
+    import socket
+    import time
+
+    import httpx
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    command = ["-m", "pipeline.cli", "serve", "--port", str(port), "--model", str(model), "--workers", str(workers)]
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"digits serve exited with {process.returncode}: {process.stdout.read().decode()}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("digits serve was not ready within 180 s")

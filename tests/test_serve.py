@@ -3,56 +3,20 @@
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.helpers import ROOT, draw_digit_seven
+from tests.helpers import draw_digit_seven, serve_in_subprocess
 
 WORKERS = 2
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_file):
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--model",
-            str(model_file),
-            "--workers",
-            str(WORKERS),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, "digits serve was not ready within 180 s"
-        try:
-            if httpx.get(f"{url}/health/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    yield url, process, port
+    process, url = serve_in_subprocess(model_file, workers=WORKERS)
+    yield url, process, int(url.rsplit(":", 1)[1])
     process.kill()
     process.wait()
 
