@@ -75,7 +75,11 @@ def form_schema(field, schema):
 
 class Prediction(BaseModel):
     digit: int = Field(ge=0, le=9)
-    confidence: float = Field(ge=0, le=1, description="the probability of `digit`")
+    confidence: float = Field(ge=0, le=1, description="the calibrated probability of `digit`")
+    not_sure: bool = Field(
+        description="`confidence` is below the threshold at which answers were 99.9 % right on validation: "
+        "`digit` is the best guess, but check it"
+    )
     probabilities: list[float] = Field(min_length=10, max_length=10, description="one per digit 0-9")
     model: str = Field(description="identity of the model that answered (file hash or MLflow URI)")
 
@@ -184,6 +188,7 @@ def answer(probabilities, predictor, name=None):
     result = {
         "digit": int(np.argmax(probabilities)),
         "confidence": float(np.max(probabilities)),
+        "not_sure": bool(np.max(probabilities) < predictor.not_sure_below),
         "probabilities": [round(float(p), 6) for p in probabilities],
         "model": predictor.identity,
     }
@@ -309,6 +314,8 @@ def create_app(predictor: Predictor) -> FastAPI:
             "model": predictor.identity,
             "source": predictor.source,
             "registered_model": predictor.registered,
+            "calibration": predictor.calibration
+            and {key: predictor.calibration[key] for key in ("temperature", "not_sure_below", "accepted_accuracy")},
         }
 
     @app.get("/health/live")

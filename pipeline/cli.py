@@ -35,7 +35,7 @@ def load_predictor(source):
 
     try:
         return Predictor(source)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"digits: {e}", file=sys.stderr)
         return None
 
@@ -79,12 +79,13 @@ def batches(items, size):
         yield batch
 
 
-def ranked(path, probabilities, top_k):
+def ranked(path, probabilities, top_k, not_sure_below):
     order = probabilities.argsort()[::-1][:top_k]
     return {
         "file": str(path),
         "digit": int(order[0]),
         "confidence": round(float(probabilities[order[0]]), 4),
+        "not_sure": bool(probabilities[order[0]] < not_sure_below),
         "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in order],
     }
 
@@ -96,18 +97,22 @@ class Output:
         self.form, self.model_identity, self.rows = form, model_identity, []
         if form == "csv":
             self.csv = csv.writer(sys.stdout)
-            self.csv.writerow(["file", "digit", "confidence"] + [f"top{i + 1}" for i in range(top_k)])
+            self.csv.writerow(["file", "digit", "confidence", "not_sure"] + [f"top{i + 1}" for i in range(top_k)])
 
     def write(self, r):
         if self.form == "json":
             self.rows.append(r)
         elif self.form == "csv":
             self.csv.writerow(
-                [r["file"], r["digit"], r["confidence"]] + [f"{t['digit']}:{t['probability']}" for t in r["top"]]
+                [r["file"], r["digit"], r["confidence"], r["not_sure"]]
+                + [f"{t['digit']}:{t['probability']}" for t in r["top"]]
             )
         else:
             others = "  ".join(f"{t['digit']} {t['probability']:.1%}" for t in r["top"][1:])
-            print(f"{r['file']}\t{r['digit']}\t{r['confidence']:.1%}" + (f"\t(then {others})" if others else ""))
+            sure = "not sure" if r["not_sure"] else "sure"
+            print(
+                f"{r['file']}\t{r['digit']}\t{r['confidence']:.1%}\t{sure}" + (f"\t(then {others})" if others else "")
+            )
 
     def close(self):
         if self.form == "json":
@@ -144,7 +149,7 @@ def predict(args):
             if readable:
                 names, images = zip(*readable, strict=True)
                 for path, probabilities in zip(names, predictor.probabilities(images), strict=True):
-                    output.write(ranked(path, probabilities, args.top_k))
+                    output.write(ranked(path, probabilities, args.top_k, predictor.not_sure_below))
                 sys.stdout.flush()
             progress.update(len(batch))
     output.close()

@@ -2,11 +2,14 @@
 
 Writes
   reports/metrics.json                 per model: test accuracy with its 95 % Wilson interval,
-                                       loss, errors, macro P/R/F1, throughput
-                                       (dvc metrics: `cnn.test.accuracy` ...)
+                                       loss, errors, macro P/R/F1, throughput; calibration error
+                                       and NLL before and after the calibrate stage's temperature;
+                                       coverage and accuracy of the answers above its "not sure"
+                                       threshold (dvc metrics: `cnn.test.accuracy` ...)
   reports/eval/<model>_report.json     per-class P/R/F1, confusion matrix, most confused pairs
-  reports/eval/<model>_predictions.csv actual, predicted, confidence per test image, in test-set
-                                       order (dvc plots draws the confusion matrix from it)
+  reports/eval/<model>_predictions.csv actual, predicted, calibrated and raw confidence, not sure,
+                                       per test image in test-set order (dvc plots draws the
+                                       confusion matrix from it)
 and adds the test metrics, the test set (as a run input) and these files to each model's MLflow
 training run, and the test accuracy to its registered model version.
 """
@@ -19,10 +22,10 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from pipeline import confidence, tracking
 from pipeline import params as params_module
-from pipeline import tracking
 from pipeline.files import DataError, load_arrays, require, write_json, write_text
-from pipeline.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, model_file
+from pipeline.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, calibration_file, model_file
 
 
 def predict_timed(model, x, batch_size, passes=3):
@@ -79,8 +82,33 @@ def score(probabilities, labels):
     return summary, report, predicted
 
 
-def predictions_csv(labels, predicted, probabilities):
-    frame = pd.DataFrame({"actual": labels, "predicted": predicted, "confidence": probabilities.max(axis=1).round(6)})
+def trust_scores(raw, labels, calibration):
+    """How far the calibrated confidences can be trusted on the test images."""
+    calibrated = confidence.with_temperature(raw, calibration["temperature"])
+    before, after = confidence.calibration_scores(raw, labels), confidence.calibration_scores(calibrated, labels)
+    return calibrated, {
+        "calibration": {
+            "temperature": calibration["temperature"],
+            **{f"{name}_before": v for name, v in before.items()},
+            **{f"{name}_after": v for name, v in after.items()},
+        },
+        "not_sure": {
+            "threshold": calibration["not_sure_below"],
+            **confidence.selective_scores(calibrated, labels, calibration["not_sure_below"]),
+        },
+    }
+
+
+def predictions_csv(labels, predicted, calibrated, raw, threshold):
+    frame = pd.DataFrame(
+        {
+            "actual": labels,
+            "predicted": predicted,
+            "confidence": calibrated.max(axis=1).round(6),
+            "raw_confidence": raw.max(axis=1).round(6),
+            "not_sure": calibrated.max(axis=1) < threshold,
+        }
+    )
     out = io.StringIO()
     frame.to_csv(out, index=False)
     return out.getvalue()
@@ -92,24 +120,27 @@ def evaluate_models(params):
     from mlflow.tracking import MlflowClient
 
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
-    require(*(model_file(kind) for kind in params_module.MODELS))
+    require(*map(model_file, params_module.MODELS), *map(calibration_file, params_module.MODELS))
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     tracking.use_experiment(params.experiment)
 
     metrics = {}
     for kind in params_module.MODELS:
         model, run_file = keras.models.load_model(model_file(kind)), tracking.read_run_file(kind)
-        probabilities, images_per_second = predict_timed(model, x_test, params.eval_batch_size)
-        summary, report, predicted = score(probabilities, labels)
+        raw, images_per_second = predict_timed(model, x_test, params.eval_batch_size)
+        summary, report, predicted = score(raw, labels)
         summary["images_per_second"] = round(images_per_second, 1)
-        metrics[kind] = {"test": summary}
+        calibration = confidence.read_calibration(calibration_file(kind))
+        calibrated, trust = trust_scores(raw, labels, calibration)
+        metrics[kind] = {"test": {**summary, **trust}}
 
         report_path, predictions_path = EVAL_DIR / f"{kind}_report.json", EVAL_DIR / f"{kind}_predictions.csv"
         write_json(report_path, report)
-        write_text(predictions_path, predictions_csv(labels, predicted, probabilities))
+        write_text(predictions_path, predictions_csv(labels, predicted, calibrated, raw, calibration["not_sure_below"]))
         with tracking.run(run_id=run_file["run_id"]):
             mlflow.log_input(mlflow.data.from_numpy(x_test, targets=data["y_test"], name="mnist-test"), context="test")
             mlflow.log_metrics({f"test_{k}": v for k, v in summary.items()})
+            mlflow.log_metrics({f"test_{g}_{k}": v for g, scores in trust.items() for k, v in scores.items()})
             mlflow.log_metrics({f"test_recall_class_{d}": report["per_class"][str(d)]["recall"] for d in DIGITS})
             mlflow.log_artifact(str(report_path), "evaluation")
             mlflow.log_artifact(str(predictions_path), "evaluation")
@@ -122,7 +153,10 @@ def evaluate_models(params):
             f"evaluate {kind}: test accuracy {summary['accuracy']:.4f} (95 % CI {summary['accuracy_ci95_low']:.4f}-"
             f"{summary['accuracy_ci95_high']:.4f}; {summary['errors']} errors in "
             f"{len(labels):,}), loss {summary['loss']:.4f}, {images_per_second:,.0f} images/s; "
-            f"most confused {pairs or 'none'}",
+            f"most confused {pairs or 'none'}\n"
+            f"evaluate {kind}: calibration error {trust['calibration']['ece_before']:.2%} -> "
+            f"{trust['calibration']['ece_after']:.2%}; {trust['not_sure']['coverage']:.2%} of answers are sure "
+            f"and {trust['not_sure']['accepted_accuracy']:.2%} of those are right",
             flush=True,
         )
 

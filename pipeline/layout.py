@@ -7,8 +7,9 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")  # fetch: MNIST as published, as .npy
 PROCESSED_DIR = Path("data/processed")  # preprocess: x_/y_ train, val, test, ready for Keras
 DATA_STATS_FILE = Path("reports/data_stats.json")
-MODELS_DIR = Path("models")  # train: <model>.keras and <model>.run.json
+MODELS_DIR = Path("models")  # train: <model>.keras and <model>.run.json; calibrate: <model>.calibration.json
 TRAIN_REPORTS_DIR = Path("reports/train")
+CALIBRATION_FILE = Path("reports/calibration.json")  # calibrate: validation scores before and after
 EVAL_DIR = Path("reports/eval")  # evaluate: per-model report and predictions
 METRICS_FILE = Path("reports/metrics.json")
 FIGURES_DIR = Path("reports/figures")  # visualize
@@ -24,3 +25,7 @@ def model_file(model):
 
 def run_file(model):
     return MODELS_DIR / f"{model}.run.json"
+
+
+def calibration_file(model):
+    return MODELS_DIR / f"{model}.calibration.json"

@@ -80,6 +80,7 @@ class Params:
     experiment: str
     mlp: MLPParams
     cnn: CNNParams
+    accepted_accuracy: float  # calibrate: how often answers above the "not sure" threshold must be right
     eval_batch_size: int
     grid_images: int
 
@@ -207,6 +208,7 @@ def load(path="params.yaml"):
         experiment=r.get("mlflow.experiment", str),
         mlp=_mlp(r),
         cnn=_cnn(r),
+        accepted_accuracy=r.get("calibrate.accepted_accuracy", float, 0.5, 1.0),
         eval_batch_size=r.get("evaluate.batch_size", int, 1, 10000),
         grid_images=r.get("visualize.grid_images", int, 4, 100),
     )

@@ -1,10 +1,16 @@
-"""A trained model ready to answer: loaded once from a .keras file or from MLflow."""
+"""A trained model ready to answer: loaded once from a .keras file or from MLflow, with the
+calibration the calibrate stage fitted for it (a temperature and a "not sure" threshold)."""
 
 import hashlib
+import os
 import re
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+
+from pipeline.confidence import read_calibration
 
 DEFAULT_MODEL = "models/cnn.keras"
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -19,16 +25,37 @@ class Predictor:
         self.source = str(source)
         self.registered = None  # name, version and alias when the model comes from the Model Registry
         if "://" in self.source or self.source.startswith(("runs:/", "models:/")):
-            path = self._download(self.source)
+            path, calibration_path = self._download(self.source)
             self.identity = self.source
+            self.calibration = read_calibration(calibration_path) if calibration_path else None
         else:
             path = Path(self.source)
             if not path.exists():
                 raise FileNotFoundError(f"{path}: no such model file (train one with `./dev repro`, or `dvc pull`)")
-            self.identity = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            self.identity = "sha256:" + sha256[:16]
+            self.calibration = self._calibration_beside(path, sha256)
+        if self.calibration is None:
+            print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
+        self.temperature = self.calibration["temperature"] if self.calibration else 1.0
+        # Answers less confident than this are marked "not sure" (0: no calibration, never).
+        self.not_sure_below = self.calibration["not_sure_below"] if self.calibration else 0.0
         self.model = keras.models.load_model(path, compile=False)
-        self._infer = traced(self.model)
+        self._infer = traced(self.model, self.temperature)
         self.probabilities(np.zeros((1, 28, 28), np.float32))  # trace now, not in the first request
+
+    @staticmethod
+    def _calibration_beside(path, sha256):
+        """models/cnn.keras -> models/cnn.calibration.json, if it was fitted to this very file."""
+        calibration_path = path.with_name(f"{path.stem}.calibration.json")
+        if not calibration_path.exists():
+            return None
+        calibration = read_calibration(calibration_path)
+        if calibration.get("model_sha256") != sha256:
+            raise ValueError(
+                f"{calibration_path} was fitted to another {path.name}; run `dvc repro calibrate` (or `dvc pull`)"
+            )
+        return calibration
 
     def _download(self, uri):
         import mlflow
@@ -39,6 +66,7 @@ class Predictor:
 
         mlflow.set_tracking_uri(tracking.tracking_uri())
         registry = REGISTRY_URI.match(uri)
+        run_id = uri.split("/")[1] if uri.startswith("runs:/") else None
         try:
             if registry:
                 name, alias = registry["name"], registry["alias"]
@@ -56,13 +84,20 @@ class Predictor:
                 }
                 # Pin the version: an alias that moves while we serve must not change what answers.
                 uri = f"models:/{name}/{version.version}"
+                run_id = version.run_id
             local = mlflow.artifacts.download_artifacts(uri)
         except MlflowException as e:
             raise FileNotFoundError(f"{self.source}: {e.message}") from None
         found = sorted(Path(local).rglob("*.keras"))
         if not found:
             raise FileNotFoundError(f"{self.source}: no .keras file in the MLflow model")
-        return found[0]
+        try:  # the calibrate stage adds calibration.json to the model's training run
+            # (a progress bar for one small file would only clutter the CLI's output)
+            with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+                calibration = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="calibration.json")
+        except (MlflowException, OSError):
+            calibration = None
+        return found[0], calibration and Path(calibration)
 
     def probabilities(self, images):
         """(n, 28, 28) float32 in MNIST form -> (n, 10) probabilities."""
@@ -70,12 +105,17 @@ class Predictor:
         return self._infer(batch).numpy()
 
 
-def traced(model):
-    """The model's forward pass as one TensorFlow graph for any batch size. A plain `model(batch)`
-    runs every Keras layer's Python code on each call (~10 ms for one image on two cores); the
-    graph answers one image in well under a millisecond, with the same numbers."""
+def traced(model, temperature=1.0):
+    """The model's forward pass, with its temperature (see confidence.with_temperature), as one
+    TensorFlow graph for any batch size. A plain `model(batch)` runs every Keras layer's Python code
+    on each call (~10 ms for one image on two cores); the graph answers one image in well under a
+    millisecond, with the same numbers."""
     import tensorflow as tf
 
-    return tf.function(
-        lambda batch: model(batch, training=False), input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)]
-    )
+    def calibrated(batch):
+        probabilities = model(batch, training=False)
+        if temperature == 1.0:
+            return probabilities
+        return tf.nn.softmax(tf.math.log(tf.maximum(probabilities, 1e-30)) / temperature)
+
+    return tf.function(calibrated, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])

@@ -4,6 +4,9 @@
   confusion_<model>.png     confusion matrix heatmap
   predictions_<model>.png   random test images, predicted vs actual, mistakes in red
   mistakes_<model>.png      the model's most confident mistakes
+  reliability.png           accuracy against confidence, before and after calibration, both models
+  risk_coverage.png         error rate of the answers kept against the share kept, both models,
+                            with the "not sure" threshold marked
   samples.png               examples of each digit and the class distribution of each split
 Each model's figures (and the shared ones) are added to its MLflow training run.
 """
@@ -108,6 +111,61 @@ def confident_mistakes(kind, x_test, predictions, count):
     )
 
 
+def reliability(predictions, bins=15):
+    """Calibrated confidences lie on the diagonal: of the answers given with 80 % confidence, 80 % are right."""
+    fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), 5), squeeze=False)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, (kind, frame) in zip(axes[0], predictions.items(), strict=True):
+        correct = (frame.predicted == frame.actual).to_numpy()
+        for column, label, color in [("raw_confidence", "model", "tab:gray"), ("confidence", "calibrated", "tab:blue")]:
+            which = np.clip(np.digitize(frame[column], edges) - 1, 0, bins - 1)
+            used = [b for b in range(bins) if np.any(which == b)]
+            ax.plot(
+                [frame[column][which == b].mean() for b in used],
+                [correct[which == b].mean() for b in used],
+                marker="o",
+                color=color,
+                label=label,
+            )
+        ax.plot([0, 1], [0, 1], linestyle=":", color="black", label="perfect calibration")
+        ax.set(
+            title=f"{NAMES[kind]} on the test set",
+            xlabel="Confidence (mean per bin)",
+            ylabel="Accuracy in the bin",
+            xlim=(0, 1.01),
+            ylim=(0, 1.01),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    fig.suptitle(f"Reliability diagram ({bins} confidence bins; temperature fitted on validation)")
+    return fig
+
+
+def risk_coverage(predictions):
+    """Refusing the least confident answers: how many are kept, and how many of those are wrong."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    lowest_coverage = 1.0
+    for (kind, frame), color in zip(predictions.items(), ("tab:blue", "tab:orange"), strict=True):
+        ranked = frame.sort_values("confidence", ascending=False)
+        wrong = np.cumsum((ranked.predicted != ranked.actual).to_numpy())
+        kept = np.arange(1, len(ranked) + 1)
+        ax.plot(kept / len(ranked), wrong / kept, color=color, label=NAMES[kind])
+        sure = ~frame.not_sure.to_numpy(bool)
+        lowest_coverage = min(lowest_coverage, sure.mean())
+        sure_errors = np.mean(frame.predicted[sure] != frame.actual[sure]) if sure.any() else 0.0
+        ax.plot([sure.mean()], [sure_errors], marker="o", color=color, label=f'{NAMES[kind]} "not sure" threshold')
+    ax.set(
+        title="Risk-coverage on the test set",
+        xlabel="Coverage (share of answers kept, most confident first)",
+        ylabel="Error rate of the kept answers",
+        xlim=(min(0.9, lowest_coverage - 0.02), 1.001),
+    )
+    ax.axhline(0.001, linestyle=":", color="black", label="0.1 % error")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def samples(x_test, labels, stats, per_digit=8):
     fig = plt.figure(figsize=(13, 6.5))
     grid = fig.add_gridspec(10, per_digit + 6)
@@ -143,6 +201,8 @@ def visualize(params):
     shared = [
         save(training_curves(histories), "training_curves.png"),
         save(samples(x_test, predictions["cnn"].actual.to_numpy(), stats), "samples.png"),
+        save(reliability(predictions), "reliability.png"),
+        save(risk_coverage(predictions), "risk_coverage.png"),
     ]
     figures = {
         kind: shared

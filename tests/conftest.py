@@ -1,9 +1,13 @@
+import hashlib
+import json
 import shutil
 
 import pytest
 import yaml
 
 from tests.helpers import ROOT, tiny_images
+
+CALIBRATION_TEMPERATURE = 0.5
 
 
 @pytest.fixture
@@ -54,8 +58,9 @@ def processed_data(project):
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory):
-    """An untrained CNN of the default architecture, saved as the pipeline saves one: the serving
-    code's behaviour does not depend on how well the model was trained."""
+    """An untrained CNN of the default architecture, saved as the pipeline saves one, with a
+    calibration beside it as the calibrate stage writes one: the serving code's behaviour does not
+    depend on how well the model was trained. Its answers (~10 % each) are all "not sure"."""
     import keras
 
     from pipeline import models, params
@@ -63,4 +68,11 @@ def model_file(tmp_path_factory):
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
     models.build(params.load(ROOT / "params.yaml").cnn).save(path)
+    calibration = {
+        "temperature": CALIBRATION_TEMPERATURE,
+        "not_sure_below": 0.9,
+        "accepted_accuracy": 0.999,
+        "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    path.with_name("cnn.calibration.json").write_text(json.dumps(calibration))
     return path

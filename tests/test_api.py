@@ -57,6 +57,40 @@ def test_upload_answers_digit_probabilities_and_model(client, predictor, fmt, in
     assert abs(sum(body["probabilities"]) - 1) < 1e-4 and body["model"] == predictor.identity
 
 
+def test_answers_carry_the_models_calibration_and_say_when_not_sure(client, predictor, model_file):
+    import keras
+
+    from pipeline.confidence import with_temperature
+    from tests.conftest import CALIBRATION_TEMPERATURE
+
+    pixels = normalize.to_mnist(draw_digit_seven())
+    own = keras.models.load_model(model_file, compile=False).predict(pixels.reshape(1, 28, 28, 1), verbose=0)
+    body = client.post("/predict", json={"pixels": pixels.tolist()}).json()
+    np.testing.assert_allclose(body["probabilities"], with_temperature(own, CALIBRATION_TEMPERATURE)[0], atol=1e-5)
+    # An untrained model is far below the 0.9 threshold: the best guess comes marked "not sure".
+    assert body["confidence"] < 0.9 and body["not_sure"] is True
+    assert client.get("/health").json()["calibration"] == {
+        "temperature": CALIBRATION_TEMPERATURE,
+        "not_sure_below": 0.9,
+        "accepted_accuracy": 0.999,
+    }
+
+
+def test_a_calibration_fitted_to_another_model_is_refused_and_none_means_the_models_own(model_file, tmp_path, capsys):
+    other = tmp_path / "cnn.keras"
+    other.write_bytes(model_file.read_bytes() + b" ")  # another file: its sha256 differs
+    other.with_name("cnn.calibration.json").write_text(model_file.with_name("cnn.calibration.json").read_text())
+    with pytest.raises(ValueError, match="cnn.calibration.json was fitted to another cnn.keras"):
+        Predictor(other)
+
+    uncalibrated = tmp_path / "plain" / "cnn.keras"
+    uncalibrated.parent.mkdir()
+    uncalibrated.write_bytes(model_file.read_bytes())
+    predictor = Predictor(uncalibrated)
+    assert "no calibration found" in capsys.readouterr().err
+    assert predictor.temperature == 1.0 and predictor.not_sure_below == 0.0
+
+
 def test_json_pixels_and_batch(client, predictor):
     pixels = normalize.to_mnist(draw_digit_seven())
     body = client.post("/predict", json={"pixels": pixels.tolist()}).json()
@@ -64,7 +98,7 @@ def test_json_pixels_and_batch(client, predictor):
     files = [("files", (f"{i}.png", png(draw_digit_seven(offset=(10 * i, 20))), "image/png")) for i in range(3)]
     batch = client.post("/predict/batch", files=files).json()["predictions"]
     assert [p["file"] for p in batch] == ["0.png", "1.png", "2.png"]
-    assert all(len(p["probabilities"]) == 10 for p in batch)
+    assert all(len(p["probabilities"]) == 10 and p["not_sure"] for p in batch)
 
 
 BAD_REQUESTS = {

@@ -53,6 +53,7 @@ def test_drawing_shows_the_apis_prediction(server):
             timeout=30000,
         )
         shown = int(page.locator("#digit").inner_text())
+        verdict = page.locator("#confidence").inner_text()
         bars = page.locator(".bar em").all_inner_texts()
         canvas_png = base64.b64decode(
             page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1]
@@ -64,6 +65,8 @@ def test_drawing_shows_the_apis_prediction(server):
     assert shown == api["digit"]
     assert len(bars) == 10
     assert bars[api["digit"]] == f"{api['probabilities'][api['digit']] * 100:.1f}%"
+    # The untrained test model is never sure (see conftest.model_file), and the page says so.
+    assert api["not_sure"] and verdict.startswith("Not sure: best guess")
 
 
 def test_api_docs_render_without_internet(server, tmp_path):

@@ -28,6 +28,7 @@ def test_predict_files_and_folders_in_every_format(model_file, tmp_path, capsys)
     assert [p["file"] for p in result["predictions"]] == [str(folder / "a.png"), str(folder / "b.jpg"), str(single)]
     for p in result["predictions"]:
         assert p["digit"] == p["top"][0]["digit"] and len(p["top"]) == 3
+        assert p["not_sure"] is True  # an untrained model is never sure (see conftest.model_file)
         assert p["top"][0]["probability"] >= p["top"][1]["probability"] >= p["top"][2]["probability"]
 
 
@@ -55,7 +56,8 @@ def test_bad_files_fail_clearly_while_the_rest_are_answered(model_file, tmp_path
     out, err = capsys.readouterr()
     assert code == 1
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0][:3] == ["file", "digit", "confidence"] and [r[0] for r in rows[1:]] == [str(good)]
+    assert rows[0][:4] == ["file", "digit", "confidence", "not_sure"] and [r[0] for r in rows[1:]] == [str(good)]
+    assert rows[1][3] == "True"
     assert f"{broken}: not an image" in err
     assert f"{tmp_path / 'missing.png'}: No such file or directory" in err
     assert "blank" in err

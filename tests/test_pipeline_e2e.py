@@ -1,4 +1,4 @@
-"""The real `dvc repro` of all six stages on a tiny configuration, in a copy of the repository
+"""The real `dvc repro` of all seven stages on a tiny configuration, in a copy of the repository
 with its own MLflow store, then a `dvc exp run --temp` whose runs must land in the same store."""
 
 import hashlib
@@ -39,12 +39,20 @@ def test_repro_produces_every_output(repo):
         assert (repo / f"models/{kind}.keras").stat().st_size > 0
         assert len((repo / f"reports/train/{kind}_history.csv").read_text().splitlines()) == 2
         predictions = (repo / f"reports/eval/{kind}_predictions.csv").read_text().splitlines()
-        assert predictions[0] == "actual,predicted,confidence" and len(predictions) == 201
+        assert predictions[0] == "actual,predicted,confidence,raw_confidence,not_sure" and len(predictions) == 201
+        calibration = json.loads((repo / f"models/{kind}.calibration.json").read_text())
+        assert calibration["model_sha256"] == hashlib.sha256((repo / f"models/{kind}.keras").read_bytes()).hexdigest()
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     for kind in ("mlp", "cnn"):
         test = metrics[kind]["test"]
         assert 0.0 <= test["accuracy"] <= 1.0 and test["errors"] == round((1 - test["accuracy"]) * 200)
         assert test["images_per_second"] > 0
+        # The temperature minimises the validation NLL, and T = 1 (no change) was a candidate.
+        val = json.loads((repo / "reports/calibration.json").read_text())[kind]["val"]
+        assert val["after"]["nll"] <= val["before"]["nll"] and 0 <= val["coverage"] <= 1
+        assert test["calibration"]["temperature"] == val["temperature"]
+        assert {"ece_before", "ece_after", "nll_after"} <= set(test["calibration"])
+        assert test["not_sure"]["threshold"] == val["not_sure_below"]
     figures = {p.name for p in (repo / "reports/figures").iterdir()}
     assert {
         "training_curves.png",
@@ -52,9 +60,19 @@ def test_repro_produces_every_output(repo):
         "confusion_cnn.png",
         "predictions_mlp.png",
         "mistakes_cnn.png",
+        "reliability.png",
+        "risk_coverage.png",
     } <= figures
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"fetch", "preprocess", "train_mlp", "train_cnn", "evaluate", "visualize"}
+    assert set(lock["stages"]) == {
+        "fetch",
+        "preprocess",
+        "train_mlp",
+        "train_cnn",
+        "calibrate",
+        "evaluate",
+        "visualize",
+    }
 
 
 def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
@@ -70,10 +88,15 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
             "test_f1_macro",
             "test_images_per_second",
             "test_recall_class_7",
+            "val_ece_after",
+            "test_calibration_ece_after",
+            "test_not_sure_coverage",
         } <= set(r.data.metrics)
+        assert float(r.data.params["temperature"]) > 0
         figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
         assert f"figures/confusion_{r.data.tags['model']}.png" in figures
-        assert {"evaluation", "figures", "model_summary.txt"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"evaluation", "figures", "model_summary.txt", "calibration.json"} <= artifacts
 
 
 def test_second_repro_does_nothing_and_metrics_show(repo):
@@ -149,6 +172,7 @@ def test_pushed_outputs_pull_into_a_fresh_clone_that_needs_no_training(repo, tmp
 
 def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
     from fastapi.testclient import TestClient
+    from mlflow.tracking import MlflowClient
 
     from pipeline.api import create_app
     from pipeline.predictor import Predictor
@@ -159,6 +183,11 @@ def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
     health = TestClient(create_app(predictor)).get("/health").json()
     assert health["registered_model"]["name"] == "digits-cnn" and health["registered_model"]["alias"] == "champion"
     assert "champion" in health["registered_model"]["aliases"] and health["registered_model"]["version"] >= 1
+    # The champion's training run carries the calibrate stage's temperature and threshold.
+    champion_run = MlflowClient().get_model_version_by_alias("digits-cnn", "champion").run_id
+    assert health["calibration"]["temperature"] == pytest.approx(
+        float(MlflowClient().get_run(champion_run).data.params["temperature"]), rel=1e-3
+    )
 
     image = repo / "seven.png"
     draw_digit_seven().save(image)
@@ -197,15 +226,19 @@ def test_dvc_plots_render_without_internet(repo, tmp_path):
 
 
 def test_serving_graph_answers_as_the_keras_model(repo):
-    """The traced graph that serves (API, CLI) gives the Keras model's probabilities on real test images."""
+    """The traced graph that serves (API, CLI) gives the Keras model's probabilities, with the
+    calibrate stage's temperature, on real test images."""
     import keras
 
+    from pipeline.confidence import with_temperature
     from pipeline.predictor import Predictor
 
     repo, _, _ = repo
     x_test = np.load(repo / "data/processed/x_test.npy")
-    expected = np.asarray(keras.models.load_model(repo / "models/cnn.keras", compile=False)(x_test, training=False))
+    own = np.asarray(keras.models.load_model(repo / "models/cnn.keras", compile=False)(x_test, training=False))
     predictor = Predictor(repo / "models/cnn.keras")
+    assert predictor.temperature == json.loads((repo / "models/cnn.calibration.json").read_text())["temperature"]
+    expected = with_temperature(own, predictor.temperature)
     np.testing.assert_allclose(predictor.probabilities(x_test[..., 0]), expected, atol=1e-5)
     one_at_a_time = np.concatenate([predictor.probabilities(x_test[i : i + 1, ..., 0]) for i in range(20)])
     np.testing.assert_allclose(one_at_a_time, expected[:20], atol=1e-5)

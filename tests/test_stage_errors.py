@@ -10,6 +10,7 @@ CASES = {
     "fetch": (["pipeline.fetch"], "could not get MNIST from any source"),
     "preprocess": (["pipeline.preprocess"], "data/raw/ lacks x_train.npy"),
     "train mlp": (["pipeline.train", "mlp"], "data/processed/ lacks x_train.npy"),
+    "calibrate": (["pipeline.calibrate"], "data/processed/ lacks x_val.npy"),
     "evaluate": (["pipeline.evaluate"], "data/processed/ lacks x_test.npy"),
     "visualize": (["pipeline.visualize"], "data/processed/ lacks x_test.npy"),
 }
@@ -31,7 +32,11 @@ def test_a_stage_without_its_inputs_names_them_without_a_traceback(project, tmp_
 
 @pytest.mark.parametrize(
     "stage, missing",
-    [("evaluate", "models/mlp.keras, models/cnn.keras not found"), ("visualize", "reports/data_stats.json")],
+    [
+        ("calibrate", "models/mlp.keras, models/cnn.keras not found"),
+        ("evaluate", "models/mlp.keras, models/cnn.keras, models/mlp.calibration.json, models/cnn.calibration.json"),
+        ("visualize", "reports/data_stats.json"),
+    ],
 )
 def test_later_stages_name_the_missing_upstream_outputs(processed_data, stage, missing):
     done = run_stage([f"pipeline.{stage}"])

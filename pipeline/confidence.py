@@ -1,0 +1,89 @@
+"""How far to trust an answer: temperature scaling, calibration error, and the "not sure" threshold.
+
+Shared by the calibrate stage (which fits both on the validation split), evaluate (which measures
+them on the test split) and the predictor (which applies them to every answer). NumPy only.
+"""
+
+import json
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+ECE_BINS = 15
+
+
+def with_temperature(probabilities, temperature):
+    """Softmax outputs rescaled as if their logits had been divided by `temperature`. The log of a
+    softmax is the logits minus a per-row constant, which the softmax cancels, so this is exactly
+    temperature scaling (T > 1 softens, T < 1 sharpens)."""
+    logits = np.log(np.maximum(np.asarray(probabilities, np.float64), 1e-30)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def negative_log_likelihood(probabilities, labels):
+    return float(-np.mean(np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-30))))
+
+
+def fit_temperature(probabilities, labels):
+    """The temperature that minimises the negative log-likelihood of `labels` (Guo et al., 2017)."""
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(with_temperature(probabilities, np.exp(log_t)), labels),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+    )
+    return float(np.exp(result.x))
+
+
+def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the bins' sizes."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(
+        sum(
+            abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
+            for b in range(bins)
+            if np.any(which == b)
+        )
+    )
+
+
+def not_sure_threshold(probabilities, labels, target):
+    """The lowest confidence whose accepted answers (confidence >= it) are still at least `target`
+    correct: the most answers kept at that accuracy."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    order = np.argsort(-confidence, kind="stable")
+    confidence, correct = confidence[order], correct[order]
+    accuracy_of_top = np.cumsum(correct) / np.arange(1, len(correct) + 1)
+    # Only cut between distinct confidences: a tie is accepted or refused as a whole.
+    cut_allowed = np.append(confidence[1:] < confidence[:-1], True)
+    ok = np.flatnonzero((accuracy_of_top >= target) & cut_allowed)
+    return float(confidence[ok[-1]]) if len(ok) else 1.0
+
+
+def selective_scores(probabilities, labels, threshold):
+    """Coverage (share answered) and accuracy of the answered ones at `threshold`."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    accepted = confidence >= threshold
+    return {
+        "coverage": float(accepted.mean()),
+        "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else 1.0,
+        "accepted_errors": int(np.sum(accepted & ~correct)),
+    }
+
+
+def calibration_scores(probabilities, labels):
+    return {
+        "ece": expected_calibration_error(probabilities, labels),
+        "nll": negative_log_likelihood(probabilities, labels),
+        "mean_confidence": float(probabilities.max(axis=1).mean()),
+    }
+
+
+def read_calibration(path):
+    """{"temperature": T, "not_sure_below": threshold, ...} as the calibrate stage wrote it."""
+    calibration = json.loads(path.read_text())
+    if not calibration.get("temperature", 0) > 0 or not 0 <= calibration.get("not_sure_below", -1) <= 1:
+        raise ValueError(f"{path}: expected a positive temperature and not_sure_below in [0, 1]")
+    return calibration

@@ -1,0 +1,73 @@
+"""Temperature scaling, calibration error and the "not sure" threshold, on numbers made here."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import confidence
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sampled(n=20000, sharpness=3.0, seed=0):
+    """Logits, and labels drawn from softmax(logits): a model whose softmax(logits) is calibrated."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 10)) * sharpness
+    truth = softmax(logits)
+    labels = np.array([rng.choice(10, p=p) for p in truth])
+    return logits, labels
+
+
+def test_temperature_keeps_the_answer_and_one_is_the_identity():
+    logits, _ = sampled(500)
+    p = softmax(logits)
+    np.testing.assert_allclose(confidence.with_temperature(p, 1.0), p, atol=1e-6)
+    np.testing.assert_allclose(confidence.with_temperature(p, 0.5), softmax(logits / 0.5), atol=1e-5)
+    assert (confidence.with_temperature(p, 0.3).argmax(axis=1) == p.argmax(axis=1)).all()
+
+
+def test_fitting_recovers_the_temperature_that_made_a_model_under_confident():
+    logits, labels = sampled()
+    under_confident = softmax(logits * 0.4)  # as label smoothing leaves a model: logits too small
+    temperature = confidence.fit_temperature(under_confident, labels)
+    assert temperature == pytest.approx(0.4, rel=0.08)
+    fixed = confidence.with_temperature(under_confident, temperature)
+    assert confidence.expected_calibration_error(under_confident, labels) > 0.1
+    assert confidence.expected_calibration_error(fixed, labels) < 0.02
+    assert confidence.negative_log_likelihood(fixed, labels) < confidence.negative_log_likelihood(
+        under_confident, labels
+    )
+
+
+def test_the_not_sure_threshold_keeps_the_most_answers_at_the_target_accuracy():
+    # 1,000 answers, most confident first; the 3 wrong ones sit at ranks 100, 500 and 900.
+    confident = np.linspace(0.999, 0.5, 1000)
+    probabilities = np.zeros((1000, 10))
+    probabilities[:, 0] = confident
+    probabilities[:, 1] = 1 - confident
+    labels = np.zeros(1000, int)
+    labels[[100, 500, 900]] = 1
+    threshold = confidence.not_sure_threshold(probabilities, labels, target=0.9975)
+    kept = confidence.selective_scores(probabilities, labels, threshold)
+    # Every answer down to the third mistake is kept: 2 wrong in 900 is 99.78 %; 3 in 1,000 would be 99.7 %.
+    assert kept["coverage"] == pytest.approx(0.9) and kept["accepted_errors"] == 2
+    assert kept["accepted_accuracy"] >= 0.9975
+    assert confidence.not_sure_threshold(probabilities, labels, target=1.0) == pytest.approx(confident[99])
+
+
+def test_tied_confidences_are_kept_or_refused_together():
+    probabilities = np.zeros((4, 10))
+    probabilities[:, 0] = [0.9, 0.8, 0.8, 0.7]
+    labels = np.array([0, 0, 1, 0])
+    assert confidence.not_sure_threshold(probabilities, labels, target=1.0) == pytest.approx(0.9)
+
+
+def test_a_broken_calibration_file_is_named(tmp_path):
+    path = tmp_path / "cnn.calibration.json"
+    path.write_text(json.dumps({"temperature": -1, "not_sure_below": 0.5}))
+    with pytest.raises(ValueError, match="cnn.calibration.json"):
+        confidence.read_calibration(path)
