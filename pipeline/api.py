@@ -77,8 +77,12 @@ class Prediction(BaseModel):
     digit: int = Field(ge=0, le=9)
     confidence: float = Field(ge=0, le=1, description="the calibrated probability of `digit`")
     not_sure: bool = Field(
-        description="`confidence` is below the threshold at which answers were 99.9 % right on validation: "
-        "`digit` is the best guess, but check it"
+        description="`confidence` is below the threshold at which answers were 99.9 % right on validation, "
+        "or the image is not a digit: `digit` is only the best guess"
+    )
+    not_a_digit: bool = Field(
+        description="the image does not look like one handwritten digit (noise, a blank scan, a line, "
+        "letters, several digits): `digit` is meaningless"
     )
     probabilities: list[float] = Field(min_length=10, max_length=10, description="one per digit 0-9")
     model: str = Field(description="identity of the model that answered (file hash or MLflow URI)")
@@ -170,7 +174,7 @@ class MicroBatcher:
             batch = np.concatenate([images for images, _ in waiting])
             start = time.perf_counter()
             try:
-                probabilities = await asyncio.get_running_loop().run_in_executor(self.thread, self.predict, batch)
+                results = await asyncio.get_running_loop().run_in_executor(self.thread, self.predict, batch)
             except Exception as e:  # every waiting request must hear of it, and the loop must go on
                 for _, future in waiting:
                     if not future.done():
@@ -180,15 +184,17 @@ class MicroBatcher:
             offset = 0
             for images, future in waiting:
                 if not future.done():  # done: the request was cancelled (its client went away)
-                    future.set_result(probabilities[offset : offset + len(images)])
+                    future.set_result(tuple(rows[offset : offset + len(images)] for rows in results))
                 offset += len(images)
 
 
-def answer(probabilities, predictor, name=None):
+def answer(probabilities, not_a_digit, predictor, name=None):
     result = {
         "digit": int(np.argmax(probabilities)),
         "confidence": float(np.max(probabilities)),
-        "not_sure": bool(np.max(probabilities) < predictor.not_sure_below),
+        # Something that is not a digit is never a sure answer.
+        "not_sure": bool(not_a_digit or np.max(probabilities) < predictor.not_sure_below),
+        "not_a_digit": bool(not_a_digit),
         "probabilities": [round(float(p), 6) for p in probabilities],
         "model": predictor.identity,
     }
@@ -281,7 +287,7 @@ def create_app(predictor: Predictor) -> FastAPI:
         batch_sizes.observe(size)
         batch_seconds.observe(seconds)
 
-    batcher = MicroBatcher(predictor.probabilities, record)
+    batcher = MicroBatcher(predictor.predict, record)
     state = {"ready": False}
 
     @asynccontextmanager
@@ -349,7 +355,8 @@ def create_app(predictor: Predictor) -> FastAPI:
         else:
             images, _ = await uploaded_images(request, "file")
             image = images[0]
-        return answer((await batcher([image]))[0], predictor)
+        probabilities, not_a_digit = await batcher([image])
+        return answer(probabilities[0], not_a_digit[0], predictor)
 
     @app.post(
         "/predict/batch",
@@ -367,8 +374,13 @@ def create_app(predictor: Predictor) -> FastAPI:
         """Predict several uploaded images at once (form field `files`, repeated; at most 64 files,
         4 times the one-file limit in all)."""
         images, names = await uploaded_images(request, "files")
-        probabilities = await batcher(images)
-        return {"predictions": [answer(p, predictor, name) for p, name in zip(probabilities, names, strict=True)]}
+        probabilities, not_a_digit = await batcher(images)
+        return {
+            "predictions": [
+                answer(p, flag, predictor, name)
+                for p, flag, name in zip(probabilities, not_a_digit, names, strict=True)
+            ]
+        }
 
     return app
 

@@ -5,10 +5,15 @@ Label smoothing trains both models to be under-confident: the CNN says ~90 % whe
   1. fits one temperature on the validation images (temperature scaling: divide the logits by T
      before the softmax; T < 1 sharpens, and the predicted digit never changes), and
   2. picks the "not sure" threshold: the lowest calibrated confidence at which the answers kept
-     are still `calibrate.accepted_accuracy` (99.9 %) right on validation.
+     are still `calibrate.accepted_accuracy` (99.9 %) right on validation, and
+  3. fits the "not a digit" gate (pipeline.gate) on training digits against generated non-digits
+     (pipeline.nondigits, seeded by `seed`), flagging at most `calibrate.digit_flag_rate` of the
+     validation digits.
 Writes
-  models/<model>.calibration.json  temperature and threshold, with the sha256 of the model file
-                                   they belong to; the predictor (CLI, API, page) applies them
+  models/<model>.calibration.json  temperature and thresholds, with the sha256 of the model and
+                                   gate files they belong to; the predictor (CLI, API, page)
+                                   applies them
+  models/<model>.gate.pkl          the fitted gate (scikit-learn, pickled: load only your own)
   reports/calibration.json         validation ECE, NLL and mean confidence before and after,
                                    the threshold and its validation coverage (dvc metrics)
 and adds the same to the model's MLflow run (params, metrics, calibration.json) and its
@@ -17,49 +22,80 @@ registered version (tags). The test split is not read here: evaluate measures th
 
 import hashlib
 
-from pipeline import confidence, tracking
+import joblib
+import numpy as np
+
+from pipeline import confidence, gate, nondigits, tracking
 from pipeline import params as params_module
-from pipeline.files import DataError, load_arrays, require, write_json
-from pipeline.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, model_file
+from pipeline.files import DataError, atomic_path, load_arrays, require, write_json
+from pipeline.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
+
+GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits
 
 
-def calibrate(model_path, x_val, labels, accepted_accuracy):
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fit_gate(model, x_train, x_val, params):
+    """The "not a digit" gate for this model, and how many non-digits it learned from."""
+    rng = np.random.default_rng(params.seed)
+    digits = x_train[rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)), replace=False)]
+    generated = nondigits.generate(params.nondigits_per_kind, params.seed, x_train)
+    others, _ = gate.to_mnist_forms([image for images in generated.values() for image in images])
+    features = gate.with_features(model)
+    digit_features = features.predict(digits, batch_size=1000, verbose=0)[1]
+    other_features = features.predict(others, batch_size=1000, verbose=0)[1]
+    fitted = gate.Gate(params.seed).fit(digit_features, digits, other_features, others)
+    val_scores = fitted.scores(features.predict(x_val, batch_size=1000, verbose=0)[1], x_val)
+    return fitted.set_threshold(val_scores, params.digit_flag_rate), len(others)
+
+
+def calibrate(model_path, data, labels, params):
     import keras
 
     model = keras.models.load_model(model_path, compile=False)
+    x_val = data["x_val"]
     raw = model.predict(x_val, batch_size=1000, verbose=0)
     temperature = confidence.fit_temperature(raw, labels)
     calibrated = confidence.with_temperature(raw, temperature)
-    threshold = confidence.not_sure_threshold(calibrated, labels, accepted_accuracy)
+    threshold = confidence.not_sure_threshold(calibrated, labels, params.accepted_accuracy)
+    fitted_gate, non_digit_count = fit_gate(model, data["x_train"], x_val, params)
     scores = {
         "temperature": temperature,
         "not_sure_below": threshold,
         "before": confidence.calibration_scores(raw, labels),
         "after": confidence.calibration_scores(calibrated, labels),
         **confidence.selective_scores(calibrated, labels, threshold),
+        "gate_threshold": fitted_gate.threshold,
+        "gate_training_non_digits": non_digit_count,
     }
     file = {
         "temperature": temperature,
         "not_sure_below": threshold,
-        "accepted_accuracy": accepted_accuracy,
-        "model_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
+        "accepted_accuracy": params.accepted_accuracy,
+        "not_a_digit_above": fitted_gate.threshold,
+        "model_sha256": sha256(model_path),
     }
-    return file, scores
+    return file, scores, fitted_gate
 
 
 def calibrate_models(params):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    data = load_arrays(PROCESSED_DIR, ["x_val", "y_val"])
+    data = load_arrays(PROCESSED_DIR, ["x_train", "x_val", "y_val"])
     require(*(model_file(kind) for kind in params_module.MODELS))
-    x_val, labels = data["x_val"], data["y_val"].argmax(axis=1)
+    labels = data["y_val"].argmax(axis=1)
     tracking.use_experiment(params.experiment)
 
     report = {}
     for kind in params_module.MODELS:
         run_file = tracking.read_run_file(kind)
-        file, scores = calibrate(model_file(kind), x_val, labels, params.accepted_accuracy)
+        file, scores, fitted_gate = calibrate(model_file(kind), data, labels, params)
+        with atomic_path(gate_file(kind)) as tmp:
+            joblib.dump(fitted_gate, tmp)
+        file["gate_sha256"] = sha256(gate_file(kind))
         write_json(calibration_file(kind), file)
         report[kind] = {"val": scores}
         with tracking.run(run_id=run_file["run_id"]):
@@ -71,7 +107,9 @@ def calibrate_models(params):
                     "val_coverage": scores["coverage"],
                 }
             )
-            mlflow.log_dict(file, "calibration.json")  # the name the predictor looks for
+            # The names the predictor looks for in a model's run.
+            mlflow.log_dict(file, "calibration.json")
+            mlflow.log_artifact(str(gate_file(kind)), "gate")
         if run_file.get("model_version"):
             for key in ("temperature", "not_sure_below"):
                 MlflowClient().set_model_version_tag(
@@ -82,7 +120,8 @@ def calibrate_models(params):
             f"calibrate {kind}: temperature {file['temperature']:.3f}; validation ECE {before['ece']:.2%} -> "
             f"{after['ece']:.2%}, NLL {before['nll']:.4f} -> {after['nll']:.4f}; not sure below "
             f"{file['not_sure_below']:.2%} (keeps {scores['coverage']:.2%} of validation answers, "
-            f"{scores['accepted_accuracy']:.2%} right)",
+            f"{scores['accepted_accuracy']:.2%} right); not-a-digit gate fitted on "
+            f"{scores['gate_training_non_digits']:,} generated non-digits",
             flush=True,
         )
     write_json(CALIBRATION_FILE, report)

@@ -79,13 +79,14 @@ def batches(items, size):
         yield batch
 
 
-def ranked(path, probabilities, top_k, not_sure_below):
+def ranked(path, probabilities, not_a_digit, top_k, not_sure_below):
     order = probabilities.argsort()[::-1][:top_k]
     return {
         "file": str(path),
         "digit": int(order[0]),
         "confidence": round(float(probabilities[order[0]]), 4),
-        "not_sure": bool(probabilities[order[0]] < not_sure_below),
+        "not_sure": bool(not_a_digit or probabilities[order[0]] < not_sure_below),
+        "not_a_digit": bool(not_a_digit),
         "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in order],
     }
 
@@ -97,19 +98,20 @@ class Output:
         self.form, self.model_identity, self.rows = form, model_identity, []
         if form == "csv":
             self.csv = csv.writer(sys.stdout)
-            self.csv.writerow(["file", "digit", "confidence", "not_sure"] + [f"top{i + 1}" for i in range(top_k)])
+            header = ["file", "digit", "confidence", "not_sure", "not_a_digit"]
+            self.csv.writerow(header + [f"top{i + 1}" for i in range(top_k)])
 
     def write(self, r):
         if self.form == "json":
             self.rows.append(r)
         elif self.form == "csv":
             self.csv.writerow(
-                [r["file"], r["digit"], r["confidence"], r["not_sure"]]
+                [r["file"], r["digit"], r["confidence"], r["not_sure"], r["not_a_digit"]]
                 + [f"{t['digit']}:{t['probability']}" for t in r["top"]]
             )
         else:
             others = "  ".join(f"{t['digit']} {t['probability']:.1%}" for t in r["top"][1:])
-            sure = "not sure" if r["not_sure"] else "sure"
+            sure = "not a digit" if r["not_a_digit"] else "not sure" if r["not_sure"] else "sure"
             print(
                 f"{r['file']}\t{r['digit']}\t{r['confidence']:.1%}\t{sure}" + (f"\t(then {others})" if others else "")
             )
@@ -148,8 +150,9 @@ def predict(args):
             readable = [(path, image) for path, image, error in batch if not error]
             if readable:
                 names, images = zip(*readable, strict=True)
-                for path, probabilities in zip(names, predictor.probabilities(images), strict=True):
-                    output.write(ranked(path, probabilities, args.top_k, predictor.not_sure_below))
+                probabilities, not_a_digit = predictor.predict(images)
+                for path, p, flag in zip(names, probabilities, not_a_digit, strict=True):
+                    output.write(ranked(path, p, flag, args.top_k, predictor.not_sure_below))
                 sys.stdout.flush()
             progress.update(len(batch))
     output.close()

@@ -5,7 +5,10 @@ Writes
                                        loss, errors, macro P/R/F1, throughput; calibration error
                                        and NLL before and after the calibrate stage's temperature;
                                        coverage and accuracy of the answers above its "not sure"
-                                       threshold (dvc metrics: `cnn.test.accuracy` ...)
+                                       threshold; the share of test digits and of generated
+                                       non-digits (pipeline.nondigits, a seed and fonts the gate
+                                       was not fitted on) that the "not a digit" gate flags
+                                       (dvc metrics: `cnn.test.accuracy` ...)
   reports/eval/<model>_report.json     per-class P/R/F1, confusion matrix, most confused pairs
   reports/eval/<model>_predictions.csv actual, predicted, calibrated and raw confidence, not sure,
                                        per test image in test-set order (dvc plots draws the
@@ -17,15 +20,16 @@ training run, and the test accuracy to its registered model version.
 import io
 import time
 
+import joblib
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline import confidence, tracking
+from pipeline import confidence, gate, nondigits, tracking
 from pipeline import params as params_module
 from pipeline.files import DataError, load_arrays, require, write_json, write_text
-from pipeline.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, calibration_file, model_file
+from pipeline.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
 
 
 def predict_timed(model, x, batch_size, passes=3):
@@ -99,6 +103,21 @@ def trust_scores(raw, labels, calibration):
     }
 
 
+def gate_scores(model, fitted_gate, x_test, non_digits):
+    """Share of the test digits the "not a digit" gate flags, and of each kind of non-digit."""
+    features = gate.with_features(model)
+
+    def flagged(images):
+        return fitted_gate.not_a_digit(features.predict(images, batch_size=1000, verbose=0)[1], images)
+
+    per_kind = {kind: float(flagged(images).mean()) for kind, images in non_digits.items()}
+    return {
+        "digits_flagged": float(flagged(x_test).mean()),
+        "non_digits_flagged": float(np.mean(list(per_kind.values()))),
+        **{f"{kind}_flagged": share for kind, share in per_kind.items()},
+    }
+
+
 def predictions_csv(labels, predicted, calibrated, raw, threshold):
     frame = pd.DataFrame(
         {
@@ -120,9 +139,16 @@ def evaluate_models(params):
     from mlflow.tracking import MlflowClient
 
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
-    require(*map(model_file, params_module.MODELS), *map(calibration_file, params_module.MODELS))
+    require(
+        *map(model_file, params_module.MODELS),
+        *map(calibration_file, params_module.MODELS),
+        *map(gate_file, params_module.MODELS),
+    )
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     tracking.use_experiment(params.experiment)
+    # Another seed than calibrate's, test digits in the strips, and fonts the gate never saw.
+    generated = nondigits.generate(params.eval_nondigits_per_kind, params.seed + 1, x_test, nondigits.EVAL_FONTS)
+    non_digits = {kind: gate.to_mnist_forms(images)[0] for kind, images in generated.items()}
 
     metrics = {}
     for kind in params_module.MODELS:
@@ -132,6 +158,7 @@ def evaluate_models(params):
         summary["images_per_second"] = round(images_per_second, 1)
         calibration = confidence.read_calibration(calibration_file(kind))
         calibrated, trust = trust_scores(raw, labels, calibration)
+        trust["not_a_digit"] = gate_scores(model, joblib.load(gate_file(kind)), x_test, non_digits)
         metrics[kind] = {"test": {**summary, **trust}}
 
         report_path, predictions_path = EVAL_DIR / f"{kind}_report.json", EVAL_DIR / f"{kind}_predictions.csv"
@@ -156,7 +183,9 @@ def evaluate_models(params):
             f"most confused {pairs or 'none'}\n"
             f"evaluate {kind}: calibration error {trust['calibration']['ece_before']:.2%} -> "
             f"{trust['calibration']['ece_after']:.2%}; {trust['not_sure']['coverage']:.2%} of answers are sure "
-            f"and {trust['not_sure']['accepted_accuracy']:.2%} of those are right",
+            f'and {trust["not_sure"]["accepted_accuracy"]:.2%} of those are right; "not a digit" for '
+            f"{trust['not_a_digit']['non_digits_flagged']:.1%} of generated non-digits and "
+            f"{trust['not_a_digit']['digits_flagged']:.2%} of test digits",
             flush=True,
         )
 

@@ -7,11 +7,12 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")  # fetch: MNIST as published, as .npy
 PROCESSED_DIR = Path("data/processed")  # preprocess: x_/y_ train, val, test, ready for Keras
 DATA_STATS_FILE = Path("reports/data_stats.json")
-MODELS_DIR = Path("models")  # train: <model>.keras and <model>.run.json; calibrate: <model>.calibration.json
+MODELS_DIR = Path("models")  # train: <model>.keras, <model>.run.json; calibrate: <model>.calibration.json, .gate.pkl
 TRAIN_REPORTS_DIR = Path("reports/train")
 CALIBRATION_FILE = Path("reports/calibration.json")  # calibrate: validation scores before and after
 EVAL_DIR = Path("reports/eval")  # evaluate: per-model report and predictions
 METRICS_FILE = Path("reports/metrics.json")
+ROBUSTNESS_FILE = Path("reports/robustness.json")  # robustness: accuracy on corrupted test copies
 FIGURES_DIR = Path("reports/figures")  # visualize
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -29,3 +30,7 @@ def run_file(model):
 
 def calibration_file(model):
     return MODELS_DIR / f"{model}.calibration.json"
+
+
+def gate_file(model):
+    return MODELS_DIR / f"{model}.gate.pkl"

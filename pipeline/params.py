@@ -81,7 +81,12 @@ class Params:
     mlp: MLPParams
     cnn: CNNParams
     accepted_accuracy: float  # calibrate: how often answers above the "not sure" threshold must be right
+    digit_flag_rate: float  # calibrate: the most validation digits the "not a digit" gate may flag
+    nondigits_per_kind: int  # calibrate: generated non-digits of each kind the gate learns from
     eval_batch_size: int
+    eval_nondigits_per_kind: int
+    robustness_seed: int
+    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/corruptions.py
     grid_images: int
 
     def model(self, name):
@@ -131,6 +136,34 @@ class _Reader:
             self.errors.append(f"{key}: got {values!r}, expected a non-empty list of int in [{lo}, {hi}]")
             return ()
         return tuple(values)
+
+
+CORRUPTIONS = ("shear", "rotation", "scale", "translation", "thickness", "blur", "noise", "low_resolution")
+RANGES = {
+    "shear": (0.0, 2.0),
+    "rotation": (0.0, 180.0),
+    "scale": (0.1, 3.0),
+    "translation": (0.0, 14.0),
+    "blur": (0.0, 5.0),
+}
+
+
+def _corruptions(r):
+    strengths = {}
+    for name in CORRUPTIONS:
+        key = f"robustness.{name}"
+        if name in RANGES:
+            lo, hi = RANGES[name]
+            value = r.get(key, list)
+            if value is not None:
+                ok = len(value) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+                if not ok or not lo <= value[0] <= value[1] <= hi:
+                    r.errors.append(f"{key}: got {value!r}, expected [low, high] with {lo} <= low <= high <= {hi}")
+                strengths[name] = tuple(value)
+        else:
+            limits = {"thickness": (int, 1, 5), "noise": (float, 0.0, 1.0), "low_resolution": (int, 2, 27)}[name]
+            strengths[name] = r.get(key, *limits)
+    return strengths
 
 
 def _training(r, section):
@@ -209,7 +242,12 @@ def load(path="params.yaml"):
         mlp=_mlp(r),
         cnn=_cnn(r),
         accepted_accuracy=r.get("calibrate.accepted_accuracy", float, 0.5, 1.0),
+        digit_flag_rate=r.get("calibrate.digit_flag_rate", float, 0.0, 0.5),
+        nondigits_per_kind=r.get("calibrate.nondigits_per_kind", int, 10, 100000),
         eval_batch_size=r.get("evaluate.batch_size", int, 1, 10000),
+        eval_nondigits_per_kind=r.get("evaluate.nondigits_per_kind", int, 10, 100000),
+        robustness_seed=r.get("robustness.seed", int, 0, 2**31 - 1),
+        corruptions=_corruptions(r),
         grid_images=r.get("visualize.grid_images", int, 4, 100),
     )
     if r.errors:

@@ -1,5 +1,5 @@
-"""A trained model ready to answer: loaded once from a .keras file or from MLflow, with the
-calibration the calibrate stage fitted for it (a temperature and a "not sure" threshold)."""
+"""A trained model ready to answer: loaded once from a .keras file or from MLflow, with what the
+calibrate stage fitted for it: a temperature, a "not sure" threshold and a "not a digit" gate."""
 
 import hashlib
 import os
@@ -25,7 +25,7 @@ class Predictor:
         self.source = str(source)
         self.registered = None  # name, version and alias when the model comes from the Model Registry
         if "://" in self.source or self.source.startswith(("runs:/", "models:/")):
-            path, calibration_path = self._download(self.source)
+            path, calibration_path, gate_path = self._download(self.source)
             self.identity = self.source
             self.calibration = read_calibration(calibration_path) if calibration_path else None
         else:
@@ -34,28 +34,35 @@ class Predictor:
                 raise FileNotFoundError(f"{path}: no such model file (train one with `./dev repro`, or `dvc pull`)")
             sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
             self.identity = "sha256:" + sha256[:16]
-            self.calibration = self._calibration_beside(path, sha256)
+            self.calibration, gate_path = self._calibration_beside(path, sha256)
         if self.calibration is None:
             print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
         self.temperature = self.calibration["temperature"] if self.calibration else 1.0
         # Answers less confident than this are marked "not sure" (0: no calibration, never).
         self.not_sure_below = self.calibration["not_sure_below"] if self.calibration else 0.0
+        self.gate = _load_gate(gate_path) if gate_path else None
         self.model = keras.models.load_model(path, compile=False)
-        self._infer = traced(self.model, self.temperature)
-        self.probabilities(np.zeros((1, 28, 28), np.float32))  # trace now, not in the first request
+        self._infer = traced(self.model, self.temperature, with_features=self.gate is not None)
+        self.predict(np.zeros((1, 28, 28), np.float32))  # trace now, not in the first request
 
     @staticmethod
     def _calibration_beside(path, sha256):
-        """models/cnn.keras -> models/cnn.calibration.json, if it was fitted to this very file."""
+        """models/cnn.keras -> models/cnn.calibration.json and models/cnn.gate.pkl, if they were
+        fitted to this very file."""
         calibration_path = path.with_name(f"{path.stem}.calibration.json")
+        gate_path = path.with_name(f"{path.stem}.gate.pkl")
         if not calibration_path.exists():
-            return None
+            return None, None
         calibration = read_calibration(calibration_path)
         if calibration.get("model_sha256") != sha256:
             raise ValueError(
                 f"{calibration_path} was fitted to another {path.name}; run `dvc repro calibrate` (or `dvc pull`)"
             )
-        return calibration
+        if not gate_path.exists():
+            return calibration, None
+        if calibration.get("gate_sha256") != hashlib.sha256(gate_path.read_bytes()).hexdigest():
+            raise ValueError(f"{gate_path} is not the gate {calibration_path} names; run `dvc repro calibrate`")
+        return calibration, gate_path
 
     def _download(self, uri):
         import mlflow
@@ -91,31 +98,55 @@ class Predictor:
         found = sorted(Path(local).rglob("*.keras"))
         if not found:
             raise FileNotFoundError(f"{self.source}: no .keras file in the MLflow model")
-        try:  # the calibrate stage adds calibration.json to the model's training run
-            # (a progress bar for one small file would only clutter the CLI's output)
-            with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-                calibration = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="calibration.json")
-        except (MlflowException, OSError):
-            calibration = None
-        return found[0], calibration and Path(calibration)
+        # The calibrate stage adds calibration.json and gate/ to the model's training run. (A
+        # progress bar for one small file would only clutter the CLI's output.)
+        extras = []
+        with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            for artifact in ("calibration.json", "gate"):
+                try:
+                    extras.append(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)))
+                except (MlflowException, OSError):
+                    extras.append(None)
+        calibration, gate_folder = extras
+        gate = next(iter(sorted(gate_folder.glob("*.gate.pkl"))), None) if gate_folder else None
+        return found[0], calibration, gate
+
+    def predict(self, images):
+        """(n, 28, 28) float32 in MNIST form -> (n, 10) calibrated probabilities, and (n,) whether
+        the gate says each image is not a digit (all False without a gate)."""
+        batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
+        if self.gate is None:
+            return self._infer(batch).numpy(), np.zeros(len(batch), bool)
+        probabilities, features = (t.numpy() for t in self._infer(batch))
+        return probabilities, self.gate.not_a_digit(features, batch)
 
     def probabilities(self, images):
-        """(n, 28, 28) float32 in MNIST form -> (n, 10) probabilities."""
-        batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
-        return self._infer(batch).numpy()
+        return self.predict(images)[0]
 
 
-def traced(model, temperature=1.0):
+def _load_gate(path):
+    import joblib
+
+    return joblib.load(path)  # a pickle: only load gates this project's calibrate stage wrote
+
+
+def traced(model, temperature=1.0, with_features=False):
     """The model's forward pass, with its temperature (see confidence.with_temperature), as one
-    TensorFlow graph for any batch size. A plain `model(batch)` runs every Keras layer's Python code
-    on each call (~10 ms for one image on two cores); the graph answers one image in well under a
-    millisecond, with the same numbers."""
+    TensorFlow graph for any batch size; with_features, it also returns the penultimate layer's
+    output for the gate. A plain `model(batch)` runs every Keras layer's Python code on each call
+    (~10 ms for one image on two cores); the graph answers one image in well under a millisecond,
+    with the same numbers."""
     import tensorflow as tf
 
+    from pipeline.gate import with_features as add_features
+
+    network = add_features(model) if with_features else model
+
     def calibrated(batch):
-        probabilities = model(batch, training=False)
-        if temperature == 1.0:
-            return probabilities
-        return tf.nn.softmax(tf.math.log(tf.maximum(probabilities, 1e-30)) / temperature)
+        outputs = network(batch, training=False)
+        probabilities, features = outputs if with_features else (outputs, None)
+        if temperature != 1.0:
+            probabilities = tf.nn.softmax(tf.math.log(tf.maximum(probabilities, 1e-30)) / temperature)
+        return (probabilities, features) if with_features else probabilities
 
     return tf.function(calibrated, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])

@@ -7,6 +7,7 @@
   reliability.png           accuracy against confidence, before and after calibration, both models
   risk_coverage.png         error rate of the answers kept against the share kept, both models,
                             with the "not sure" threshold marked
+  robustness.png            one test image under each corruption, and each model's accuracy
   samples.png               examples of each digit and the class distribution of each split
 Each model's figures (and the shared ones) are added to its MLflow training run.
 """
@@ -22,10 +23,17 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from pipeline import corruptions, tracking
 from pipeline import params as params_module
-from pipeline import tracking
 from pipeline.files import DataError, atomic_path, load_arrays, require
-from pipeline.layout import DATA_STATS_FILE, EVAL_DIR, FIGURES_DIR, PROCESSED_DIR, TRAIN_REPORTS_DIR
+from pipeline.layout import (
+    DATA_STATS_FILE,
+    EVAL_DIR,
+    FIGURES_DIR,
+    PROCESSED_DIR,
+    ROBUSTNESS_FILE,
+    TRAIN_REPORTS_DIR,
+)
 
 NAMES = {"mlp": "MLP", "cnn": "CNN"}
 
@@ -166,6 +174,42 @@ def risk_coverage(predictions):
     return fig
 
 
+def robustness(report, x_test, params, examples=4):
+    names = list(params.corruptions)
+    fig = plt.figure(figsize=(13, 7))
+    grid = fig.add_gridspec(examples + 4, len(names) + 1)
+    for column, name in enumerate(["clean", *names]):
+        images = (
+            x_test[:examples]
+            if name == "clean"
+            else corruptions.corrupt(x_test[:examples], name, params.corruptions[name], 0)
+        )
+        for row in range(examples):
+            ax = fig.add_subplot(grid[row, column])
+            ax.imshow(images[row].squeeze(), cmap="gray_r")
+            ax.axis("off")
+            if row == 0:
+                ax.set_title(name.replace("_", " "), fontsize=9)
+    bars = fig.add_subplot(grid[examples + 1 :, :])
+    accuracy = pd.DataFrame(
+        {
+            NAMES[kind]: [
+                scores["clean_accuracy"],
+                *(scores["corrupted"][n] for n in names),
+                scores["corrupted"]["mean_accuracy"],
+            ]
+            for kind, scores in report.items()
+        },
+        index=["clean", *(n.replace("_", " ") for n in names), "mean corrupted"],
+    )
+    accuracy.plot.bar(ax=bars, rot=15)
+    bars.set(ylabel="Test accuracy", ylim=(0, 1))
+    bars.axhline(0.98, linestyle=":", color="black", label="98 %")
+    bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("Corrupted copies of the test images (pipeline/corruptions.py, params.yaml robustness)")
+    return fig
+
+
 def samples(x_test, labels, stats, per_digit=8):
     fig = plt.figure(figsize=(13, 6.5))
     grid = fig.add_gridspec(10, per_digit + 6)
@@ -189,6 +233,7 @@ def visualize(params):
     x_test = load_arrays(PROCESSED_DIR, ["x_test"])["x_test"]
     require(
         DATA_STATS_FILE,
+        ROBUSTNESS_FILE,
         *(TRAIN_REPORTS_DIR / f"{kind}_history.csv" for kind in params_module.MODELS),
         *(EVAL_DIR / f"{kind}_{what}" for kind in params_module.MODELS for what in ("predictions.csv", "report.json")),
     )
@@ -203,6 +248,7 @@ def visualize(params):
         save(samples(x_test, predictions["cnn"].actual.to_numpy(), stats), "samples.png"),
         save(reliability(predictions), "reliability.png"),
         save(risk_coverage(predictions), "risk_coverage.png"),
+        save(robustness(json.loads(ROBUSTNESS_FILE.read_text()), x_test, params), "robustness.png"),
     ]
     figures = {
         kind: shared

@@ -2,6 +2,7 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 
@@ -56,23 +57,51 @@ def processed_data(project):
     return arrays
 
 
+def varied_sevens(count, seed=0):
+    """Sevens of many shapes and stroke widths, drawn on a canvas like the page's."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        image = Image.new("L", (280, 280), 255)
+        pen = ImageDraw.Draw(image)
+        left, top = rng.integers(20, 80, size=2)
+        width, height, stroke = rng.integers(50, 170), rng.integers(110, 220), int(rng.integers(8, 24))
+        pen.line([(left, top), (left + width, top)], fill=0, width=stroke)
+        pen.line([(left + width, top), (left + rng.integers(0, width), top + height)], fill=0, width=stroke)
+        yield image
+
+
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory):
     """An untrained CNN of the default architecture, saved as the pipeline saves one, with a
-    calibration beside it as the calibrate stage writes one: the serving code's behaviour does not
-    depend on how well the model was trained. Its answers (~10 % each) are all "not sure"."""
+    calibration and a "not a digit" gate beside it as the calibrate stage writes them: the serving
+    code's behaviour does not depend on how well the model was trained. Its answers (~10 % each)
+    are all "not sure"; its gate learned drawn sevens against generated non-digits."""
+    import joblib
     import keras
 
-    from pipeline import models, params
+    from pipeline import gate, models, nondigits, normalize, params
 
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
-    models.build(params.load(ROOT / "params.yaml").cnn).save(path)
+    model = models.build(params.load(ROOT / "params.yaml").cnn)
+    model.save(path)
+    sevens = np.stack([normalize.to_mnist(image) for image in varied_sevens(200)])[..., None]
+    others, _ = gate.to_mnist_forms([i for images in nondigits.generate(20, 0, sevens).values() for i in images])
+    features = gate.with_features(model)
+    fitted = gate.Gate().fit(
+        features.predict(sevens, verbose=0)[1], sevens, features.predict(others, verbose=0)[1], others
+    )
+    fitted.set_threshold(fitted.scores(features.predict(sevens, verbose=0)[1], sevens), 0.01)
+    joblib.dump(fitted, path.with_name("cnn.gate.pkl"))
     calibration = {
         "temperature": CALIBRATION_TEMPERATURE,
         "not_sure_below": 0.9,
         "accepted_accuracy": 0.999,
+        "not_a_digit_above": fitted.threshold,
         "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "gate_sha256": hashlib.sha256(path.with_name("cnn.gate.pkl").read_bytes()).hexdigest(),
     }
     path.with_name("cnn.calibration.json").write_text(json.dumps(calibration))
     return path

@@ -91,6 +91,8 @@ def tiny_repo(repo, **env_extra):
     tree["mlp"].update(hidden_units=[32], batch_size=64)
     tree["cnn"].update(filters=[8, 16], convs_per_block=[1, 1], dense_units=16, batch_size=64)
     tree["visualize"]["grid_images"] = 10
+    tree["calibrate"]["nondigits_per_kind"] = 30
+    tree["evaluate"]["nondigits_per_kind"] = 20
     (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}

@@ -76,11 +76,31 @@ def test_answers_carry_the_models_calibration_and_say_when_not_sure(client, pred
     }
 
 
+def test_a_long_line_is_not_a_digit_and_a_seven_is(client):
+    from PIL import ImageDraw
+
+    line = Image.new("L", (600, 200), 255)
+    ImageDraw.Draw(line).line([(20, 100), (580, 100)], fill=0, width=8)
+    answers = client.post(
+        "/predict/batch",
+        files=[
+            ("files", ("line.png", png(line), "image/png")),
+            ("files", ("seven.png", png(draw_digit_seven()), "image/png")),
+        ],
+    ).json()["predictions"]
+    assert [(a["file"], a["not_a_digit"]) for a in answers] == [("line.png", True), ("seven.png", False)]
+    assert answers[0]["not_sure"] and len(answers[0]["probabilities"]) == 10  # still a best guess
+
+
 def test_a_calibration_fitted_to_another_model_is_refused_and_none_means_the_models_own(model_file, tmp_path, capsys):
     other = tmp_path / "cnn.keras"
     other.write_bytes(model_file.read_bytes() + b" ")  # another file: its sha256 differs
     other.with_name("cnn.calibration.json").write_text(model_file.with_name("cnn.calibration.json").read_text())
     with pytest.raises(ValueError, match="cnn.calibration.json was fitted to another cnn.keras"):
+        Predictor(other)
+    other.write_bytes(model_file.read_bytes())
+    other.with_name("cnn.gate.pkl").write_bytes(b"another gate")
+    with pytest.raises(ValueError, match="cnn.gate.pkl is not the gate"):
         Predictor(other)
 
     uncalibrated = tmp_path / "plain" / "cnn.keras"
@@ -88,7 +108,7 @@ def test_a_calibration_fitted_to_another_model_is_refused_and_none_means_the_mod
     uncalibrated.write_bytes(model_file.read_bytes())
     predictor = Predictor(uncalibrated)
     assert "no calibration found" in capsys.readouterr().err
-    assert predictor.temperature == 1.0 and predictor.not_sure_below == 0.0
+    assert predictor.temperature == 1.0 and predictor.not_sure_below == 0.0 and predictor.gate is None
 
 
 def test_json_pixels_and_batch(client, predictor):
@@ -195,7 +215,7 @@ def test_concurrent_requests_share_one_model_call():
 
     def predict(batch):
         calls.append(len(batch))
-        return batch.reshape(len(batch), -1)[:, :10] + 1
+        return batch.reshape(len(batch), -1)[:, :10] + 1, np.arange(len(batch))
 
     async def main():
         batcher = api.MicroBatcher(predict)
@@ -207,8 +227,10 @@ def test_concurrent_requests_share_one_model_call():
 
     requests, answers = asyncio.run(main())
     assert calls == [7]  # one call for all four requests
-    for images, answer in zip(requests, answers, strict=True):
-        assert answer.shape == (len(images), 10) and (answer == len(images) + 1).all()
+    for images, (rows, _) in zip(requests, answers, strict=True):
+        assert rows.shape == (len(images), 10) and (rows == len(images) + 1).all()
+    # Each request gets its own rows of every output, in order.
+    assert [list(indices) for _, indices in answers] == [[0], [1, 2, 3], [4], [5, 6]]
 
 
 def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
@@ -218,7 +240,7 @@ def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
         error = next(outcomes)
         if error:
             raise error
-        return np.zeros((len(batch), 10))
+        return (np.zeros((len(batch), 10)),)
 
     async def main():
         batcher = api.MicroBatcher(predict)
@@ -231,7 +253,7 @@ def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
         return first, second
 
     first, second = asyncio.run(main())
-    assert all(isinstance(e, RuntimeError) for e in first) and second.shape == (2, 10)
+    assert all(isinstance(e, RuntimeError) for e in first) and second[0].shape == (2, 10)
 
 
 def test_schemathesis_finds_no_failure_in_the_live_api(predictor, tmp_path):

@@ -69,6 +69,29 @@ def test_drawing_shows_the_apis_prediction(server):
     assert api["not_sure"] and verdict.startswith("Not sure: best guess")
 
 
+def test_a_line_is_shown_as_not_a_digit(server):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(".bar")
+        box = page.locator("#pad").bounding_box()
+        page.mouse.move(box["x"] + 20, box["y"] + 140)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 260, box["y"] + 140, steps=12)
+        page.mouse.up()
+        page.wait_for_function(
+            "(pad => pad.dataset.drawn && pad.dataset.answered === pad.dataset.drawn)(document.getElementById('pad'))",
+            timeout=30000,
+        )
+        verdict, digit = page.locator("#confidence").inner_text(), page.locator("#digit").inner_text()
+        browser.close()
+    assert verdict == "Not a digit" and digit == "\u2014"
+
+
 def test_api_docs_render_without_internet(server, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -1,4 +1,4 @@
-"""The real `dvc repro` of all seven stages on a tiny configuration, in a copy of the repository
+"""The real `dvc repro` of all eight stages on a tiny configuration, in a copy of the repository
 with its own MLflow store, then a `dvc exp run --temp` whose runs must land in the same store."""
 
 import hashlib
@@ -53,6 +53,18 @@ def test_repro_produces_every_output(repo):
         assert test["calibration"]["temperature"] == val["temperature"]
         assert {"ece_before", "ece_after", "nll_after"} <= set(test["calibration"])
         assert test["not_sure"]["threshold"] == val["not_sure_below"]
+        assert 0 <= test["not_a_digit"]["digits_flagged"] <= 1 and 0 <= test["not_a_digit"]["letters_flagged"] <= 1
+        assert (repo / f"models/{kind}.gate.pkl").exists()
+    robustness = json.loads((repo / "reports/robustness.json").read_text())
+    for kind in ("mlp", "cnn"):
+        corrupted = robustness[kind]["corrupted"]
+        assert set(corrupted) == {
+            "mean_accuracy",
+            *yaml.safe_load((repo / "params.yaml").read_text())["robustness"],
+        } - {"seed"}
+        assert corrupted["mean_accuracy"] == pytest.approx(
+            np.mean([v for k, v in corrupted.items() if k != "mean_accuracy"])
+        )
     figures = {p.name for p in (repo / "reports/figures").iterdir()}
     assert {
         "training_curves.png",
@@ -62,6 +74,7 @@ def test_repro_produces_every_output(repo):
         "mistakes_cnn.png",
         "reliability.png",
         "risk_coverage.png",
+        "robustness.png",
     } <= figures
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
@@ -71,6 +84,7 @@ def test_repro_produces_every_output(repo):
         "train_cnn",
         "calibrate",
         "evaluate",
+        "robustness",
         "visualize",
     }
 
@@ -91,12 +105,14 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
             "val_ece_after",
             "test_calibration_ece_after",
             "test_not_sure_coverage",
+            "test_not_a_digit_non_digits_flagged",
+            "test_corrupted_mean_accuracy",
         } <= set(r.data.metrics)
         assert float(r.data.params["temperature"]) > 0
         figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
         assert f"figures/confusion_{r.data.tags['model']}.png" in figures
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"evaluation", "figures", "model_summary.txt", "calibration.json"} <= artifacts
+        assert {"evaluation", "figures", "model_summary.txt", "calibration.json", "gate"} <= artifacts
 
 
 def test_second_repro_does_nothing_and_metrics_show(repo):

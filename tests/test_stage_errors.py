@@ -10,8 +10,9 @@ CASES = {
     "fetch": (["pipeline.fetch"], "could not get MNIST from any source"),
     "preprocess": (["pipeline.preprocess"], "data/raw/ lacks x_train.npy"),
     "train mlp": (["pipeline.train", "mlp"], "data/processed/ lacks x_train.npy"),
-    "calibrate": (["pipeline.calibrate"], "data/processed/ lacks x_val.npy"),
+    "calibrate": (["pipeline.calibrate"], "data/processed/ lacks x_train.npy"),
     "evaluate": (["pipeline.evaluate"], "data/processed/ lacks x_test.npy"),
+    "robustness": (["pipeline.robustness"], "data/processed/ lacks x_test.npy"),
     "visualize": (["pipeline.visualize"], "data/processed/ lacks x_test.npy"),
 }
 
@@ -34,7 +35,8 @@ def test_a_stage_without_its_inputs_names_them_without_a_traceback(project, tmp_
     "stage, missing",
     [
         ("calibrate", "models/mlp.keras, models/cnn.keras not found"),
-        ("evaluate", "models/mlp.keras, models/cnn.keras, models/mlp.calibration.json, models/cnn.calibration.json"),
+        ("robustness", "models/mlp.keras, models/cnn.keras not found"),
+        ("evaluate", "models/mlp.keras, models/cnn.keras, models/mlp.calibration.json, models/cnn.calibration.json, "),
         ("visualize", "reports/data_stats.json"),
     ],
 )

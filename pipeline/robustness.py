@@ -1,0 +1,77 @@
+"""Stage robustness: both models on corrupted copies of the test images.
+
+Real handwriting is slanted, rotated, small, off-centre, thick or thin, blurred, noisy or scanned
+at low resolution; MNIST's test images are none of these. Each corruption in params.yaml's
+`robustness` section (pipeline/corruptions.py, MNIST-C style) makes one copy of the test set,
+the same for the same seed. Like evaluate, this stage only measures: nothing here chooses
+anything. Writes
+  reports/robustness.json  per model: clean test accuracy, accuracy under each corruption and
+                           their mean (dvc metrics: `cnn.corrupted.mean_accuracy` ...)
+and adds the same to each model's MLflow training run.
+"""
+
+import numpy as np
+
+from pipeline import corruptions, tracking
+from pipeline import params as params_module
+from pipeline.files import DataError, load_arrays, require, write_json
+from pipeline.layout import PROCESSED_DIR, ROBUSTNESS_FILE, model_file
+
+
+def corrupted_test_sets(x_test, params):
+    """{corruption: the test images, each corrupted}; corruption i uses seed robustness.seed + i."""
+    return {
+        name: corruptions.corrupt(x_test, name, strength, params.robustness_seed + i)
+        for i, (name, strength) in enumerate(params.corruptions.items())
+    }
+
+
+def measure(params):
+    import keras
+    import mlflow
+
+    data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
+    require(*map(model_file, params_module.MODELS))
+    x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
+    copies = corrupted_test_sets(x_test, params)
+    tracking.use_experiment(params.experiment)
+
+    report = {}
+    for kind in params_module.MODELS:
+        model = keras.models.load_model(model_file(kind), compile=False)
+
+        def accuracy(images, model=model):
+            return float(np.mean(model.predict(images, batch_size=1000, verbose=0).argmax(axis=1) == labels))
+
+        per_corruption = {name: accuracy(images) for name, images in copies.items()}
+        report[kind] = {
+            "clean_accuracy": accuracy(x_test),
+            "corrupted": {"mean_accuracy": float(np.mean(list(per_corruption.values()))), **per_corruption},
+        }
+        with tracking.run(run_id=tracking.read_run_id(kind)):
+            mlflow.log_metrics(
+                {
+                    "test_corrupted_mean_accuracy": report[kind]["corrupted"]["mean_accuracy"],
+                    **{f"test_corrupted_{name}_accuracy": v for name, v in per_corruption.items()},
+                }
+            )
+        worst = min(per_corruption, key=per_corruption.get)
+        print(
+            f"robustness {kind}: clean {report[kind]['clean_accuracy']:.2%}, corrupted mean "
+            f"{report[kind]['corrupted']['mean_accuracy']:.2%} over {len(copies)} corruptions "
+            f"(worst: {worst} {per_corruption[worst]:.2%})",
+            flush=True,
+        )
+    write_json(ROBUSTNESS_FILE, report)
+
+
+def main():
+    params = params_module.load_or_exit("robustness")
+    try:
+        measure(params)
+    except DataError as e:
+        raise SystemExit(f"robustness: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
