@@ -41,16 +41,24 @@ def to_mnist_forms(raw_images):
 def ink_shape(images):
     """(n, 28, 28) -> (n, 3): log aspect ratio of the ink's box, the share of the box that is ink,
     the share of the ink that is faint. Digits are strokes in a box about as wide as tall."""
-    rows = []
-    for image in images.reshape(-1, 28, 28):
-        ink = image > 0.1
-        r, c = np.nonzero(ink)
-        if len(r) == 0:
-            rows.append((0.0, 1.0, 1.0))
-            continue
-        height, width = r.max() - r.min() + 1, c.max() - c.min() + 1
-        rows.append((np.log(width / height), ink.sum() / (height * width), np.mean(image[ink] < 0.5)))
-    return np.asarray(rows, np.float32)
+    images = images.reshape(-1, 28, 28)
+    ink = images > 0.1
+    count = ink.sum(axis=(1, 2))
+
+    def extent(any_ink):  # rows (or columns) from the first with ink to the last
+        return np.maximum(28 - any_ink[:, ::-1].argmax(axis=1) - any_ink.argmax(axis=1), 1)
+
+    height, width = extent(ink.any(axis=2)), extent(ink.any(axis=1))
+    faint = (ink & (images < 0.5)).sum(axis=(1, 2))
+    blank = count == 0  # no ink at all: a shape no digit has
+    return np.stack(
+        [
+            np.where(blank, 0.0, np.log(width / height)),
+            np.where(blank, 1.0, count / (height * width)),
+            np.where(blank, 1.0, faint / np.maximum(count, 1)),
+        ],
+        axis=1,
+    ).astype(np.float32)
 
 
 class Gate:

@@ -1,0 +1,51 @@
+"""The "not a digit" gate's inputs: generated non-digits, the ink-shape features, and the MNIST-C
+style corruptions of the robustness stage, on images made here."""
+
+import numpy as np
+import pytest
+
+from pipeline import corruptions, gate, nondigits
+from tests.helpers import tiny_images
+
+
+def test_non_digits_are_the_same_for_the_same_seed_and_come_in_every_kind():
+    digits = tiny_images(20)[0] / 255.0
+    first, again = nondigits.generate(3, 7, digits), nondigits.generate(3, 7, digits)
+    assert set(first) == set(nondigits.KINDS)
+    for kind in nondigits.KINDS:
+        assert all(np.array_equal(a, b) for a, b in zip(first[kind], again[kind], strict=True))
+        assert all(image.dtype == np.uint8 and image.ndim == 2 for image in first[kind])
+    assert not np.array_equal(nondigits.generate(3, 8, digits)["noise"][0], first["noise"][0])
+    # A strip holds 2-4 digits side by side: wider than tall.
+    assert all(image.shape[1] >= 2 * 28 for image in first["strips"])
+
+
+def test_every_font_the_generator_uses_ships_with_matplotlib():
+    assert all(nondigits.font_path(name).exists() for name in nondigits.EVAL_FONTS)
+
+
+def test_ink_shape_tells_a_bar_from_a_stroke_and_handles_a_blank():
+    images = np.zeros((3, 28, 28), np.float32)
+    images[0, 13:15, 2:26] = 1.0  # a horizontal bar: 24 wide, 2 tall, all ink
+    images[1, 4:24, 13] = 0.4  # a faint vertical stroke
+    aspect, fill, faint = gate.ink_shape(images).T
+    assert aspect[0] == pytest.approx(np.log(12)) and fill[0] == 1.0 and faint[0] == 0.0
+    assert aspect[1] == pytest.approx(np.log(1 / 20)) and faint[1] == 1.0
+    assert (aspect[2], fill[2], faint[2]) == (0.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("name", corruptions.CORRUPTIONS)
+def test_each_corruption_is_deterministic_and_keeps_shape_and_range(name):
+    images = np.zeros((4, 28, 28, 1), np.float32)
+    images[:, 6:22, 12:16] = 1.0
+    strength = {"thickness": 2, "noise": 0.2, "low_resolution": 8}.get(name, (0.3, 0.5))
+    if name == "rotation":
+        strength = (15, 30)
+    elif name == "translation":
+        strength = (3, 5)
+    elif name == "scale":
+        strength = (0.6, 0.8)
+    out = corruptions.corrupt(images, name, strength, seed=1)
+    assert out.shape == images.shape and out.dtype == np.float32 and 0 <= out.min() <= out.max() <= 1
+    assert np.array_equal(out, corruptions.corrupt(images, name, strength, seed=1))
+    assert not np.allclose(out, images)
