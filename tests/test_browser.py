@@ -26,21 +26,17 @@ def server(model_file):
     uvicorn_server.should_exit = True
 
 
-def test_drawing_shows_the_apis_prediction(server):
-    from fastapi.testclient import TestClient
+def drawn_answer(url, strokes):
+    """Draw `strokes` (lists of canvas points) with the mouse, wait until the page shows the answer
+    for the last one, and return what it shows: digit, verdict, bar labels, and the canvas PNG."""
     from playwright.sync_api import sync_playwright
 
-    from pipeline.api import create_app
-
-    url, predictor = server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector(".bar")
         box = page.locator("#pad").bounding_box()
-        # A '7': a top bar, then a diagonal down to the left.
-        strokes = [[(70, 60), (210, 60)], [(210, 60), (120, 240)]]
         for stroke in strokes:
             page.mouse.move(box["x"] + stroke[0][0], box["y"] + stroke[0][1])
             page.mouse.down()
@@ -52,44 +48,39 @@ def test_drawing_shows_the_apis_prediction(server):
             "(pad => pad.dataset.drawn && pad.dataset.answered === pad.dataset.drawn)(document.getElementById('pad'))",
             timeout=30000,
         )
-        shown = int(page.locator("#digit").inner_text())
-        verdict = page.locator("#confidence").inner_text()
-        bars = page.locator(".bar em").all_inner_texts()
-        canvas_png = base64.b64decode(
-            page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1]
-        )
+        shown = {
+            "digit": page.locator("#digit").inner_text(),
+            "verdict": page.locator("#confidence").inner_text(),
+            "bars": page.locator(".bar em").all_inner_texts(),
+            "png": base64.b64decode(
+                page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1]
+            ),
+        }
         browser.close()
+    return shown
 
+
+def test_drawing_shows_the_apis_prediction(server):
+    from fastapi.testclient import TestClient
+
+    from pipeline.api import create_app
+
+    url, predictor = server
+    # A '7': a top bar, then a diagonal down to the left.
+    shown = drawn_answer(url, [[(70, 60), (210, 60)], [(210, 60), (120, 240)]])
     with TestClient(create_app(predictor)) as client:
-        api = client.post("/predict", files={"file": ("canvas.png", canvas_png, "image/png")}).json()
-    assert shown == api["digit"]
-    assert len(bars) == 10
-    assert bars[api["digit"]] == f"{api['probabilities'][api['digit']] * 100:.1f}%"
+        api = client.post("/predict", files={"file": ("canvas.png", shown["png"], "image/png")}).json()
+    assert int(shown["digit"]) == api["digit"]
+    assert len(shown["bars"]) == 10
+    assert shown["bars"][api["digit"]] == f"{api['probabilities'][api['digit']] * 100:.1f}%"
     # The untrained test model is never sure (see conftest.model_file), and the page says so.
-    assert api["not_sure"] and verdict.startswith("Not sure: best guess")
+    assert api["not_sure"] and shown["verdict"].startswith("Not sure: best guess")
 
 
 def test_a_line_is_shown_as_not_a_digit(server):
-    from playwright.sync_api import sync_playwright
-
     url, _ = server
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_selector(".bar")
-        box = page.locator("#pad").bounding_box()
-        page.mouse.move(box["x"] + 20, box["y"] + 140)
-        page.mouse.down()
-        page.mouse.move(box["x"] + 260, box["y"] + 140, steps=12)
-        page.mouse.up()
-        page.wait_for_function(
-            "(pad => pad.dataset.drawn && pad.dataset.answered === pad.dataset.drawn)(document.getElementById('pad'))",
-            timeout=30000,
-        )
-        verdict, digit = page.locator("#confidence").inner_text(), page.locator("#digit").inner_text()
-        browser.close()
-    assert verdict == "Not a digit" and digit == "\u2014"
+    shown = drawn_answer(url, [[(20, 140), (260, 140)]])
+    assert shown["verdict"] == "Not a digit" and shown["digit"] == "\u2014"
 
 
 def test_api_docs_render_without_internet(server, tmp_path):
