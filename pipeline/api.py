@@ -192,8 +192,7 @@ def answer(probabilities, not_a_digit, predictor, name=None):
     result = {
         "digit": int(np.argmax(probabilities)),
         "confidence": float(np.max(probabilities)),
-        # Something that is not a digit is never a sure answer.
-        "not_sure": bool(not_a_digit or np.max(probabilities) < predictor.not_sure_below),
+        "not_sure": predictor.not_sure(probabilities, not_a_digit),
         "not_a_digit": bool(not_a_digit),
         "probabilities": [round(float(p), 6) for p in probabilities],
         "model": predictor.identity,

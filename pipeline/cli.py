@@ -79,13 +79,13 @@ def batches(items, size):
         yield batch
 
 
-def ranked(path, probabilities, not_a_digit, top_k, not_sure_below):
+def ranked(path, probabilities, not_a_digit, top_k, predictor):
     order = probabilities.argsort()[::-1][:top_k]
     return {
         "file": str(path),
         "digit": int(order[0]),
         "confidence": round(float(probabilities[order[0]]), 4),
-        "not_sure": bool(not_a_digit or probabilities[order[0]] < not_sure_below),
+        "not_sure": predictor.not_sure(probabilities, not_a_digit),
         "not_a_digit": bool(not_a_digit),
         "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)} for d in order],
     }
@@ -152,7 +152,7 @@ def predict(args):
                 names, images = zip(*readable, strict=True)
                 probabilities, not_a_digit = predictor.predict(images)
                 for path, p, flag in zip(names, probabilities, not_a_digit, strict=True):
-                    output.write(ranked(path, p, flag, args.top_k, predictor.not_sure_below))
+                    output.write(ranked(path, p, flag, args.top_k, predictor))
                 sys.stdout.flush()
             progress.update(len(batch))
     output.close()

@@ -123,6 +123,10 @@ class Predictor:
     def probabilities(self, images):
         return self.predict(images)[0]
 
+    def not_sure(self, probabilities, not_a_digit):
+        """Whether one answer is "not sure": below the calibrated threshold, or not a digit at all."""
+        return bool(not_a_digit or np.max(probabilities) < self.not_sure_below)
+
 
 def _load_gate(path):
     import joblib
