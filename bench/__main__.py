@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
-from pipeline import evaluate, predictor, train
+from pipeline import evaluate, predictor, robustness, train
 from pipeline import params as params_module
 from pipeline.files import load_arrays, write_json
 from pipeline.layout import PROCESSED_DIR
@@ -114,13 +114,22 @@ def accuracy(model, x, labels, batch_size):
     return float(np.mean(probabilities.argmax(1) == labels))
 
 
-def measure(model, seconds, epochs, data, batch_size, val_only):
+def measure(model, seconds, epochs, data, params, val_only):
+    batch_size = params.eval_batch_size
+    val_labels = data["y_val"].argmax(1)
+    corrupted = {
+        name: accuracy(model, images, val_labels, batch_size)
+        for name, images in robustness.corrupted_copies(data["x_val"], params).items()
+    }
     result = {
         "train_seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / epochs, 1),
         "epochs": epochs,
         "params": model.count_params(),
-        "val_accuracy": accuracy(model, data["x_val"], data["y_val"].argmax(1), batch_size),
+        "val_accuracy": accuracy(model, data["x_val"], val_labels, batch_size),
+        # The robustness stage's corruptions, applied to the validation images: what augmentation is chosen by.
+        "val_corrupted_mean_accuracy": float(np.mean(list(corrupted.values()))),
+        "val_corrupted": corrupted,
     }
     if val_only:
         return result
@@ -143,6 +152,7 @@ def spread(runs):
     out = {}
     for key in (
         "val_accuracy",
+        "val_corrupted_mean_accuracy",
         "test_accuracy",
         "test_errors",
         "train_seconds",
@@ -216,9 +226,11 @@ def main(argv=None):
             params = params_with(args.set, seed)
             print(f"bench {name} seed {seed}: training ...", flush=True)
             model, seconds, epochs = kerasio_recipe(data, seed) if name == "kerasio" else ours(name, params, data)
-            result = {"seed": seed, **measure(model, seconds, epochs, data, params.eval_batch_size, args.val_only)}
+            result = {"seed": seed, **measure(model, seconds, epochs, data, params, args.val_only)}
             if name == "kerasio":
-                del result["val_accuracy"]  # the recipe trains on our validation images too
+                # The recipe trains on our validation images too.
+                for key in ("val_accuracy", "val_corrupted_mean_accuracy", "val_corrupted"):
+                    del result[key]
             print(f"bench {name} seed {seed}: {json.dumps(result)}", flush=True)
             results.setdefault(name, {"runs": []})["runs"].append(result)
     for entry in results.values():

@@ -16,8 +16,9 @@ Writes
   models/<model>.gate.pkl          the fitted gate (scikit-learn, pickled: load only your own)
   reports/calibration.json         validation ECE, NLL and mean confidence before and after,
                                    the threshold and its validation coverage (dvc metrics)
-and adds the same to the model's MLflow run (params, metrics, calibration.json) and its
-registered version (tags). The test split is not read here: evaluate measures the result on it.
+and adds the same to the model's MLflow run (params, metrics, calibration.json, gate/, and
+`calibrated_model`: the model with its temperature built in, for anyone who loads it with MLflow
+alone) and its registered version (tags). The test split is not read here: evaluate measures the result on it.
 """
 
 import hashlib
@@ -51,6 +52,19 @@ def fit_gate(model, x_train, x_val, params):
     return fitted.set_threshold(val_scores, params.digit_flag_rate), len(others)
 
 
+def with_temperature_built_in(model, temperature):
+    """The model with its output layer split into logits -> divide by T -> softmax, from Keras'
+    own layers, so it loads anywhere (safe mode) and answers calibrated probabilities."""
+    import keras
+
+    head = model.get_layer("digit")
+    logits = keras.layers.Dense(head.units, name="digit_logits")(head.input)
+    outputs = keras.layers.Softmax(name="digit")(keras.layers.Rescaling(1.0 / temperature)(logits))
+    calibrated = keras.Model(model.inputs, outputs, name=f"{model.name}_calibrated")
+    calibrated.get_layer("digit_logits").set_weights(head.get_weights())
+    return calibrated
+
+
 def calibrate(model_path, data, labels, params):
     import keras
 
@@ -77,7 +91,7 @@ def calibrate(model_path, data, labels, params):
         "not_a_digit_above": fitted_gate.threshold,
         "model_sha256": sha256(model_path),
     }
-    return file, scores, fitted_gate
+    return file, scores, fitted_gate, with_temperature_built_in(model, temperature)
 
 
 def calibrate_models(params):
@@ -92,7 +106,7 @@ def calibrate_models(params):
     report = {}
     for kind in params_module.MODELS:
         run_file = tracking.read_run_file(kind)
-        file, scores, fitted_gate = calibrate(model_file(kind), data, labels, params)
+        file, scores, fitted_gate, calibrated_model = calibrate(model_file(kind), data, labels, params)
         with atomic_path(gate_file(kind)) as tmp:
             joblib.dump(fitted_gate, tmp)
         file["gate_sha256"] = sha256(gate_file(kind))
@@ -110,6 +124,7 @@ def calibrate_models(params):
             # The names the predictor looks for in a model's run.
             mlflow.log_dict(file, "calibration.json")
             mlflow.log_artifact(str(gate_file(kind)), "gate")
+            tracking.log_keras_model(calibrated_model, data["x_val"][:1], name="calibrated_model")
         if run_file.get("model_version"):
             for key in ("temperature", "not_sure_below"):
                 MlflowClient().set_model_version_tag(

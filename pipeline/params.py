@@ -35,6 +35,7 @@ class AugmentParams:
     rotation_degrees: float
     shift_fraction: float
     zoom_fraction: float
+    corruption_share: float  # of each batch, replaced by noisy, blurred, low-resolution or re-inked copies
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def _training(r, section):
             rotation_degrees=r.get(f"{section}.augment.rotation_degrees", float, 0.0, 45.0),
             shift_fraction=r.get(f"{section}.augment.shift_fraction", float, 0.0, 0.3),
             zoom_fraction=r.get(f"{section}.augment.zoom_fraction", float, 0.0, 0.3),
+            corruption_share=r.get(f"{section}.augment.corruption_share", float, 0.0, 1.0),
         ),
     )
 

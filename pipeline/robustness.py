@@ -18,10 +18,11 @@ from pipeline.files import DataError, load_arrays, require, write_json
 from pipeline.layout import PROCESSED_DIR, ROBUSTNESS_FILE, model_file
 
 
-def corrupted_test_sets(x_test, params):
-    """{corruption: the test images, each corrupted}; corruption i uses seed robustness.seed + i."""
+def corrupted_copies(images, params):
+    """{corruption: the images, each corrupted}; corruption i uses seed robustness.seed + i.
+    The benchmark makes the same copies of the validation images, to choose augmentation by."""
     return {
-        name: corruptions.corrupt(x_test, name, strength, params.robustness_seed + i)
+        name: corruptions.corrupt(images, name, strength, params.robustness_seed + i)
         for i, (name, strength) in enumerate(params.corruptions.items())
     }
 
@@ -33,7 +34,7 @@ def measure(params):
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     require(*map(model_file, params_module.MODELS))
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
-    copies = corrupted_test_sets(x_test, params)
+    copies = corrupted_copies(x_test, params)
     tracking.use_experiment(params.experiment)
 
     report = {}

@@ -146,7 +146,7 @@ def run(**start_run_kwargs):
             signal.signal(sig, handler)
 
 
-def log_keras_model(model, example):
+def log_keras_model(model, example, name="model"):
     """Log `model` in MLflow's Keras flavor with a signature and an input example."""
     import keras
     import mlflow
@@ -168,7 +168,7 @@ def log_keras_model(model, example):
         with mock.patch.object(mlflow.keras.save, "_save_example", save_example_into_new_folder):
             return mlflow.keras.log_model(
                 model,
-                name="model",
+                name=name,
                 input_example=example,
                 signature=infer_signature(example, model.predict(example, verbose=0)),
                 # Named, not inferred: inference reloads the model in a subprocess, costing seconds.

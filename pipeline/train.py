@@ -50,10 +50,13 @@ def seed_everything(seed):
 
 def training_dataset(x, y, model_params, seed):
     """Shuffled batches with on-the-fly augmentation (small rotations, shifts, zooms; never flips,
-    which would turn digits into other shapes), run in the tf.data pipeline so the saved model stays
-    a plain inference model."""
+    which would turn digits into other shapes; then noise, blur, low resolution and stroke width,
+    pipeline/augmentation.py), run in the tf.data pipeline so the saved model stays a plain
+    inference model."""
     import keras
     import tensorflow as tf
+
+    from pipeline.augmentation import RandomCorruption
 
     strength = model_params.augment
     augment = keras.Sequential(
@@ -74,6 +77,7 @@ def training_dataset(x, y, model_params, seed):
                     keras.layers.RandomZoom(strength.zoom_fraction, fill_mode="constant", seed=seed + 2),
                     strength.zoom_fraction,
                 ),
+                (RandomCorruption(strength.corruption_share, seed=seed + 3), strength.corruption_share),
             ]
             if active
         ],

@@ -20,6 +20,7 @@ def test_default_params_load(project):
         ("cnn__weight_decay", -0.01, "cnn.weight_decay: got -0.01, expected float in [0.0, 1.0]"),
         ("mlp__hidden_units", [], "mlp.hidden_units: got [], expected a non-empty list"),
         ("cnn__augment__rotation_degrees", -5, "cnn.augment.rotation_degrees: got -5.0"),
+        ("cnn__augment__corruption_share", 1.5, "cnn.augment.corruption_share: got 1.5, expected float in [0.0, 1.0]"),
         ("fetch__sources", ["ftp"], "fetch.sources: got ['ftp'], expected a non-empty list drawn from"),
         ("preprocess__val_size", 5, "preprocess.val_size: got 5, expected int in [10, 30000]"),
     ],

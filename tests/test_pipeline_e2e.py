@@ -115,6 +115,22 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
         assert {"evaluation", "figures", "model_summary.txt", "calibration.json", "gate"} <= artifacts
 
 
+def test_model_logged_by_calibrate_answers_calibrated_probabilities_with_mlflow_alone(repo, monkeypatch):
+    import keras
+    import mlflow
+
+    from pipeline.confidence import with_temperature
+
+    repo, _, _ = repo
+    x_val = np.load(repo / "data/processed/x_val.npy")[:50]
+    run_id = json.loads((repo / "models/cnn.run.json").read_text())["run_id"]
+    temperature = json.loads((repo / "models/cnn.calibration.json").read_text())["temperature"]
+    raw = np.asarray(keras.models.load_model(repo / "models/cnn.keras", compile=False)(x_val, training=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/calibrated_model")
+    np.testing.assert_allclose(np.asarray(logged.predict(x_val)), with_temperature(raw, temperature), atol=1e-5)
+
+
 def test_second_repro_does_nothing_and_metrics_show(repo):
     repo, env, log = repo
     again = run(["dvc", "repro"], repo, env)

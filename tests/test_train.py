@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import layout, models, params, tracking, train
 from pipeline.predictor import Predictor
-from tests.helpers import ROOT
+from tests.helpers import ROOT, tiny_images
 
 
 def mlflow_client():
@@ -43,6 +43,26 @@ def test_schedule_warms_up_then_decays_to_zero_over_any_epoch_count(project):
         assert float(schedule(0)) == 0.0
         assert float(schedule(10)) == pytest.approx(p.learning_rate)
         assert float(schedule(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_training():
+    from pipeline.augmentation import RandomCorruption
+
+    images = (tiny_images(1000)[0] / 255.0).astype(np.float32)[..., None]
+
+    def changed(share, seed=3, training=True):
+        out = np.asarray(RandomCorruption(share, seed=seed)(images, training=training))
+        assert out.shape == images.shape and out.min() >= 0.0 and out.max() <= 1.0
+        return out, np.abs(out - images).reshape(len(images), -1).max(axis=1) > 1e-6
+
+    _, none_changed = changed(0.3, training=False)
+    assert not none_changed.any()
+    _, all_changed = changed(1.0)
+    assert all_changed.all()
+    first, some_changed = changed(0.3)
+    assert 0.2 < some_changed.mean() < 0.4
+    again, _ = changed(0.3)
+    np.testing.assert_array_equal(first, again)  # same seed, same corruptions
 
 
 def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):

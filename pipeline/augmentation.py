@@ -1,0 +1,57 @@
+"""Training-time corruptions: the ways real handwriting and scans differ from MNIST in ink and
+resolution (noise, blur, low resolution, thicker or thinner strokes), which the geometric
+augmentations in train.py (rotation, shift, zoom) do not cover. The robustness stage measures
+the same families on corrupted test copies (pipeline/corruptions.py); what strength to train
+with was chosen on corrupted validation copies."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Resolutions a small or badly scanned digit arrives at, before it is scaled back up to 28x28.
+LOW_RESOLUTION_SIDES = (7, 12)  # inclusive range of the side
+NOISE_STD = (0.05, 0.35)
+BLUR_SIGMAS = (1.0, 1.5)
+
+
+def _gaussian_kernel(sigma, size=7):
+    x = np.arange(size) - size // 2
+    kernel = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
+    return tf.constant((kernel / kernel.sum())[:, :, None, None], tf.float32)
+
+
+def _resized(images, side, align_corners):
+    # Both pixel-grid conventions: scipy's zoom aligns corners, most image libraries use half-pixel centres.
+    down = tf.compat.v1.image.resize(images, tf.stack([side, side]), align_corners=align_corners)
+    return tf.compat.v1.image.resize(down, [28, 28], align_corners=align_corners)
+
+
+class RandomCorruption(keras.layers.Layer):
+    """Replaces a random `share` of a batch's images with a corrupted copy, one corruption each,
+    drawn uniformly; the rest pass unchanged, so clean digits stay most of what the model sees."""
+
+    def __init__(self, share, seed, **kwargs):
+        super().__init__(**kwargs)
+        self.share = share
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.blur_kernels = [_gaussian_kernel(sigma) for sigma in BLUR_SIGMAS]
+
+    def call(self, images, training=True):
+        if not training or not self.share:
+            return images
+        batch = tf.shape(images)[0]
+        std = keras.random.uniform([batch, 1, 1, 1], *NOISE_STD, seed=self.seed_generator)
+        noise = keras.random.normal(tf.shape(images), seed=self.seed_generator) * std
+        side = keras.random.randint([], LOW_RESOLUTION_SIDES[0], LOW_RESOLUTION_SIDES[1] + 1, seed=self.seed_generator)
+        variants = [
+            tf.clip_by_value(images + noise, 0.0, 1.0),
+            *(tf.nn.depthwise_conv2d(images, k, [1, 1, 1, 1], "SAME") for k in self.blur_kernels),
+            _resized(images, side, align_corners=True),
+            _resized(images, side, align_corners=False),
+            tf.nn.max_pool2d(images, 2, 1, "SAME"),  # thicker strokes (grey dilation)
+            -tf.nn.max_pool2d(-images, 2, 1, "SAME"),  # thinner strokes (grey erosion)
+        ]
+        kind = keras.random.randint([batch], 0, len(variants), seed=self.seed_generator)
+        corrupted = tf.gather(tf.stack(variants, axis=1), kind, batch_dims=1)
+        chosen = keras.random.uniform([batch], seed=self.seed_generator) < self.share
+        return tf.where(tf.reshape(chosen, [-1, 1, 1, 1]), corrupted, images)
