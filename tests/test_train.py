@@ -82,7 +82,10 @@ def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
     assert run.info.status == "FINISHED"
     assert json.loads(layout.run_file("cnn").read_text())["run_id"] == run.info.run_id
     assert run.data.params["cnn.filters"] == "[8, 16]" and run.data.params["epochs"] == "2"
-    assert run.data.params["cnn.augment.rotation_degrees"] == "10.0" and "cnn.dense_units" in run.data.params
+    augment = params.load().cnn.augment
+    assert run.data.params["cnn.augment.rotation_degrees"] == str(augment.rotation_degrees)
+    assert run.data.params["cnn.augment.corruption_share"] == str(augment.corruption_share)
+    assert "cnn.dense_units" in run.data.params
     assert int(run.data.params["param_count"]) > 0 and run.data.params["train_size"] == "200"
     assert run.data.tags["model"] == "cnn" and run.data.tags["stage"] == "train_cnn"
     history = mlflow_client().get_metric_history(run.info.run_id, "val_accuracy")
