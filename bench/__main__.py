@@ -114,23 +114,21 @@ def accuracy(model, x, labels, batch_size):
     return float(np.mean(probabilities.argmax(1) == labels))
 
 
-def measure(model, seconds, epochs, data, params, val_only):
-    batch_size = params.eval_batch_size
-    val_labels = data["y_val"].argmax(1)
-    corrupted = {
-        name: accuracy(model, images, val_labels, batch_size)
-        for name, images in robustness.corrupted_copies(data["x_val"], params).items()
-    }
+def measure(model, seconds, epochs, data, batch_size, val_only, corrupted_val=None):
+    """corrupted_val: the robustness stage's corruptions of the validation images, what augmentation
+    is chosen by; None for a recipe that trained on the validation images (no validation metrics)."""
     result = {
         "train_seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / epochs, 1),
         "epochs": epochs,
         "params": model.count_params(),
-        "val_accuracy": accuracy(model, data["x_val"], val_labels, batch_size),
-        # The robustness stage's corruptions, applied to the validation images: what augmentation is chosen by.
-        "val_corrupted_mean_accuracy": float(np.mean(list(corrupted.values()))),
-        "val_corrupted": corrupted,
     }
+    if corrupted_val is not None:
+        val_labels = data["y_val"].argmax(1)
+        corrupted = {name: accuracy(model, x, val_labels, batch_size) for name, x in corrupted_val.items()}
+        result["val_accuracy"] = accuracy(model, data["x_val"], val_labels, batch_size)
+        result["val_corrupted_mean_accuracy"] = float(np.mean(list(corrupted.values())))
+        result["val_corrupted"] = corrupted
     if val_only:
         return result
     labels = data["y_test"].argmax(1)
@@ -220,17 +218,21 @@ def main(argv=None):
     data = load_arrays(PROCESSED_DIR, [f"{xy}_{s}" for s in splits for xy in "xy"])
     started = time.perf_counter()
 
+    # The seed does not change the corruptions (robustness.seed does), so one set serves every run.
+    corrupted_val = robustness.corrupted_copies(data["x_val"], params_with(args.set, args.seeds[0]))
+
     results = {}
     for name in args.models:
         for seed in [args.seeds[0]] if name == "kerasio" else args.seeds:
             params = params_with(args.set, seed)
             print(f"bench {name} seed {seed}: training ...", flush=True)
             model, seconds, epochs = kerasio_recipe(data, seed) if name == "kerasio" else ours(name, params, data)
-            result = {"seed": seed, **measure(model, seconds, epochs, data, params, args.val_only)}
-            if name == "kerasio":
-                # The recipe trains on our validation images too.
-                for key in ("val_accuracy", "val_corrupted_mean_accuracy", "val_corrupted"):
-                    del result[key]
+            # keras-io's recipe trains on our validation images too: no validation metrics for it.
+            own_val = None if name == "kerasio" else corrupted_val
+            result = {
+                "seed": seed,
+                **measure(model, seconds, epochs, data, params.eval_batch_size, args.val_only, own_val),
+            }
             print(f"bench {name} seed {seed}: {json.dumps(result)}", flush=True)
             results.setdefault(name, {"runs": []})["runs"].append(result)
     for entry in results.values():
