@@ -43,26 +43,13 @@ def fit_gate(model, x_train, x_val, params):
     rng = np.random.default_rng(params.seed)
     digits = x_train[rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)), replace=False)]
     generated = nondigits.generate(params.nondigits_per_kind, params.seed, x_train)
-    others, _ = gate.to_mnist_forms([image for images in generated.values() for image in images])
+    others = gate.to_mnist_forms([image for images in generated.values() for image in images])
     features = gate.with_features(model)
     digit_features = features.predict(digits, batch_size=1000, verbose=0)[1]
     other_features = features.predict(others, batch_size=1000, verbose=0)[1]
     fitted = gate.Gate(params.seed).fit(digit_features, digits, other_features, others)
     val_scores = fitted.scores(features.predict(x_val, batch_size=1000, verbose=0)[1], x_val)
     return fitted.set_threshold(val_scores, params.digit_flag_rate), len(others)
-
-
-def with_temperature_built_in(model, temperature):
-    """The model with its output layer split into logits -> divide by T -> softmax, from Keras'
-    own layers, so it loads anywhere (safe mode) and answers calibrated probabilities."""
-    import keras
-
-    head = model.get_layer("digit")
-    logits = keras.layers.Dense(head.units, name="digit_logits")(head.input)
-    outputs = keras.layers.Softmax(name="digit")(keras.layers.Rescaling(1.0 / temperature)(logits))
-    calibrated = keras.Model(model.inputs, outputs, name=f"{model.name}_calibrated")
-    calibrated.get_layer("digit_logits").set_weights(head.get_weights())
-    return calibrated
 
 
 def calibrate(model_path, data, labels, params):
@@ -91,7 +78,7 @@ def calibrate(model_path, data, labels, params):
         "not_a_digit_above": fitted_gate.threshold,
         "model_sha256": sha256(model_path),
     }
-    return file, scores, fitted_gate, with_temperature_built_in(model, temperature)
+    return file, scores, fitted_gate, confidence.with_temperature_layers(model, temperature)
 
 
 def calibrate_models(params):

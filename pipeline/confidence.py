@@ -1,7 +1,8 @@
 """How far to trust an answer: temperature scaling, calibration error, and the "not sure" threshold.
 
 Shared by the calibrate stage (which fits both on the validation split), evaluate (which measures
-them on the test split) and the predictor (which applies them to every answer). NumPy only.
+them on the test split) and the predictor (which applies them to every answer). NumPy, apart from
+the Keras form of temperature scaling that the served and the MLflow-logged models carry.
 """
 
 import json
@@ -20,6 +21,19 @@ def with_temperature(probabilities, temperature):
     logits -= logits.max(axis=1, keepdims=True)
     scaled = np.exp(logits)
     return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def with_temperature_layers(model, temperature):
+    """with_temperature as part of a Keras model: its output layer split into logits -> divide by T
+    -> softmax, from Keras' own layers, so the model loads anywhere (safe mode, MLflow alone)."""
+    import keras
+
+    head = model.get_layer("digit")
+    logits = keras.layers.Dense(head.units, name="digit_logits")(head.input)
+    outputs = keras.layers.Softmax(name="digit")(keras.layers.Rescaling(1.0 / temperature)(logits))
+    calibrated = keras.Model(model.inputs, outputs, name=f"{model.name}_calibrated")
+    calibrated.get_layer("digit_logits").set_weights(head.get_weights())
+    return calibrated
 
 
 def negative_log_likelihood(probabilities, labels):

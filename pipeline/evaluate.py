@@ -148,7 +148,7 @@ def evaluate_models(params):
     tracking.use_experiment(params.experiment)
     # Another seed than calibrate's, test digits in the strips, and fonts the gate never saw.
     generated = nondigits.generate(params.eval_nondigits_per_kind, params.seed + 1, x_test, nondigits.EVAL_FONTS)
-    non_digits = {kind: gate.to_mnist_forms(images)[0] for kind, images in generated.items()}
+    non_digits = {kind: gate.to_mnist_forms(images) for kind, images in generated.items()}
 
     metrics = {}
     for kind in params_module.MODELS:

@@ -18,15 +18,18 @@ PIXEL_COMPONENTS = 40
 
 
 def with_features(model):
-    """The Keras model with a second output: its penultimate layer (the input of the `digit` layer)."""
+    """The Keras model with a second output: its penultimate features, the input of its last Dense
+    layer (the `digit` layer, or the logits of a model with its temperature built in)."""
     import keras
 
-    return keras.Model(model.inputs, [model.output, model.get_layer("digit").input])
+    last_dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][-1]
+    return keras.Model(model.inputs, [model.output, last_dense.input])
 
 
 def to_mnist_forms(raw_images):
-    """Raw images -> (n, 28, 28, 1) MNIST form, as uploads are brought to it; and how many of them
-    normalize.to_mnist refused outright (e.g. blank)."""
+    """Raw images -> (n, 28, 28, 1) MNIST form, as uploads are brought to it. Those that
+    normalize.to_mnist refuses outright (e.g. blank) are left out: the API never asks the gate
+    about them."""
     from pipeline import normalize
 
     forms = []
@@ -35,7 +38,7 @@ def to_mnist_forms(raw_images):
             forms.append(normalize.to_mnist(image))
         except normalize.ImageError:
             pass
-    return np.stack(forms)[..., None], len(raw_images) - len(forms)
+    return np.stack(forms)[..., None]
 
 
 def ink_shape(images):

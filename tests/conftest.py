@@ -88,7 +88,7 @@ def model_file(tmp_path_factory):
     model = models.build(params.load(ROOT / "params.yaml").cnn)
     model.save(path)
     sevens = np.stack([normalize.to_mnist(image) for image in varied_sevens(200)])[..., None]
-    others, _ = gate.to_mnist_forms([i for images in nondigits.generate(20, 0, sevens).values() for i in images])
+    others = gate.to_mnist_forms([i for images in nondigits.generate(20, 0, sevens).values() for i in images])
     features = gate.with_features(model)
     fitted = gate.Gate().fit(
         features.predict(sevens, verbose=0)[1], sevens, features.predict(others, verbose=0)[1], others

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import confidence
+from tests.helpers import ROOT
 
 
 def softmax(logits):
@@ -71,3 +72,19 @@ def test_a_broken_calibration_file_is_named(tmp_path):
     path.write_text(json.dumps({"temperature": -1, "not_sure_below": 0.5}))
     with pytest.raises(ValueError, match="cnn.calibration.json"):
         confidence.read_calibration(path)
+
+
+def test_the_keras_form_of_temperature_scaling_matches_the_numpy_form_and_keeps_the_gate_features():
+    import keras
+
+    from pipeline import gate, models, params
+
+    keras.utils.set_random_seed(0)
+    model = models.build(params.load(ROOT / "params.yaml").mlp)
+    images = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
+    calibrated = confidence.with_temperature_layers(model, 0.45)
+    raw, features = gate.with_features(model).predict(images, verbose=0)
+    sharpened, same_features = gate.with_features(calibrated).predict(images, verbose=0)
+    np.testing.assert_allclose(sharpened, confidence.with_temperature(raw, 0.45), atol=1e-5)
+    assert not np.allclose(sharpened, raw, atol=1e-3)
+    np.testing.assert_array_equal(same_features, features)
