@@ -1,9 +1,11 @@
 """Holds back TensorFlow's start-up noise for every entry point: pages of C++ logs (oneDNN notices,
-CPU feature flags) before anything useful. Imported by pipeline/__init__.py, so any import of the
-package installs it before TensorFlow loads; TF_CPP_MIN_LOG_LEVEL set by the user still wins."""
+CPU feature flags) before anything useful, and its Python warnings. Imported by pipeline/__init__.py,
+so any import of the package installs it before TensorFlow loads; TF_CPP_MIN_LOG_LEVEL set by the
+user still wins."""
 
 import importlib.abc
 import importlib.machinery
+import logging
 import os
 import sys
 import tempfile
@@ -55,5 +57,9 @@ class _QuietLoader(importlib.abc.Loader):
                 os.close(saved_stderr)
 
 
-if os.environ["TF_CPP_MIN_LOG_LEVEL"] >= "2" and "tensorflow" not in sys.modules:
-    sys.meta_path.insert(0, _QuietTensorFlowImport())
+if os.environ["TF_CPP_MIN_LOG_LEVEL"] >= "2":
+    # e.g. "5 out of the last 5 calls ... triggered tf.function retracing", which Keras' predict
+    # causes when it is given arrays of several lengths: harmless, and nothing a user can act on.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    if "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _QuietTensorFlowImport())

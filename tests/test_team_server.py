@@ -1,6 +1,7 @@
 """Team mode against real servers: scripts/team-server starts PostgreSQL and an MLflow tracking
 server with basic-auth, and the tiny pipeline plus two queued experiments (`-j 2`) log into it."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -64,17 +65,23 @@ def server():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def signed_in_as(username, password):
+    """MLflow's clients in this process read the credentials from the standard variables."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_USERNAME", username)
+        env.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        yield
+
+
 @pytest.fixture(scope="module")
 def teammate(server):
     """A user added the way the README says, signed in through the standard variables."""
     from mlflow.server import get_app_client
 
     url, admin_password = server
-    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin_password)
-    try:
+    with signed_in_as("admin", admin_password):
         get_app_client("basic-auth", tracking_uri=url).create_user(username="alice", password="alice-secret-42")
-    finally:
-        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
     return {
         "MLFLOW_TRACKING_URI": url,
         "MLFLOW_TRACKING_USERNAME": "alice",
@@ -239,11 +246,8 @@ def test_the_ui_lists_the_runs_with_their_datasets(server, teammate):
     from playwright.sync_api import sync_playwright
 
     url, _ = server
-    os.environ.update({k: v for k, v in teammate.items() if k != "MLFLOW_TRACKING_URI"})
-    try:
+    with signed_in_as(teammate["MLFLOW_TRACKING_USERNAME"], teammate["MLFLOW_TRACKING_PASSWORD"]):
         experiment = MlflowClient(url).get_experiment_by_name("mnist-digits")
-    finally:
-        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(
