@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
-from pipeline import evaluate, predictor, robustness, train
+from pipeline import confidence, evaluate, predictor, robustness, train
 from pipeline import params as params_module
 from pipeline.files import load_arrays, write_json
 from pipeline.layout import PROCESSED_DIR
@@ -114,9 +114,27 @@ def accuracy(model, x, labels, batch_size):
     return float(np.mean(probabilities.argmax(1) == labels))
 
 
-def measure(model, seconds, epochs, data, batch_size, val_only, corrupted_val=None):
+def not_sure_on_validation(probabilities, labels, target):
+    """How well confidence ranks the validation answers, for choosing a recipe by its "not sure":
+    the share kept at the threshold the calibrate stage would pick there (in-sample), and the area
+    under the risk-coverage curve (the error rate of the k most confident answers, averaged over
+    every k; lower is better). Both after the temperature calibrate would fit there, which changes
+    how answers rank against each other."""
+    probabilities = confidence.with_temperature(probabilities, confidence.fit_temperature(probabilities, labels))
+    threshold = confidence.not_sure_threshold(probabilities, labels, target)
+    wrong = probabilities.argmax(1) != labels
+    ranked_wrong = wrong[np.argsort(-probabilities.max(1), kind="stable")]
+    risk_at_each_coverage = np.cumsum(ranked_wrong) / np.arange(1, len(labels) + 1)
+    return {
+        "val_not_sure_coverage": confidence.selective_scores(probabilities, labels, threshold)["coverage"],
+        "val_risk_coverage_area": float(risk_at_each_coverage.mean()),
+    }
+
+
+def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
     """corrupted_val: the robustness stage's corruptions of the validation images, what augmentation
     is chosen by; None for a recipe that trained on the validation images (no validation metrics)."""
+    batch_size = params.eval_batch_size
     result = {
         "train_seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / epochs, 1),
@@ -126,7 +144,9 @@ def measure(model, seconds, epochs, data, batch_size, val_only, corrupted_val=No
     if corrupted_val is not None:
         val_labels = data["y_val"].argmax(1)
         corrupted = {name: accuracy(model, x, val_labels, batch_size) for name, x in corrupted_val.items()}
-        result["val_accuracy"] = accuracy(model, data["x_val"], val_labels, batch_size)
+        val_probabilities = model.predict(data["x_val"], batch_size=batch_size, verbose=0)
+        result["val_accuracy"] = float(np.mean(val_probabilities.argmax(1) == val_labels))
+        result.update(not_sure_on_validation(val_probabilities, val_labels, params.accepted_accuracy))
         result["val_corrupted_mean_accuracy"] = float(np.mean(list(corrupted.values())))
         result["val_corrupted"] = corrupted
     if val_only:
@@ -150,6 +170,8 @@ def spread(runs):
     out = {}
     for key in (
         "val_accuracy",
+        "val_not_sure_coverage",
+        "val_risk_coverage_area",
         "val_corrupted_mean_accuracy",
         "test_accuracy",
         "test_errors",
@@ -233,7 +255,7 @@ def main(argv=None):
             own_val = None if name == "kerasio" else corrupted_val
             result = {
                 "seed": seed,
-                **measure(model, seconds, epochs, data, params.eval_batch_size, args.val_only, own_val),
+                **measure(model, seconds, epochs, data, params, args.val_only, own_val),
             }
             print(f"bench {name} seed {seed}: {json.dumps(result)}", flush=True)
             results.setdefault(name, {"runs": []})["runs"].append(result)
