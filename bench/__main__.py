@@ -115,20 +115,22 @@ def accuracy(model, x, labels, batch_size):
 
 
 def not_sure_on_validation(probabilities, labels, target):
-    """How well confidence ranks the validation answers, for choosing a recipe by its "not sure":
-    the share kept at the threshold the calibrate stage would pick there (in-sample), and the area
-    under the risk-coverage curve (the error rate of the k most confident answers, averaged over
-    every k; lower is better). Both after the temperature calibrate would fit there, which changes
-    how answers rank against each other."""
-    probabilities = confidence.with_temperature(probabilities, confidence.fit_temperature(probabilities, labels))
+    """What the calibrate stage would fit on these validation answers (temperature, "not sure"
+    threshold), and how well confidence ranks them, for choosing a recipe by its "not sure": the
+    share kept at that threshold (in-sample) and the area under the risk-coverage curve (the error
+    rate of the k most confident answers, averaged over every k; lower is better). Both after the
+    temperature, which changes how answers rank against each other."""
+    temperature = confidence.fit_temperature(probabilities, labels)
+    probabilities = confidence.with_temperature(probabilities, temperature)
     threshold = confidence.not_sure_threshold(probabilities, labels, target)
     wrong = probabilities.argmax(1) != labels
     ranked_wrong = wrong[np.argsort(-probabilities.max(1), kind="stable")]
     risk_at_each_coverage = np.cumsum(ranked_wrong) / np.arange(1, len(labels) + 1)
-    return {
+    scores = {
         "val_not_sure_coverage": confidence.selective_scores(probabilities, labels, threshold)["coverage"],
         "val_risk_coverage_area": float(risk_at_each_coverage.mean()),
     }
+    return scores, temperature, threshold
 
 
 def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
@@ -146,7 +148,10 @@ def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
         corrupted = {name: accuracy(model, x, val_labels, batch_size) for name, x in corrupted_val.items()}
         val_probabilities = model.predict(data["x_val"], batch_size=batch_size, verbose=0)
         result["val_accuracy"] = float(np.mean(val_probabilities.argmax(1) == val_labels))
-        result.update(not_sure_on_validation(val_probabilities, val_labels, params.accepted_accuracy))
+        not_sure, temperature, threshold = not_sure_on_validation(
+            val_probabilities, val_labels, params.accepted_accuracy
+        )
+        result.update(not_sure)
         result["val_corrupted_mean_accuracy"] = float(np.mean(list(corrupted.values())))
         result["val_corrupted"] = corrupted
     if val_only:
@@ -155,6 +160,12 @@ def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
     probabilities, images_per_second = evaluate.predict_timed(model, data["x_test"], batch_size)
     summary, _, _ = evaluate.score(probabilities, labels)
     p50, p95 = single_image_latency(model, data["x_test"])
+    if corrupted_val is not None:
+        # As evaluate does: the test answers under the temperature and threshold fitted on validation.
+        calibrated = confidence.with_temperature(probabilities, temperature)
+        selective = confidence.selective_scores(calibrated, labels, threshold)
+        result["test_not_sure_coverage"] = selective["coverage"]
+        result["test_accepted_accuracy"] = selective["accepted_accuracy"]
     return {
         **result,
         "test_accuracy": summary["accuracy"],
@@ -175,6 +186,7 @@ def spread(runs):
         "val_corrupted_mean_accuracy",
         "test_accuracy",
         "test_errors",
+        "test_not_sure_coverage",
         "train_seconds",
         "batch_images_per_second",
         "single_image_ms_p50",
