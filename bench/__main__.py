@@ -194,10 +194,10 @@ def spread(runs):
         values = [r[key] for r in runs if key in r]
         if values:
             out[key] = {
-                "mean": round(statistics.mean(values), 5),
+                "mean": float(f"{statistics.mean(values):.5g}"),  # significant digits: some are ~1e-4
                 "min": min(values),
                 "max": max(values),
-                "sd": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0,
+                "sd": float(f"{statistics.stdev(values):.3g}") if len(values) > 1 else 0.0,
             }
     return out
 
