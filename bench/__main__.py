@@ -123,12 +123,10 @@ def not_sure_on_validation(probabilities, labels, target):
     temperature = confidence.fit_temperature(probabilities, labels)
     probabilities = confidence.with_temperature(probabilities, temperature)
     threshold = confidence.not_sure_threshold(probabilities, labels, target)
-    wrong = probabilities.argmax(1) != labels
-    ranked_wrong = wrong[np.argsort(-probabilities.max(1), kind="stable")]
-    risk_at_each_coverage = np.cumsum(ranked_wrong) / np.arange(1, len(labels) + 1)
+    _, accuracy_of_top = confidence.most_confident_first(probabilities.max(1), probabilities.argmax(1) == labels)
     scores = {
         "val_not_sure_coverage": confidence.selective_scores(probabilities, labels, threshold)["coverage"],
-        "val_risk_coverage_area": float(risk_at_each_coverage.mean()),
+        "val_risk_coverage_area": float(np.mean(1 - accuracy_of_top)),
     }
     return scores, temperature, threshold
 

@@ -63,13 +63,19 @@ def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
     )
 
 
+def most_confident_first(confidence, correct):
+    """The answers ranked by confidence, highest first: their confidences, and for every k the
+    accuracy of the k most confident (the risk-coverage curve, as accuracy)."""
+    order = np.argsort(-confidence, kind="stable")
+    return confidence[order], np.cumsum(correct[order]) / np.arange(1, len(correct) + 1)
+
+
 def not_sure_threshold(probabilities, labels, target):
     """The lowest confidence whose accepted answers (confidence >= it) are still at least `target`
     correct: the most answers kept at that accuracy."""
-    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
-    order = np.argsort(-confidence, kind="stable")
-    confidence, correct = confidence[order], correct[order]
-    accuracy_of_top = np.cumsum(correct) / np.arange(1, len(correct) + 1)
+    confidence, accuracy_of_top = most_confident_first(
+        probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    )
     # Only cut between distinct confidences: a tie is accepted or refused as a whole.
     cut_allowed = np.append(confidence[1:] < confidence[:-1], True)
     ok = np.flatnonzero((accuracy_of_top >= target) & cut_allowed)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from pipeline import corruptions, tracking
+from pipeline import confidence, corruptions, tracking
 from pipeline import params as params_module
 from pipeline.files import DataError, atomic_path, load_arrays, require
 from pipeline.layout import (
@@ -154,10 +154,11 @@ def risk_coverage(predictions):
     fig, ax = plt.subplots(figsize=(7.5, 5))
     lowest_coverage = 1.0
     for (kind, frame), color in zip(predictions.items(), ("tab:blue", "tab:orange"), strict=True):
-        ranked = frame.sort_values("confidence", ascending=False)
-        wrong = np.cumsum((ranked.predicted != ranked.actual).to_numpy())
-        kept = np.arange(1, len(ranked) + 1)
-        ax.plot(kept / len(ranked), wrong / kept, color=color, label=NAMES[kind])
+        _, accuracy_of_top = confidence.most_confident_first(
+            frame.confidence.to_numpy(), (frame.predicted == frame.actual).to_numpy()
+        )
+        kept = np.arange(1, len(frame) + 1) / len(frame)
+        ax.plot(kept, 1 - accuracy_of_top, color=color, label=NAMES[kind])
         sure = ~frame.not_sure.to_numpy(bool)
         lowest_coverage = min(lowest_coverage, sure.mean())
         sure_errors = np.mean(frame.predicted[sure] != frame.actual[sure]) if sure.any() else 0.0
