@@ -28,7 +28,8 @@ def _resized(images, side, align_corners):
 
 class RandomCorruption(keras.layers.Layer):
     """Replaces a random `share` of a batch's images with a corrupted copy, one corruption each,
-    drawn uniformly; the rest pass unchanged, so clean digits stay most of what the model sees."""
+    drawn uniformly; the rest pass unchanged, so clean digits stay most of what the model sees.
+    Each corruption is computed only for the images that drew it."""
 
     def __init__(self, share, seed, **kwargs):
         super().__init__(**kwargs)
@@ -43,15 +44,21 @@ class RandomCorruption(keras.layers.Layer):
         std = keras.random.uniform([batch, 1, 1, 1], *NOISE_STD, seed=self.seed_generator)
         noise = keras.random.normal(tf.shape(images), seed=self.seed_generator) * std
         side = keras.random.randint([], LOW_RESOLUTION_SIDES[0], LOW_RESOLUTION_SIDES[1] + 1, seed=self.seed_generator)
-        variants = [
-            tf.clip_by_value(images + noise, 0.0, 1.0),
-            *(tf.nn.depthwise_conv2d(images, k, [1, 1, 1, 1], "SAME") for k in self.blur_kernels),
-            _resized(images, side, align_corners=True),
-            _resized(images, side, align_corners=False),
-            tf.nn.max_pool2d(images, 2, 1, "SAME"),  # thicker strokes (grey dilation)
-            -tf.nn.max_pool2d(-images, 2, 1, "SAME"),  # thinner strokes (grey erosion)
+        corruptions = [
+            lambda x, noise: tf.clip_by_value(x + noise, 0.0, 1.0),
+            *(lambda x, _, k=k: tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], "SAME") for k in self.blur_kernels),
+            lambda x, _: _resized(x, side, align_corners=True),
+            lambda x, _: _resized(x, side, align_corners=False),
+            lambda x, _: tf.nn.max_pool2d(x, 2, 1, "SAME"),  # thicker strokes (grey dilation)
+            lambda x, _: -tf.nn.max_pool2d(-x, 2, 1, "SAME"),  # thinner strokes (grey erosion)
         ]
-        kind = keras.random.randint([batch], 0, len(variants), seed=self.seed_generator)
-        corrupted = tf.gather(tf.stack(variants, axis=1), kind, batch_dims=1)
+        kind = keras.random.randint([batch], 0, len(corruptions), seed=self.seed_generator)
         chosen = keras.random.uniform([batch], seed=self.seed_generator) < self.share
-        return tf.where(tf.reshape(chosen, [-1, 1, 1, 1]), corrupted, images)
+        # Group the images by what they get (the last group: unchanged), then put them back in order.
+        group = tf.where(chosen, kind, len(corruptions))
+        parts = len(corruptions) + 1
+        positions = tf.dynamic_partition(tf.range(batch), group, parts)
+        *to_corrupt, unchanged = tf.dynamic_partition(images, group, parts)
+        *their_noise, _ = tf.dynamic_partition(noise, group, parts)
+        corrupted = [corrupt(x, n) for corrupt, x, n in zip(corruptions, to_corrupt, their_noise, strict=True)]
+        return tf.dynamic_stitch(positions, [*corrupted, unchanged])

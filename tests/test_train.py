@@ -65,6 +65,26 @@ def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_t
     np.testing.assert_array_equal(first, again)  # same seed, same corruptions
 
 
+def test_each_corrupted_image_is_a_corruption_of_its_own_original():
+    # The layer corrupts the images in groups, one per corruption, and puts them back in order:
+    # an image must come back in its own place. Four of the seven corruptions have no randomness,
+    # so they can be recomputed here.
+    import tensorflow as tf
+
+    from pipeline.augmentation import BLUR_SIGMAS, RandomCorruption, _gaussian_kernel
+
+    images = (tiny_images(700)[0] / 255.0).astype(np.float32)[..., None]
+    out = np.asarray(RandomCorruption(1.0, seed=5)(images, training=True))
+    exact = [
+        tf.nn.max_pool2d(images, 2, 1, "SAME"),
+        -tf.nn.max_pool2d(-images, 2, 1, "SAME"),
+        *(tf.nn.depthwise_conv2d(images, _gaussian_kernel(s), [1, 1, 1, 1], "SAME") for s in BLUR_SIGMAS),
+    ]
+    matches = np.stack([np.abs(out - np.asarray(e)).reshape(len(images), -1).max(axis=1) < 1e-6 for e in exact])
+    assert 0.45 < matches.any(axis=0).mean() < 0.7  # about 4 of every 7 images
+    assert matches.any(axis=1).all()  # each of the four was drawn
+
+
 def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
     import mlflow
 
