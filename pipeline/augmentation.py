@@ -1,8 +1,10 @@
-"""Training-time corruptions: the ways real handwriting and scans differ from MNIST in ink and
-resolution (noise, blur, low resolution, thicker or thinner strokes), which the geometric
-augmentations in train.py (rotation, shift, zoom) do not cover. The robustness stage measures
-the same families on corrupted test copies (pipeline/corruptions.py); what strength to train
-with was chosen on corrupted validation copies."""
+"""Training-time augmentation, run in the tf.data pipeline (pipeline/train.py):
+- RandomAffine: small rotations, shifts and zooms, the ways one writer's digit differs from
+  another's in pose and size (never flips, which would turn digits into other shapes);
+- RandomCorruption: the ways real handwriting and scans differ from MNIST in ink and resolution
+  (noise, blur, low resolution, thicker or thinner strokes).
+The robustness stage measures the same families on corrupted test copies
+(pipeline/corruptions.py); the strengths were chosen on corrupted validation copies."""
 
 import keras
 import numpy as np
@@ -24,6 +26,48 @@ def _resized(images, side, align_corners):
     # Both pixel-grid conventions: scipy's zoom aligns corners, most image libraries use half-pixel centres.
     down = tf.compat.v1.image.resize(images, tf.stack([side, side]), align_corners=align_corners)
     return tf.compat.v1.image.resize(down, [28, 28], align_corners=align_corners)
+
+
+class RandomAffine(keras.layers.Layer):
+    """Rotates, shifts and zooms each image by its own random amounts in one resampling. (Keras'
+    RandomRotation, RandomTranslation and RandomZoom one after another resample three times, and
+    each bilinear pass blurs the strokes a little more than any test digit is.)
+
+    rotation_degrees: angles uniform in [-r, r]; shift_fraction: each axis uniform in
+    [-s, s] of the side; zoom_fraction: one scale for both axes, uniform in [1 - z, 1 + z]."""
+
+    def __init__(self, rotation_degrees, shift_fraction, zoom_fraction, seed, **kwargs):
+        super().__init__(**kwargs)
+        self.rotation = np.deg2rad(rotation_degrees)
+        self.shift = shift_fraction
+        self.zoom = zoom_fraction
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        batch = tf.shape(images)[0]
+        side = tf.cast(tf.shape(images)[1:3], tf.float32)  # height, width
+
+        def uniform(shape, spread):
+            return keras.random.uniform(shape, -spread, spread, seed=self.seed_generator)
+
+        angle = uniform([batch], self.rotation)
+        scale = 1.0 + uniform([batch], self.zoom)
+        shift = uniform([batch, 2], self.shift) * side
+        # Each output pixel p reads the input at centre + scale * R(angle) (p - centre) - shift.
+        cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
+        cy, cx = (side[0] - 1) / 2, (side[1] - 1) / 2
+        zeros = tf.zeros_like(angle)
+        transform = tf.stack(
+            [
+                cos, -sin, cx - cos * cx + sin * cy - shift[:, 1],
+                sin, cos, cy - sin * cx - cos * cy - shift[:, 0],
+                zeros, zeros,
+            ],
+            axis=1,
+        )  # fmt: skip
+        return keras.ops.image.affine_transform(images, transform, fill_mode="constant")
 
 
 class RandomCorruption(keras.layers.Layer):

@@ -49,14 +49,13 @@ def seed_everything(seed):
 
 
 def training_dataset(x, y, model_params, seed):
-    """Shuffled batches with on-the-fly augmentation (small rotations, shifts, zooms; never flips,
-    which would turn digits into other shapes; then noise, blur, low resolution and stroke width,
-    pipeline/augmentation.py), run in the tf.data pipeline so the saved model stays a plain
-    inference model."""
+    """Shuffled batches with on-the-fly augmentation (pipeline/augmentation.py: small rotations,
+    shifts and zooms in one resampling, then noise, blur, low resolution and stroke width), run in
+    the tf.data pipeline so the saved model stays a plain inference model."""
     import keras
     import tensorflow as tf
 
-    from pipeline.augmentation import RandomCorruption
+    from pipeline.augmentation import RandomAffine, RandomCorruption
 
     strength = model_params.augment
     augment = keras.Sequential(
@@ -64,18 +63,8 @@ def training_dataset(x, y, model_params, seed):
             layer
             for layer, active in [
                 (
-                    keras.layers.RandomRotation(strength.rotation_degrees / 360, fill_mode="constant", seed=seed),
-                    strength.rotation_degrees,
-                ),
-                (
-                    keras.layers.RandomTranslation(
-                        strength.shift_fraction, strength.shift_fraction, fill_mode="constant", seed=seed + 1
-                    ),
-                    strength.shift_fraction,
-                ),
-                (
-                    keras.layers.RandomZoom(strength.zoom_fraction, fill_mode="constant", seed=seed + 2),
-                    strength.zoom_fraction,
+                    RandomAffine(strength.rotation_degrees, strength.shift_fraction, strength.zoom_fraction, seed=seed),
+                    strength.rotation_degrees or strength.shift_fraction or strength.zoom_fraction,
                 ),
                 (RandomCorruption(strength.corruption_share, seed=seed + 3), strength.corruption_share),
             ]

@@ -85,6 +85,57 @@ def test_each_corrupted_image_is_a_corruption_of_its_own_original():
     assert matches.any(axis=1).all()  # each of the four was drawn
 
 
+def test_affine_augmentation_keeps_each_image_within_its_ranges_in_one_resampling():
+    import keras
+
+    from pipeline.augmentation import RandomAffine
+
+    bar = np.zeros((28, 28), np.float32)
+    bar[8:20, 12:16] = 1.0  # upright, well inside the frame at any draw
+    images = np.repeat(bar[None, :, :, None], 400, axis=0)
+    rows, cols = np.mgrid[:28, :28]
+
+    def moments(batch):
+        a = np.asarray(batch)[..., 0]
+        ink = a.sum(axis=(1, 2))
+        y, x = (a * rows).sum(axis=(1, 2)) / ink, (a * cols).sum(axis=(1, 2)) / ink
+        dy, dx = rows - y[:, None, None], cols - x[:, None, None]
+        mu20, mu02, mu11 = (a * dx**2).sum(axis=(1, 2)), (a * dy**2).sum(axis=(1, 2)), (a * dx * dy).sum(axis=(1, 2))
+        tilt = np.degrees(0.5 * np.arctan2(2 * mu11, mu02 - mu20))  # 0 for an upright bar
+        return ink, y, x, tilt
+
+    ink0, y0, x0, _ = moments(images)
+    assert np.array_equal(RandomAffine(10, 0.1, 0.1, seed=1)(images, training=False), images)
+    assert np.array_equal(RandomAffine(0, 0, 0, seed=1)(images, training=True), images)
+
+    _, y, x, _ = moments(RandomAffine(0, 0.1, 0, seed=1)(images, training=True))
+    shift = np.stack([y - y0, x - x0])
+    assert np.abs(shift).max() <= 2.8 + 0.05 and (shift.std(axis=1) > 1.3).all()  # uniform: sd 1.62
+
+    ink, y, x, tilt = moments(RandomAffine(10, 0, 0, seed=1)(images, training=True))
+    assert np.abs(tilt).max() <= 10.5 and np.abs(tilt).max() > 9 and tilt.std() > 4  # uniform: sd 5.8
+    assert np.allclose(ink, ink0, rtol=0.02) and np.allclose(y, y0, atol=0.05) and np.allclose(x, x0, atol=0.05)
+
+    ink, _, _, tilt = moments(RandomAffine(0, 0, 0.1, seed=1)(images, training=True))
+    scale = np.sqrt(ink0 / ink)  # ink scales with the area
+    assert scale.min() > 0.9 - 0.02 and scale.max() < 1.1 + 0.02 and scale.std() > 0.04 and np.abs(tilt).max() < 0.5
+
+    def sharpness(batch):
+        a = np.asarray(batch)[..., 0]
+        laplacian = 4 * a[:, 1:-1, 1:-1] - a[:, :-2, 1:-1] - a[:, 2:, 1:-1] - a[:, 1:-1, :-2] - a[:, 1:-1, 2:]
+        return (laplacian**2).sum(axis=(1, 2)).mean()
+
+    three_passes = keras.Sequential(
+        [
+            keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=1),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=2),
+            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=3),
+        ]
+    )
+    one_pass = RandomAffine(10, 0.1, 0.1, seed=1)
+    assert sharpness(one_pass(images, training=True)) > 1.5 * sharpness(three_passes(images, training=True))
+
+
 def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
     import mlflow
 
