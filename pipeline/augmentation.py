@@ -32,10 +32,11 @@ def _resized(images, side, align_corners):
     return tf.compat.v1.image.resize(down, [28, 28], align_corners=align_corners)
 
 
-def _warped(images, angle, scale, shift):
+def _warped(images, angle, scale, shift_fraction):
     """Each image rotated by its angle (radians), zoomed by its scale and moved by its shift
-    (pixels: y, x), in one bilinear resampling."""
+    (fractions of the side: y, x), in one bilinear resampling."""
     side = tf.cast(tf.shape(images)[1:3], tf.float32)  # height, width
+    shift = shift_fraction * side
     # Each output pixel p reads the input at centre + scale * R(angle) (p - centre) - shift.
     cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
     cy, cx = (side[0] - 1) / 2, (side[1] - 1) / 2
@@ -79,15 +80,13 @@ class RandomAffine(keras.layers.Layer):
         if not training:
             return images
         batch = tf.shape(images)[0]
-        side = tf.cast(tf.shape(images)[1:3], tf.float32)  # height, width
 
         def uniform(shape, spread):
             return keras.random.uniform(shape, -spread, spread, seed=self.seed_generator)
 
         angle = uniform([batch], self.rotation)
         scale = 1.0 + uniform([batch], self.zoom)
-        shift = uniform([batch, 2], self.shift) * side
-        return _warped(images, angle, scale, shift)
+        return _warped(images, angle, scale, uniform([batch, 2], self.shift))
 
 
 class RandomCorruption(keras.layers.Layer):

@@ -50,8 +50,8 @@ def seed_everything(seed):
 
 def training_dataset(x, y, model_params, seed):
     """Shuffled batches with on-the-fly augmentation (pipeline/augmentation.py: small rotations,
-    shifts and zooms in one resampling, then noise, blur, low resolution and stroke width), run in
-    the tf.data pipeline so the saved model stays a plain inference model."""
+    shifts and zooms in one resampling, then corruptions, `augment.corruption_share`), run in the tf.data
+    pipeline so the saved model stays a plain inference model."""
     import keras
     import tensorflow as tf
 
