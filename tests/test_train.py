@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -43,6 +44,25 @@ def test_schedule_warms_up_then_decays_to_zero_over_any_epoch_count(project):
         assert float(schedule(0)) == 0.0
         assert float(schedule(10)) == pytest.approx(p.learning_rate)
         assert float(schedule(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_batches_each_get_their_own_augmentation_and_repeat_the_same_way(project):
+    """One image, copied: every batch is then the same images in another order, so two equal
+    batches mean repeated random draws (parallel map calls racing for the seed generators did that)."""
+    images, _ = tiny_images(1)
+    one_image = np.repeat(images[..., None].astype(np.float32) / 255, 96, axis=0)
+    labels = np.repeat(np.eye(10, dtype=np.float32)[:1], 96, axis=0)
+    cnn = dataclasses.replace(params.load().cnn, batch_size=16)
+    steps = train.steps_per_epoch(len(one_image), cnn)
+
+    def two_epochs():
+        dataset = train.training_dataset(one_image, labels, cnn, seed=5)
+        return [np.sort(x.numpy().reshape(len(x), -1), axis=0) for x, _ in dataset.take(2 * steps)]
+
+    batches = two_epochs()
+    assert len(batches) == 12
+    assert all(not np.allclose(a, b) for i, a in enumerate(batches) for b in batches[i + 1 :])
+    assert all(np.array_equal(a, b) for a, b in zip(batches, two_epochs(), strict=True))
 
 
 def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_training():
