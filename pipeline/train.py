@@ -78,13 +78,13 @@ def training_dataset(x, y, model_params, seed):
         name="augment",
     )
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    # One iterator for the whole run: fit() making a new one each epoch stalled the first step of
-    # about half the epochs by 10-17 s on two cores.
+    # One iterator for the whole run: fit() starting a new one each epoch stalled the epoch's first
+    # step by 10-17 s in 10 of 28 epochs measured on two cores.
     ds = ds.batch(model_params.batch_size).repeat()
     if augment.layers:
         # One call at a time: the layers draw from seed generators, and parallel calls race for
-        # their state, so neighbouring batches got the same random draws. Augmenting a batch takes
-        # a fraction of a training step, and prefetch runs it ahead.
+        # their state (on small batches, two runs with one seed gave different batches). Augmenting
+        # a batch takes a fraction of a training step, and prefetch runs it ahead.
         ds = ds.map(lambda images, labels: (augment(images, training=True), labels))
     return ds.prefetch(tf.data.AUTOTUNE)
 
