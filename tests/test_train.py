@@ -48,7 +48,8 @@ def test_schedule_warms_up_then_decays_to_zero_over_any_epoch_count(project):
 
 def test_training_batches_each_get_their_own_augmentation_and_repeat_the_same_way(project):
     """One image, copied: every batch is then the same images in another order, so two equal
-    batches mean repeated random draws (parallel map calls racing for the seed generators did that)."""
+    batches would mean repeated random draws. Parallel map calls racing for the seed generators
+    made a second run give other batches."""
     images, _ = tiny_images(1)
     one_image = np.repeat(images[..., None].astype(np.float32) / 255, 96, axis=0)
     labels = np.repeat(np.eye(10, dtype=np.float32)[:1], 96, axis=0)
