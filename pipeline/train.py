@@ -89,13 +89,13 @@ def training_dataset(x, y, model_params, seed):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def learning_rate_schedule(model_params, epochs, steps_per_epoch):
+def learning_rate_schedule(model_params, epochs, epoch_steps):
     """Linear warm-up to the peak rate, then cosine decay to zero at the last step, so the schedule
     stretches with `epochs` and `dvc exp run -S epochs=20` keeps the same recipe."""
     import keras
 
-    warmup = min(model_params.warmup_epochs, epochs - 1) * steps_per_epoch
-    total = epochs * steps_per_epoch
+    warmup = min(model_params.warmup_epochs, epochs - 1) * epoch_steps
+    total = epochs * epoch_steps
     peak = model_params.learning_rate
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else peak,

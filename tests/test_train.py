@@ -40,7 +40,7 @@ def test_builders_give_ten_probabilities(project, kind):
 def test_schedule_warms_up_then_decays_to_zero_over_any_epoch_count(project):
     p = params.load().cnn
     for epochs in (3, 20):
-        schedule = train.learning_rate_schedule(p, epochs, steps_per_epoch=10)
+        schedule = train.learning_rate_schedule(p, epochs, epoch_steps=10)
         assert float(schedule(0)) == 0.0
         assert float(schedule(10)) == pytest.approx(p.learning_rate)
         assert float(schedule(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
