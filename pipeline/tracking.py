@@ -16,6 +16,7 @@ same validation images; `digits promote` moves it by hand.
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import socket
@@ -164,6 +165,9 @@ def log_keras_model(model, example, name="model"):
 
     # MLflow checks the input example by predicting it; keep Keras' progress bar out of the log.
     keras.config.disable_interactive_logging()
+    # And it announces (INFO, with a timestamp) that it found our uv.lock at every model it logs:
+    # news to no one, since the requirements are named below. Its warnings still show.
+    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
     try:
         with mock.patch.object(mlflow.keras.save, "_save_example", save_example_into_new_folder):
             return mlflow.keras.log_model(
