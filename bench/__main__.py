@@ -28,10 +28,12 @@ import numpy as np
 import yaml
 
 import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
-from pipeline import confidence, evaluate, predictor, robustness, train
-from pipeline import params as params_module
-from pipeline.files import load_arrays, write_json
-from pipeline.layout import PROCESSED_DIR
+from pipeline import evaluate
+from pipeline.core import confidence, corruptions, training
+from pipeline.core import params as params_module
+from pipeline.core.files import load_arrays, write_json
+from pipeline.core.layout import PROCESSED_DIR
+from pipeline.serving import predictor
 
 OUT = "reports/benchmark.json"
 API_OUT = "reports/benchmark_api.json"
@@ -67,9 +69,9 @@ def kerasio_recipe(data, seed):
 
 def ours(kind, params, data):
     model_params = params.model(kind)
-    train.seed_everything(params.seed)
-    model = train.compiled_model(model_params, params.epochs, len(data["x_train"]))
-    rows, seconds = train.fit(model, model_params, params, data, to_mlflow=False)
+    training.seed_everything(params.seed)
+    model = training.compiled_model(model_params, params.epochs, len(data["x_train"]))
+    rows, seconds = training.fit(model, model_params, params, data, to_mlflow=False)
     return model, seconds, len(rows)
 
 
@@ -114,23 +116,6 @@ def accuracy(model, x, labels, batch_size):
     return float(np.mean(probabilities.argmax(1) == labels))
 
 
-def not_sure_on_validation(probabilities, labels, target):
-    """What the calibrate stage would fit on these validation answers (temperature, "not sure"
-    threshold), and how well confidence ranks them, for choosing a recipe by its "not sure": the
-    share kept at that threshold (in-sample) and the area under the risk-coverage curve (the error
-    rate of the k most confident answers, averaged over every k; lower is better). Both after the
-    temperature, which changes how answers rank against each other."""
-    temperature = confidence.fit_temperature(probabilities, labels)
-    probabilities = confidence.with_temperature(probabilities, temperature)
-    threshold = confidence.not_sure_threshold(probabilities, labels, target)
-    _, accuracy_of_top = confidence.most_confident_first(probabilities.max(1), probabilities.argmax(1) == labels)
-    scores = {
-        "val_not_sure_coverage": confidence.selective_scores(probabilities, labels, threshold)["coverage"],
-        "val_risk_coverage_area": float(np.mean(1 - accuracy_of_top)),
-    }
-    return scores, temperature, threshold
-
-
 def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
     """corrupted_val: the robustness stage's corruptions of the validation images, what augmentation
     is chosen by; None for a recipe that trained on the validation images (no validation metrics)."""
@@ -146,7 +131,7 @@ def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
         corrupted = {name: accuracy(model, x, val_labels, batch_size) for name, x in corrupted_val.items()}
         val_probabilities = model.predict(data["x_val"], batch_size=batch_size, verbose=0)
         result["val_accuracy"] = float(np.mean(val_probabilities.argmax(1) == val_labels))
-        not_sure, temperature, threshold = not_sure_on_validation(
+        not_sure, temperature, threshold = confidence.not_sure_on_validation(
             val_probabilities, val_labels, params.accepted_accuracy
         )
         result.update(not_sure)
@@ -254,7 +239,7 @@ def main(argv=None):
     # keras-io's recipe trains on the validation images, so it gets none.
     corrupted_val = None
     if set(args.models) - {"kerasio"}:
-        corrupted_val = robustness.corrupted_copies(data["x_val"], params_with(args.set, args.seeds[0]))
+        corrupted_val = corruptions.corrupted_copies(data["x_val"], params_with(args.set, args.seeds[0]))
 
     results = {}
     for name in args.models:

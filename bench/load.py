@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from tests.helpers import draw_digit_seven, serve_in_subprocess
+from bench.servers import draw_digit_seven, serve_in_subprocess
 
 
 def png(image):
@@ -121,7 +121,7 @@ def in_process_latency(model, samples=500):
     """One image through the serving graph and through a plain Keras call, in this process:
     p50 milliseconds of each (their ratio is what the traced graph saves)."""
     import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
-    from pipeline.predictor import Predictor
+    from pipeline.serving.predictor import Predictor
 
     predictor = Predictor(model)
     image = np.zeros((1, 28, 28), np.float32)

@@ -2,4 +2,4 @@
 (one module each, mapped by dvc.yaml), plus the serving side that uses the trained models:
 normalize, predictor, api and cli (`digits`)."""
 
-from pipeline import quiet_tensorflow  # noqa: F401  (must run before anything imports TensorFlow)
+from pipeline.core import quiet_tensorflow  # noqa: F401  (must run before anything imports TensorFlow)

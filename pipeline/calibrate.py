@@ -6,8 +6,8 @@ Label smoothing trains both models to be under-confident: the CNN says ~90 % whe
      before the softmax; T < 1 sharpens, and the predicted digit never changes), and
   2. picks the "not sure" threshold: the lowest calibrated confidence at which the answers kept
      are still `calibrate.accepted_accuracy` (99.9 %) right on validation, and
-  3. fits the "not a digit" gate (pipeline.gate) on training digits against generated non-digits
-     (pipeline.nondigits, seeded by `seed`), flagging at most `calibrate.digit_flag_rate` of the
+  3. fits the "not a digit" gate (pipeline.core.gate) on training digits against generated non-digits
+     (pipeline.core.nondigits, seeded by `seed`), flagging at most `calibrate.digit_flag_rate` of the
      validation digits.
 Writes
   models/<model>.calibration.json  temperature and thresholds, with the sha256 of the model and
@@ -26,10 +26,10 @@ import hashlib
 import joblib
 import numpy as np
 
-from pipeline import confidence, gate, nondigits, tracking
-from pipeline import params as params_module
-from pipeline.files import DataError, atomic_path, load_arrays, require, write_json
-from pipeline.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
+from pipeline.core import confidence, gate, nondigits, tracking
+from pipeline.core import params as params_module
+from pipeline.core.files import DataError, atomic_path, load_arrays, require, write_json
+from pipeline.core.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
 
 GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits
 

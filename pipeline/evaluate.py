@@ -6,7 +6,7 @@ Writes
                                        and NLL before and after the calibrate stage's temperature;
                                        coverage and accuracy of the answers above its "not sure"
                                        threshold; the share of test digits and of generated
-                                       non-digits (pipeline.nondigits, a seed and fonts the gate
+                                       non-digits (pipeline.core.nondigits, a seed and fonts the gate
                                        was not fitted on) that the "not a digit" gate flags
                                        (dvc metrics: `cnn.test.accuracy` ...)
   reports/eval/<model>_report.json     per-class P/R/F1, confusion matrix, most confused pairs
@@ -26,10 +26,10 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline import confidence, gate, nondigits, tracking
-from pipeline import params as params_module
-from pipeline.files import DataError, load_arrays, require, write_json, write_text
-from pipeline.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
+from pipeline.core import confidence, gate, nondigits, tracking
+from pipeline.core import params as params_module
+from pipeline.core.files import DataError, load_arrays, require, write_json, write_text
+from pipeline.core.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
 
 
 def predict_timed(model, x, batch_size, passes=3):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import params as params_module
-from pipeline.files import save_arrays
-from pipeline.layout import RAW_DIR
+from pipeline.core import params as params_module
+from pipeline.core.files import save_arrays
+from pipeline.core.layout import RAW_DIR
 
 # SHA-256 of each array's C-order bytes (uint8 images 28x28, uint8 labels 0-9).
 SHA256 = {

@@ -8,9 +8,9 @@ to pick a model). Also writes reports/data_stats.json.
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline import params as params_module
-from pipeline.files import DataError, load_arrays, save_arrays, write_json
-from pipeline.layout import DATA_STATS_FILE, NUM_CLASSES, PROCESSED_DIR, RAW_DIR
+from pipeline.core import params as params_module
+from pipeline.core.files import DataError, load_arrays, save_arrays, write_json
+from pipeline.core.layout import DATA_STATS_FILE, NUM_CLASSES, PROCESSED_DIR, RAW_DIR
 
 
 def scale(images):

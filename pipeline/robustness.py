@@ -2,7 +2,7 @@
 
 Real handwriting is slanted, rotated, small, off-centre, thick or thin, blurred, noisy or scanned
 at low resolution; MNIST's test images are none of these. Each corruption in params.yaml's
-`robustness` section (pipeline/corruptions.py, MNIST-C style) makes one copy of the test set,
+`robustness` section (pipeline/core/corruptions.py, MNIST-C style) makes one copy of the test set,
 the same for the same seed. Like evaluate, this stage only measures: nothing here chooses
 anything. Writes
   reports/robustness.json  per model: clean test accuracy, accuracy under each corruption and
@@ -12,19 +12,10 @@ and adds the same to each model's MLflow training run.
 
 import numpy as np
 
-from pipeline import corruptions, tracking
-from pipeline import params as params_module
-from pipeline.files import DataError, load_arrays, require, write_json
-from pipeline.layout import PROCESSED_DIR, ROBUSTNESS_FILE, model_file
-
-
-def corrupted_copies(images, params):
-    """{corruption: the images, each corrupted}; corruption i uses seed robustness.seed + i.
-    The benchmark makes the same copies of the validation images, to choose augmentation by."""
-    return {
-        name: corruptions.corrupt(images, name, strength, params.robustness_seed + i)
-        for i, (name, strength) in enumerate(params.corruptions.items())
-    }
+from pipeline.core import corruptions, tracking
+from pipeline.core import params as params_module
+from pipeline.core.files import DataError, load_arrays, require, write_json
+from pipeline.core.layout import PROCESSED_DIR, ROBUSTNESS_FILE, model_file
 
 
 def measure(params):
@@ -34,7 +25,7 @@ def measure(params):
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     require(*map(model_file, params_module.MODELS))
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
-    copies = corrupted_copies(x_test, params)
+    copies = corruptions.corrupted_copies(x_test, params)
     tracking.use_experiment(params.experiment)
 
     report = {}

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from pipeline import confidence, corruptions, tracking
-from pipeline import params as params_module
-from pipeline.files import DataError, atomic_path, load_arrays, require
-from pipeline.layout import (
+from pipeline.core import confidence, corruptions, tracking
+from pipeline.core import params as params_module
+from pipeline.core.files import DataError, atomic_path, load_arrays, require
+from pipeline.core.layout import (
     DATA_STATS_FILE,
     EVAL_DIR,
     FIGURES_DIR,
@@ -207,7 +207,7 @@ def robustness(report, x_test, params, examples=4):
     bars.set(ylabel="Test accuracy", ylim=(0, 1))
     bars.axhline(0.98, linestyle=":", color="black", label="98 %")
     bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle("Corrupted copies of the test images (pipeline/corruptions.py, params.yaml robustness)")
+    fig.suptitle("Corrupted copies of the test images (pipeline/core/corruptions.py, params.yaml robustness)")
     return fig
 
 

@@ -38,7 +38,7 @@ def project(tmp_path, monkeypatch):
 def processed_data(project):
     """data/processed with a few hundred random images, as preprocess would lay them out."""
     from pipeline import preprocess
-    from pipeline.files import save_arrays
+    from pipeline.core.files import save_arrays
 
     arrays = {}
     for split, n in [("train", 200), ("val", 50), ("test", 60)]:
@@ -81,7 +81,7 @@ def model_file(tmp_path_factory):
     import joblib
     import keras
 
-    from pipeline import gate, models, nondigits, normalize, params
+    from pipeline.core import gate, models, nondigits, normalize, params
 
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "cnn.keras"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.servers import ROOT, draw_digit_seven, serve_in_subprocess  # noqa: F401  (shared with bench/)
 
 
 def tiny_images(n, seed=0):
@@ -24,18 +24,6 @@ def idx_bytes(array):
     """An array in the IDX format MNIST is published in."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     return header + array.tobytes()
-
-
-def draw_digit_seven(width=400, height=300, ink=(20, 20, 20), paper=(250, 248, 240), offset=(40, 30), mode="RGB"):
-    """A '7' drawn with thick strokes, off-centre on a large canvas (dark ink on light paper)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new(mode, (width, height), paper)
-    draw = ImageDraw.Draw(image)
-    x, y = offset
-    draw.line([(x, y), (x + 80, y)], fill=ink, width=14)
-    draw.line([(x + 80, y), (x + 30, y + 140)], fill=ink, width=14)
-    return image
 
 
 # What a copy of the repository leaves out: local state, outputs, caches.
@@ -139,32 +127,3 @@ def offline_page(playwright, allowed_prefixes):
 
     page.route("**/*", route)
     return browser, page, refused
-
-
-def serve_in_subprocess(model, workers=1, port=None):
-    """`digits serve` in its own process on a loopback port (a free one unless given); returns
-    (process, base URL) once /health/ready answers 200. Output goes to the process's stdout pipe."""
-    import socket
-    import time
-
-    import httpx
-
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    command = ["-m", "pipeline.cli", "serve", "--port", str(port), "--model", str(model), "--workers", str(workers)]
-    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"digits serve exited with {process.returncode}: {process.stdout.read().decode()}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("digits serve was not ready within 180 s")

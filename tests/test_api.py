@@ -9,9 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipeline import api, normalize
-from pipeline.api import create_app, serve_in_background
-from pipeline.predictor import Predictor
+from bench.servers import serve_in_background
+from pipeline.core import normalize
+from pipeline.serving import api
+from pipeline.serving.api import create_app
+from pipeline.serving.predictor import Predictor
 from tests.helpers import ROOT, draw_digit_seven
 
 
@@ -60,7 +62,7 @@ def test_upload_answers_digit_probabilities_and_model(client, predictor, fmt, in
 def test_answers_carry_the_models_calibration_and_say_when_not_sure(client, predictor, model_file):
     import keras
 
-    from pipeline.confidence import with_temperature
+    from pipeline.core.confidence import with_temperature
     from tests.conftest import CALIBRATION_TEMPERATURE
 
     pixels = normalize.to_mnist(draw_digit_seven())

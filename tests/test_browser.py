@@ -17,8 +17,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server(model_file):
-    from pipeline.api import serve_in_background
-    from pipeline.predictor import Predictor
+    from bench.servers import serve_in_background
+    from pipeline.serving.predictor import Predictor
 
     predictor = Predictor(model_file)
     url, uvicorn_server = serve_in_background(predictor)
@@ -63,7 +63,7 @@ def drawn_answer(url, strokes):
 def test_drawing_shows_the_apis_prediction(server):
     from fastapi.testclient import TestClient
 
-    from pipeline.api import create_app
+    from pipeline.serving.api import create_app
 
     url, predictor = server
     # A '7': a top bar, then a diagonal down to the left.

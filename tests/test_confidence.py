@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import confidence
+from pipeline.core import confidence
 from tests.helpers import ROOT
 
 
@@ -77,7 +77,7 @@ def test_a_broken_calibration_file_is_named(tmp_path):
 def test_the_keras_form_of_temperature_scaling_matches_the_numpy_form_and_keeps_the_gate_features():
     import keras
 
-    from pipeline import gate, models, params
+    from pipeline.core import gate, models, params
 
     keras.utils.set_random_seed(0)
     model = models.build(params.load(ROOT / "params.yaml").mlp)

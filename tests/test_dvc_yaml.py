@@ -17,22 +17,28 @@ def imported_modules(path):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "pipeline"}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
-            if node.module == "pipeline":  # from pipeline import a, b: submodules
-                found |= {f"pipeline.{a.name}" for a in node.names}
-            else:
-                found.add(node.module)
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # from pipeline.core import a: submodules
     return {m for m in found if (ROOT / (m.replace(".", "/") + ".py")).exists()}
 
 
+def packages_of(module):
+    """The __init__ modules that importing `module` runs: pipeline.core.x runs pipeline/__init__.py
+    and pipeline/core/__init__.py."""
+    parts = module.split(".")[:-1]
+    return [".".join(parts[: i + 1]) + ".__init__" for i in range(len(parts)) if parts[i] != "__init__"]
+
+
 def code_run_by(module):
-    """The module's file and every pipeline module it imports, transitively, with the package's
+    """The module's file and every pipeline module it imports, transitively, with each package's
     __init__ (which importing any submodule runs) and what that imports."""
-    files, todo = set(), [module, "pipeline.__init__"]
+    files, todo = set(), [module]
     while todo:
-        path = todo.pop().replace(".", "/") + ".py"
+        name = todo.pop()
+        path = name.replace(".", "/") + ".py"
         if path not in files:
             files.add(path)
-            todo += imported_modules(ROOT / path)
+            todo += [*imported_modules(ROOT / path), *packages_of(name)]
     return files
 
 

@@ -6,8 +6,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pipeline import fetch, files
-from pipeline.params import FetchParams
+from pipeline import fetch
+from pipeline.core import files
+from pipeline.core.params import FetchParams
 from tests.helpers import idx_bytes, tiny_images
 
 

@@ -4,7 +4,7 @@ style corruptions of the robustness stage, on images made here."""
 import numpy as np
 import pytest
 
-from pipeline import corruptions, gate, nondigits
+from pipeline.core import corruptions, gate, nondigits
 from tests.helpers import tiny_images
 
 

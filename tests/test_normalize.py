@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import normalize
+from pipeline.core import normalize
 from tests.helpers import draw_digit_seven
 
 

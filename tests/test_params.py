@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline import params
+from pipeline.core import params
 
 
 def test_default_params_load(project):

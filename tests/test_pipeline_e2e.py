@@ -120,7 +120,7 @@ def test_model_logged_by_calibrate_answers_calibrated_probabilities_with_mlflow_
     import keras
     import mlflow
 
-    from pipeline.confidence import with_temperature
+    from pipeline.core.confidence import with_temperature
 
     repo, _, _ = repo
     x_val = np.load(repo / "data/processed/x_val.npy")[:50]
@@ -207,8 +207,8 @@ def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
     from fastapi.testclient import TestClient
     from mlflow.tracking import MlflowClient
 
-    from pipeline.api import create_app
-    from pipeline.predictor import Predictor
+    from pipeline.serving.api import create_app
+    from pipeline.serving.predictor import Predictor
 
     repo, env, log = repo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
@@ -263,8 +263,8 @@ def test_serving_graph_answers_as_the_keras_model(repo):
     calibrate stage's temperature, on real test images."""
     import keras
 
-    from pipeline.confidence import with_temperature
-    from pipeline.predictor import Predictor
+    from pipeline.core.confidence import with_temperature
+    from pipeline.serving.predictor import Predictor
 
     repo, _, _ = repo
     x_test = np.load(repo / "data/processed/x_test.npy")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 from pipeline import preprocess
-from pipeline.files import save_arrays
+from pipeline.core.files import save_arrays
 from tests.helpers import tiny_images
 
 

@@ -149,7 +149,7 @@ def test_nobody_gets_in_without_credentials(server, teammate):
 
 def crown_behind(barrier, version, verdicts, errors):
     """One training stage's crowning, started with the other's behind `barrier`."""
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     barrier.wait()
     try:

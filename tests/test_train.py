@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import layout, models, params, tracking, train
-from pipeline.predictor import Predictor
+from pipeline import train
+from pipeline.core import layout, models, params, tracking, training
+from pipeline.serving.predictor import Predictor
 from tests.helpers import ROOT, tiny_images
 
 
@@ -40,7 +41,7 @@ def test_builders_give_ten_probabilities(project, kind):
 def test_schedule_warms_up_then_decays_to_zero_over_any_epoch_count(project):
     p = params.load().cnn
     for epochs in (3, 20):
-        schedule = train.learning_rate_schedule(p, epochs, epoch_steps=10)
+        schedule = training.learning_rate_schedule(p, epochs, epoch_steps=10)
         assert float(schedule(0)) == 0.0
         assert float(schedule(10)) == pytest.approx(p.learning_rate)
         assert float(schedule(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
@@ -54,10 +55,10 @@ def test_training_batches_each_get_their_own_augmentation_and_repeat_the_same_wa
     one_image = np.repeat(images[..., None].astype(np.float32) / 255, 96, axis=0)
     labels = np.repeat(np.eye(10, dtype=np.float32)[:1], 96, axis=0)
     cnn = dataclasses.replace(params.load().cnn, batch_size=16)
-    steps = train.steps_per_epoch(len(one_image), cnn)
+    steps = training.steps_per_epoch(len(one_image), cnn)
 
     def two_epochs():
-        dataset = train.training_dataset(one_image, labels, cnn, seed=5)
+        dataset = training.training_dataset(one_image, labels, cnn, seed=5)
         return [np.sort(x.numpy().reshape(len(x), -1), axis=0) for x, _ in dataset.take(2 * steps)]
 
     batches = two_epochs()
@@ -67,7 +68,7 @@ def test_training_batches_each_get_their_own_augmentation_and_repeat_the_same_wa
 
 
 def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_training():
-    from pipeline.augmentation import RandomCorruption
+    from pipeline.core.augmentation import RandomCorruption
 
     images = (tiny_images(1000)[0] / 255.0).astype(np.float32)[..., None]
 
@@ -92,7 +93,7 @@ def test_each_corrupted_image_is_a_corruption_of_its_own_original():
     # so they can be recomputed here.
     import tensorflow as tf
 
-    from pipeline.augmentation import BLUR_SIGMAS, RandomCorruption, _gaussian_kernel
+    from pipeline.core.augmentation import BLUR_SIGMAS, RandomCorruption, _gaussian_kernel
 
     images = (tiny_images(700)[0] / 255.0).astype(np.float32)[..., None]
     out = np.asarray(RandomCorruption(1.0, seed=5)(images, training=True))
@@ -127,7 +128,7 @@ def moments(batch):
 def test_affine_augmentation_keeps_each_image_within_its_ranges_in_one_resampling():
     import keras
 
-    from pipeline.augmentation import RandomAffine
+    from pipeline.core.augmentation import RandomAffine
 
     images = upright_bars(400)
     ink0, y0, x0, _ = moments(images)
@@ -165,7 +166,7 @@ def test_affine_augmentation_keeps_each_image_within_its_ranges_in_one_resamplin
 def test_wide_tilts_turn_each_image_by_their_range_either_way_about_its_centre():
     import keras
 
-    from pipeline.augmentation import WIDE_ROTATION_DEGREES, _tilted
+    from pipeline.core.augmentation import WIDE_ROTATION_DEGREES, _tilted
 
     images = upright_bars(400)
     ink0, y0, x0, _ = moments(images)
@@ -186,7 +187,7 @@ def test_training_stage_writes_outputs_and_tracks_the_run(processed_data):
     with open("reports/train/cnn_history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(train.HISTORY_COLUMNS) == set(rows[0])
+    assert set(training.HISTORY_COLUMNS) == set(rows[0])
     summary = json.loads((layout.TRAIN_REPORTS_DIR / "cnn.json").read_text())["cnn"]
     assert summary["epochs"] == 2 and 0.0 <= summary["best_val_accuracy"] <= 1.0
 

@@ -10,7 +10,7 @@ from unittest import mock
 
 import numpy as np
 
-from pipeline.confidence import read_calibration
+from pipeline.core.confidence import read_calibration
 
 DEFAULT_MODEL = "models/cnn.keras"
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -69,7 +69,7 @@ class Predictor:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        from pipeline import tracking
+        from pipeline.core import tracking
 
         mlflow.set_tracking_uri(tracking.tracking_uri())
         registry = REGISTRY_URI.match(uri)
@@ -142,8 +142,8 @@ def traced(model, temperature=1.0, with_features=False):
     with the same numbers."""
     import tensorflow as tf
 
-    from pipeline.confidence import with_temperature_layers
-    from pipeline.gate import with_features as add_features
+    from pipeline.core.confidence import with_temperature_layers
+    from pipeline.core.gate import with_features as add_features
 
     network = with_temperature_layers(model, temperature) if temperature != 1.0 else model
     network = add_features(network) if with_features else network

@@ -1,6 +1,7 @@
 """Load params.yaml into typed objects. Every value is checked before any work starts, and an
 error names the key, the value found and what is allowed."""
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -9,6 +10,7 @@ import yaml
 
 SOURCES = ("local", "mirrors", "pypi")
 MODELS = ("mlp", "cnn")
+ARCHS = ("plain", "resnet")  # cnn.arch
 
 
 class ParamsError(ValueError):
@@ -66,6 +68,7 @@ class MLPParams(TrainingParams):
 
 @dataclass(frozen=True)
 class CNNParams(TrainingParams):
+    arch: str  # "plain" or "resnet" (ARCHS)
     filters: tuple  # one convolution block per entry
     convs_per_block: tuple
     dense_units: int
@@ -87,7 +90,7 @@ class Params:
     eval_batch_size: int
     eval_nondigits_per_kind: int
     robustness_seed: int
-    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/corruptions.py
+    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/core/corruptions.py
     grid_images: int
 
     def model(self, name):
@@ -197,7 +200,11 @@ def _cnn(r):
         r.errors.append(
             f"cnn.convs_per_block: got {len(convs)} entries, expected one per entry of cnn.filters ({len(filters)})"
         )
+    arch = r.get("cnn.arch", str)
+    if arch is not None and arch not in ARCHS:
+        r.errors.append(f"cnn.arch: got {arch!r}, expected one of {list(ARCHS)}")
     return CNNParams(
+        arch=arch,
         filters=filters,
         convs_per_block=convs,
         dense_units=r.get("cnn.dense_units", int, 1, 8192),
@@ -205,14 +212,40 @@ def _cnn(r):
     )
 
 
-def load(path="params.yaml"):
+def read_tree(path="params.yaml"):
+    """params.yaml as plain YAML, unchecked."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found (run from the project root)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
+
+
+def with_overrides(tree, overrides):
+    """A copy of the tree with {dotted key: value} set, as `dvc exp run -S key=value` would.
+    A key whose parent section does not exist is refused, naming it."""
+    tree = copy.deepcopy(tree)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for i, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"{key}: no section {'.'.join(parents[: i + 1])!r} in params.yaml")
+            node = node[part]
+        if not isinstance(node, dict) or leaf not in node:
+            raise ParamsError(f"{key}: no such key in params.yaml")
+        node[leaf] = value
+    return tree
+
+
+def load(path="params.yaml", overrides=None):
+    """params.yaml, checked, with optional {dotted key: value} overrides."""
+    return from_tree(with_overrides(read_tree(path), overrides or {}), path)
+
+
+def from_tree(tree, path="params.yaml"):
     r = _Reader(tree, path)
 
     sources = r.get("fetch.sources", list) or []

@@ -84,3 +84,13 @@ def corrupt(images, name, strength, seed):
     flat = np.asarray(images, np.float64).reshape(-1, 28, 28)
     out = CORRUPTIONS[name](flat, rng, strength)
     return np.clip(out, 0.0, 1.0).astype(np.float32).reshape(np.shape(images))
+
+
+def corrupted_copies(images, params):
+    """{corruption: the images, each corrupted}; corruption i uses seed robustness.seed + i.
+    The robustness stage makes them of the test images; sweeps of the validation images, to choose
+    recipes by."""
+    return {
+        name: corrupt(images, name, strength, params.robustness_seed + i)
+        for i, (name, strength) in enumerate(params.corruptions.items())
+    }

@@ -5,7 +5,7 @@ noise image came out "8" at 88 %), so its confidence cannot tell. The gate is a 
 classifier: gradient-boosted trees (scikit-learn) on what the model sees in the image (its
 penultimate-layer features) and on what the pixels look like (how far they are from MNIST's
 principal components, the ink's aspect ratio, how much of its box it fills, how grey it is). It
-learns digits (MNIST training images) against generated non-digits (pipeline.nondigits).
+learns digits (MNIST training images) against generated non-digits (pipeline.core.nondigits).
 
 Measured before choosing, on validation digits and on non-digits from fonts the gate never saw:
 the model's features alone flagged 78 % of non-digits with a linear classifier (letters 40 %);
@@ -30,7 +30,7 @@ def to_mnist_forms(raw_images):
     """Raw images -> (n, 28, 28, 1) MNIST form, as uploads are brought to it. Those that
     normalize.to_mnist refuses outright (e.g. blank) are left out: the API never asks the gate
     about them."""
-    from pipeline import normalize
+    from pipeline.core import normalize
 
     forms = []
     for image in raw_images:

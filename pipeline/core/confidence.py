@@ -107,3 +107,20 @@ def read_calibration(path):
     if not calibration.get("temperature", 0) > 0 or not 0 <= calibration.get("not_sure_below", -1) <= 1:
         raise ValueError(f"{path}: expected a positive temperature and not_sure_below in [0, 1]")
     return calibration
+
+
+def not_sure_on_validation(probabilities, labels, target):
+    """What the calibrate stage would fit on these validation answers (temperature, "not sure"
+    threshold), and how well confidence ranks them, for choosing a recipe by its "not sure": the
+    share kept at that threshold (in-sample) and the area under the risk-coverage curve (the error
+    rate of the k most confident answers, averaged over every k; lower is better). Both after the
+    temperature, which changes how answers rank against each other."""
+    temperature = fit_temperature(probabilities, labels)
+    probabilities = with_temperature(probabilities, temperature)
+    threshold = not_sure_threshold(probabilities, labels, target)
+    _, accuracy_of_top = most_confident_first(probabilities.max(1), probabilities.argmax(1) == labels)
+    scores = {
+        "val_not_sure_coverage": selective_scores(probabilities, labels, threshold)["coverage"],
+        "val_risk_coverage_area": float(np.mean(1 - accuracy_of_top)),
+    }
+    return scores, temperature, threshold

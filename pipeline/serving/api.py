@@ -1,6 +1,6 @@
 """REST API and drawing page: `digits serve`, then open http://127.0.0.1:8000/.
 
-  GET  /               the drawing page (pipeline/static/index.html)
+  GET  /               the drawing page (pipeline/serving/static/index.html)
   GET  /health         status and the model's identity (also /health/live, /health/ready)
   POST /predict        one image: multipart upload (field `file`), or JSON {"pixels": 28x28 array}
   POST /predict/batch  several images: multipart upload (field `files`, repeated)
@@ -11,8 +11,6 @@ calls: images that arrive while the model is busy go into its next batch.
 """
 
 import asyncio
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,8 +24,8 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from pipeline import normalize
-from pipeline.predictor import Predictor
+from pipeline.core import normalize
+from pipeline.serving.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
 MAX_BATCH = 64
@@ -390,21 +388,3 @@ def app_from_environment():
     import os
 
     return create_app(Predictor(os.environ.get("DIGITS_MODEL", "models/cnn.keras")))
-
-
-def serve_in_background(predictor, host="127.0.0.1"):
-    """Start the app with uvicorn in a daemon thread on a free port (benchmarks, browser tests).
-    Returns the base URL and the server; set `server.should_exit = True` to stop it."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host=host, port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError(f"the server did not start on {host}:{port} within 30 s")
-        time.sleep(0.05)
-    return f"http://{host}:{port}", server

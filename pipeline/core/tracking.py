@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
-from pipeline.layout import run_file
+from pipeline.core.layout import run_file
 
 CHAMPION = "champion"
 # The MLflow 3 UI opens an experiment without this tag on its GenAI pages (traces, evaluations).
@@ -308,7 +308,7 @@ def _judge(version, champion):
 
 
 def write_run_file(model, run_info, model_version=None):
-    from pipeline.files import write_json
+    from pipeline.core.files import write_json
 
     write_json(
         run_file(model),
@@ -322,7 +322,7 @@ def write_run_file(model, run_info, model_version=None):
 
 
 def read_run_file(model):
-    from pipeline.files import require
+    from pipeline.core.files import require
 
     path = run_file(model)
     require(path)

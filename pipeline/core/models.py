@@ -1,9 +1,9 @@
-"""The two Keras models, built from their params.yaml sections (pipeline.params.MLPParams, CNNParams)."""
+"""The two Keras models, built from their params.yaml sections (pipeline.core.params.MLPParams, CNNParams)."""
 
 import keras
 from keras import layers
 
-from pipeline.layout import IMAGE_SHAPE, NUM_CLASSES
+from pipeline.core.layout import IMAGE_SHAPE, NUM_CLASSES
 
 
 def build_mlp(mlp_params):
@@ -21,7 +21,8 @@ def build_mlp(mlp_params):
 
 def build_cnn(cnn_params):
     """(Conv 3x3 + ReLU) x convs_per_block -> MaxPool 2x2 -> BatchNorm blocks (28 -> 14 -> 7 -> 3),
-    then a dense head.
+    then a dense head. With `arch: resnet`, each convolution after a block's first one is a
+    residual unit (x + conv(x)).
 
     Sized for two CPU cores: BatchNorm after the pooling, where it normalises a quarter of the
     activations. Measured on two cores, an epoch takes about a third less time than with
@@ -29,8 +30,12 @@ def build_cnn(cnn_params):
     inputs = keras.Input(IMAGE_SHAPE, name="image")
     x = inputs
     for filters, convs in zip(cnn_params.filters, cnn_params.convs_per_block, strict=True):
-        for _ in range(convs):
-            x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        for _ in range(convs - 1):
+            branch = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+            # resnet: the extra convolutions learn a change to their input (an identity shortcut),
+            # at the same cost as the plain stack; the gradient reaches the first layers unchanged.
+            x = layers.Add()([x, branch]) if cnn_params.arch == "resnet" else branch
         x = layers.MaxPooling2D(2)(x)
         x = layers.BatchNormalization()(x)
     x = layers.Flatten()(x)

@@ -1,0 +1,169 @@
+"""`digits score`: batch scoring with Ray Data, for more images than one process reads quickly.
+
+    digits score FOLDER_OR_IMAGE... --out answers.csv        # or .parquet
+    digits score --parquet scans.parquet --out answers.parquet   # columns `file` and `image` (bytes)
+    RAY_ADDRESS=HEAD:6379 digits score ...                         # spread over a cluster
+
+Ray Data reads and normalises the images in parallel tasks; a pool of actors runs the model, each
+loaded once (a .keras file or a models:/ URI) with its calibration and gate. The output has the
+columns of `digits predict --format csv`, in input order, and the same answers. Files that cannot
+be read are named on stderr and in OUT.errors.csv, and the exit code is 1.
+"""
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.scale import cluster
+from pipeline.serving import cli as serving_cli
+from pipeline.serving.predictor import DEFAULT_MODEL
+
+BATCH_SIZE = serving_cli.BATCH_SIZE  # the CLI's batches, so that both make the same model calls
+
+
+def decode(batch):
+    """Ray Data batch {file, [image bytes]} -> {file, image (n, 28, 28), error}."""
+    images, errors = [], []
+    contents = batch.get("image")
+    for i, name in enumerate(batch["file"]):
+        if contents is None:
+            _, image, error = serving_cli.read_image(Path(name))
+        else:
+            try:
+                image, error = serving_cli.normalize.to_mnist(serving_cli.normalize.decode(contents[i], name)), None
+            except serving_cli.normalize.ImageError as e:
+                image, error = None, str(e)
+        images.append(np.zeros((28, 28), np.float32) if image is None else image)
+        errors.append(error or "")
+    return {"file": np.asarray(batch["file"]), "image": np.stack(images), "error": np.asarray(errors)}
+
+
+class Scorer:
+    """One model copy per actor, loaded once; answers rows as `digits predict` does."""
+
+    def __init__(self, source, top_k):
+        from pipeline.serving.predictor import Predictor
+
+        cluster.limit_tensorflow_threads()
+        self.predictor, self.top_k = Predictor(source), top_k
+
+    def __call__(self, batch):
+        """Every row comes back: an unreadable file with its error and no answer."""
+        readable = batch["error"] == ""
+        answers = {}
+        if readable.any():
+            probabilities, not_a_digit = self.predictor.predict(list(batch["image"][readable]))
+            names = batch["file"][readable]
+            for name, p, flag in zip(names, probabilities, not_a_digit, strict=True):
+                answers[name] = csv_row(serving_cli.ranked(name, p, flag, self.top_k, self.predictor))
+        unanswered = ["", -1, float("nan"), False, False, *[""] * self.top_k]
+        rows = [answers.get(name, [name, *unanswered[1:]]) for name in batch["file"]]
+        out = {
+            column: np.asarray(values)
+            for column, values in zip(columns(self.top_k), zip(*rows, strict=True), strict=True)
+        }
+        return {**out, "error": batch["error"]}
+
+
+def columns(top_k):
+    return ["file", "digit", "confidence", "not_sure", "not_a_digit", *[f"top{i + 1}" for i in range(top_k)]]
+
+
+def csv_row(r):
+    """A `ranked` answer as `digits predict --format csv` writes it."""
+    tops = [f"{t['digit']}:{t['probability']}" for t in r["top"]]
+    return [r["file"], r["digit"], r["confidence"], r["not_sure"], r["not_a_digit"], *tops]
+
+
+def score(args):
+    import ray
+
+    address = cluster.address(args.address)
+    if bool(args.parquet) == bool(args.images):
+        raise ValueError("give image files or folders, or --parquet FILE (one of the two)")
+    if not args.parquet:
+        paths = [str(p) for p in serving_cli.image_paths(args.images)]
+        if not paths:
+            raise ValueError(f"{' '.join(args.images)}: no images found")
+    if not ("://" in args.model or args.model.startswith(("runs:/", "models:/")) or Path(args.model).exists()):
+        raise ValueError(f"{args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)")
+    model = args.model if ":/" in args.model else str(Path(args.model).resolve())
+    cluster.connect(address, args.cpus)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows come out in input order
+    context.enable_progress_bars = sys.stderr.isatty()
+    if args.parquet:
+        source = ray.data.read_parquet(str(Path(args.parquet).resolve()), columns=["file", "image"])
+    else:
+        source = ray.data.from_items([{"file": p} for p in paths])
+    answers = source.map_batches(decode, batch_size=BATCH_SIZE).map_batches(
+        Scorer,
+        fn_constructor_kwargs={"source": model, "top_k": args.top_k},
+        batch_size=BATCH_SIZE,
+        concurrency=args.actors,
+        num_cpus=args.cpus_per_actor,
+    )
+    count, failed = write(answers, args.out, args.top_k)
+    for _, error in failed:
+        print(f"digits: {error}", file=sys.stderr)
+    if failed:
+        with open(f"{args.out}.errors.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("file", "error"), *failed])
+    print(f"digits score: {count} answers in {args.out}; {len(failed)} unreadable", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write(answers, out, top_k):
+    """Stream the answers into one CSV or Parquet file (via a temporary file, so a failure leaves
+    no half file); returns how many answers, and (file, error) of every unreadable one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    count, failed = 0, []
+    tmp = Path(f"{out}.part")
+    parquet = str(out).endswith(".parquet")
+    with open(tmp, "w", newline="") as f:
+        writer = None if parquet else csv.writer(f)
+        if writer:
+            writer.writerow(columns(top_k))
+        sink = None
+        for batch in answers.iter_batches(batch_size=BATCH_SIZE, batch_format="pyarrow"):
+            bad = pc.not_equal(batch.column("error"), "")
+            unreadable = batch.filter(bad)
+            failed += zip(unreadable.column("file").to_pylist(), unreadable.column("error").to_pylist(), strict=True)
+            batch = batch.filter(pc.invert(bad)).select(columns(top_k))
+            count += batch.num_rows
+            if parquet:
+                sink = sink or pq.ParquetWriter(tmp, batch.schema)
+                sink.write_table(batch)
+            else:
+                writer.writerows(zip(*(batch.column(c).to_pylist() for c in columns(top_k)), strict=True))
+        if parquet:
+            (sink or pq.ParquetWriter(tmp, pa.schema([(c, pa.string()) for c in columns(top_k)]))).close()
+    tmp.replace(out)
+    return count, failed
+
+
+def main(args):
+    try:
+        return score(args)
+    except (ValueError, cluster.ClusterError) as e:
+        print(f"digits score: {e}", file=sys.stderr)
+        return 2
+
+
+def add_arguments(parser):
+    parser.add_argument("images", nargs="*", help="image files or folders (or --parquet)")
+    parser.add_argument("--parquet", help="a Parquet file with columns `file` (a name) and `image` (encoded bytes)")
+    parser.add_argument("--out", required=True, help="where the answers go: .csv or .parquet")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"a .keras file or models:/ URI (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--top-k", type=int, default=1, choices=range(1, 11), metavar="K")
+    parser.add_argument("--actors", type=int, default=1, help="model copies (default 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1)
+    parser.add_argument("--address", help="a Ray cluster to join (default RAY_ADDRESS; none: start Ray here)")
+    parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")

@@ -1,0 +1,402 @@
+"""`digits sweep`: compare recipes on the validation split, as Ray Tune trials (model x seed x
+overrides), each trial an MLflow run nested under one run for the sweep.
+
+    digits sweep --grid cnn.arch=plain,resnet --seeds 1 2 3 4 5 6
+    digits sweep --space sweep.yaml --search optuna --samples 12 --asha
+    RAY_ADDRESS=HEAD:6379 MLFLOW_TRACKING_URI=http://HOST:5000 digits sweep ...   # on a cluster
+
+A trial trains one model with params.yaml plus its overrides, reports every epoch's validation
+accuracy and loss to Tune (ASHA stops weak trials on it), then its final validation metrics: clean
+accuracy, the mean over the robustness stage's corruptions of the validation images, and the share
+of answers kept above the "not sure" threshold that calibrate would fit. The test split is never
+read. The sweep's run holds the summary per variant (mean and sd over seeds) as metrics and as
+`summary.csv`, and the sweep ends by printing the best variant as the `dvc exp run -S ...` line that
+makes it a reproducible experiment.
+
+The space file (YAML) names each key's values: a list is a grid; `{choice: [...]}`,
+`{uniform: [low, high]}` and `{loguniform: [low, high]}` are sampled (--search random or optuna).
+"""
+
+import statistics
+import sys
+import time
+
+import numpy as np
+import yaml
+
+from pipeline.core import confidence, corruptions, tracking, training
+from pipeline.core import params as params_module
+from pipeline.core.files import load_arrays, write_text
+from pipeline.core.layout import PROCESSED_DIR
+from pipeline.scale import cluster
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+FINAL_METRICS = ("val_accuracy", "val_corrupted_mean_accuracy", "val_not_sure_coverage", "train_seconds")
+RUN_STATUS = {"complete": "FINISHED", "error": "FAILED"}  # and KILLED for what an interrupt leaves
+
+
+def search_space(grid, sampled, space_file):
+    """{key: Tune domain} from --grid KEY=A,B (a grid), --choice/--uniform/--loguniform and a YAML
+    file. Values are YAML ('0.3' is a number, '[1, 2, 1]' a list)."""
+    from ray import tune
+
+    space = {}
+    if space_file:
+        for key, spec in (yaml.safe_load(open(space_file)) or {}).items():
+            if isinstance(spec, list):
+                space[key] = tune.grid_search(spec)
+            elif isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS:
+                kind, values = next(iter(spec.items()))
+                space[key] = SAMPLERS[kind](values)
+            else:
+                raise ValueError(f"{space_file}: {key}: expected a list (grid) or one of {sorted(SAMPLERS)}")
+    for kind, items in [("grid", grid), *sampled]:
+        for item in items:
+            key, sep, values = item.partition("=")
+            if not sep or not values:
+                raise ValueError(f"--{kind} {item}: expected KEY=VALUE,VALUE...")
+            values = [yaml.safe_load(v) for v in _split_values(values)]
+            space[key] = tune.grid_search(values) if kind == "grid" else SAMPLERS[kind](values)
+    return space
+
+
+def _split_values(text):
+    """'plain,resnet' -> ['plain', 'resnet']; commas inside [...] stay: '[1,2,1],[1,1,1]'."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def _sampler(name):
+    def make(values):
+        from ray import tune
+
+        if name == "choice":
+            return tune.choice(values)
+        if len(values) != 2:
+            raise ValueError(f"{name}: expected [low, high], got {values}")
+        return getattr(tune, name)(*map(float, values))
+
+    return make
+
+
+SAMPLERS = {name: _sampler(name) for name in ("choice", "uniform", "loguniform")}
+
+
+def variant_of(config):
+    """What a trial tries, without its seed: the key its seeds are summarised under."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(config.items()) if k != "seed")
+
+
+def run_trial(config, tree, data, corrupted_val):
+    """One Tune trial: train config["model"] with its overrides at config["seed"] on the training
+    split; report each epoch, then the final validation metrics."""
+    import keras
+    from ray import tune
+
+    cpus = cluster.limit_tensorflow_threads()
+    overrides = {k: v for k, v in config.items() if k != "model"}
+    params = params_module.from_tree(params_module.with_overrides(tree, overrides))
+    model_params = params.model(config["model"])
+
+    class ReportEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            tune.report({"epoch": epoch + 1, **{k: float(logs[k]) for k in EPOCH_METRICS}})
+
+    training.seed_everything(params.seed)
+    model = training.compiled_model(model_params, params.epochs, len(data["x_train"]))
+    _, seconds = training.fit(model, model_params, params, data, to_mlflow=False, callbacks=[ReportEpoch()], verbose=0)
+
+    labels = data["y_val"].argmax(1)
+    probabilities = model.predict(data["x_val"], batch_size=params.eval_batch_size, verbose=0)
+    scores, _, _ = confidence.not_sure_on_validation(probabilities, labels, params.accepted_accuracy)
+    corrupted = {
+        name: float(np.mean(model.predict(x, batch_size=params.eval_batch_size, verbose=0).argmax(1) == labels))
+        for name, x in corrupted_val.items()
+    }
+    tune.report(
+        {
+            "epoch": params.epochs,
+            "val_accuracy": float(np.mean(probabilities.argmax(1) == labels)),
+            "val_corrupted_mean_accuracy": float(np.mean(list(corrupted.values()))),
+            "val_not_sure_coverage": scores["val_not_sure_coverage"],
+            "val_risk_coverage_area": scores["val_risk_coverage_area"],
+            "train_seconds": seconds,
+            "param_count": model.count_params(),
+            "cpus": cpus,
+            "node_id": _node_id(),
+            "final": True,
+        }
+    )
+
+
+def _node_id():
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_name):
+    """A Tune callback, in the driver, that keeps one MLflow run per trial nested under the sweep's
+    run: params at the start, each epoch's metrics (step = epoch), the final metrics, and its end as
+    FINISHED or FAILED. Anything still open when the sweep is interrupted is ended KILLED."""
+    from mlflow.entities import Metric, Param, RunStatus
+    from ray import tune
+
+    class MLflowTrials(tune.Callback):
+        def __init__(self):
+            self.runs, self.open = {}, set()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.runs:
+                return
+            tags = {
+                "mlflow.parentRunId": parent_run_id,
+                "sweep": sweep_name,
+                "variant": variant_of(trial.config),
+                **tracking.run_tags(trial.config["model"], "sweep"),
+            }
+            run = client.create_run(experiment_id, run_name=f"{sweep_name}-{trial.trial_id}", tags=tags)
+            params = [Param(k, str(v)) for k, v in trial.config.items()]
+            client.log_batch(run.info.run_id, params=params)
+            client.log_inputs(run.info.run_id, datasets=dataset_inputs)
+            self.runs[trial.trial_id] = run.info.run_id
+            self.open.add(trial.trial_id)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            now = int(time.time() * 1000)
+            keys = FINAL_METRICS + ("val_risk_coverage_area", "param_count") if result.get("final") else EPOCH_METRICS
+            metrics = [Metric(k, float(result[k]), now, int(result["epoch"])) for k in keys if k in result]
+            client.log_batch(self.runs[trial.trial_id], metrics=metrics)
+            if result.get("final"):
+                client.set_tag(self.runs[trial.trial_id], "ray.node_id", result["node_id"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = (trial.error_msg or "").strip().splitlines()
+            if error and trial.trial_id in self.runs:
+                client.set_tag(self.runs[trial.trial_id], "error", error[-1][:4000])
+            self._end(trial, "FAILED")
+
+        def _end(self, trial, status):
+            if trial.trial_id in self.open:
+                client.set_terminated(self.runs[trial.trial_id], status)
+                self.open.discard(trial.trial_id)
+
+        def kill_open(self):
+            for trial_id in sorted(self.open):
+                client.set_terminated(self.runs[trial_id], RunStatus.to_string(RunStatus.KILLED))
+            self.open.clear()
+
+    return MLflowTrials()
+
+
+def summarize(results):
+    """Per variant: how many trials finished or failed, and the mean and sd over seeds of each final
+    metric. Rows sorted best first by mean validation accuracy."""
+    variants = {}
+    for result in results:
+        entry = variants.setdefault(variant_of(result["config"]), {"finished": [], "failed": 0})
+        if result["status"] == "FINISHED" and "val_accuracy" in result["metrics"]:
+            entry["finished"].append(result["metrics"])
+        else:
+            entry["failed"] += 1
+    rows = []
+    for variant, entry in variants.items():
+        row = {"variant": variant, "trials": len(entry["finished"]), "failed": entry["failed"]}
+        for key in FINAL_METRICS:
+            values = [m[key] for m in entry["finished"]]
+            row[f"{key}_mean"] = statistics.mean(values) if values else float("nan")
+            row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return sorted(rows, key=lambda r: -np.nan_to_num(r["val_accuracy_mean"], nan=-1))
+
+
+def summary_table(rows):
+    import pandas as pd
+
+    return pd.DataFrame(rows).to_csv(index=False, float_format="%.5f")
+
+
+def exp_run_line(variant_config):
+    """The command that makes a variant a DVC experiment through the real pipeline."""
+    sets = " ".join(f"-S '{k}={yaml.safe_dump(v, default_flow_style=True).strip()}'" for k, v in variant_config.items())
+    return f"dvc exp run {sets}".strip()
+
+
+def dataset_inputs(data):
+    """The splits a trial sees, as MLflow dataset inputs with their digests."""
+    import mlflow
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for split, name, context in [("train", "mnist-train", "training"), ("val", "mnist-validation", "validation")]:
+        dataset = mlflow.data.from_numpy(data[f"x_{split}"], targets=data[f"y_{split}"], name=name)
+        entity = Dataset(**dataset.to_dict())
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
+    return inputs
+
+
+def sweep(args):
+    from mlflow import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    address = cluster.address(args.address)
+    uri = cluster.check_tracking_for(address)
+    tree = params_module.read_tree(args.params)
+    base = params_module.from_tree(tree, args.params)  # a broken params.yaml stops here, not in every trial
+    space = search_space(
+        args.grid, [("choice", args.choice), ("uniform", args.uniform), ("loguniform", args.loguniform)], args.space
+    )
+    fixed = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        fixed[key] = yaml.safe_load(value)
+    if "epochs" in {*space, *fixed} and args.asha:
+        raise ValueError("--asha stops trials by epoch: keep epochs fixed")
+    epochs = fixed.get("epochs", base.epochs)
+    if args.search == "optuna":
+        if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
+            raise ValueError("--search optuna samples every key: use --choice, not --grid or a list")
+        seeds = {"seed": tune.choice(args.seeds)} if len(args.seeds) > 1 else {"seed": args.seeds[0]}
+    else:
+        seeds = {"seed": tune.grid_search(args.seeds)}
+    param_space = {
+        "model": tune.grid_search(args.models) if len(args.models) > 1 else args.models[0],
+        **fixed,
+        **space,
+        **seeds,
+    }
+
+    data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])  # never the test split
+    corrupted_val = corruptions.corrupted_copies(data["x_val"], base)
+    cluster.connect(address, args.cpus)
+    experiment = tracking.use_experiment(base.experiment)
+    client = MlflowClient(uri)
+    sweep_name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    parent = client.create_run(
+        experiment.experiment_id, run_name=sweep_name, tags={**tracking.run_tags("sweep", "sweep"), "sweep": sweep_name}
+    )
+    parent_id = parent.info.run_id
+    client.log_param(parent_id, "command", " ".join(sys.argv[1:])[:6000] or "sweep")
+    client.log_param(parent_id, "search", args.search)
+    client.log_param(parent_id, "seeds", str(args.seeds))
+    callback = mlflow_callback(client, experiment.experiment_id, parent_id, dataset_inputs(data), sweep_name)
+    print(f"sweep {sweep_name}: MLflow run {parent_id} in {uri}", flush=True)
+
+    search_alg = None
+    if args.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric="val_accuracy", mode="max", seed=args.seeds[0])
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, tree=tree, data=data, corrupted_val=corrupted_val), {"cpu": args.cpus_per_trial}
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric="val_accuracy",
+            mode="max",
+            num_samples=args.samples,
+            search_alg=search_alg,
+            scheduler=ASHAScheduler(max_t=epochs + 1, grace_period=args.asha_grace, time_attr="epoch")
+            if args.asha
+            else None,
+            max_concurrent_trials=args.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_name,
+            storage_path=str(tracking.project_root() / ".ray_results"),
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=1,
+        ),
+    )
+    status = "KILLED"
+    try:
+        grid = tuner.fit()
+        results = [
+            {
+                "config": r.config,
+                "metrics": r.metrics or {},
+                "status": "FAILED" if r.error else "FINISHED",
+            }
+            for r in grid
+        ]
+        status = "FINISHED"
+    finally:
+        callback.kill_open()
+        if status != "FINISHED":
+            client.set_terminated(parent_id, "KILLED")
+    rows = summarize(results)
+    write_text(args.out, summary_table(rows))
+    client.log_artifact(parent_id, args.out)
+    for i, row in enumerate(rows):
+        for key in FINAL_METRICS:
+            if not np.isnan(row[f"{key}_mean"]):
+                client.log_metric(parent_id, f"v{i}.{key}_mean", row[f"{key}_mean"])
+                client.log_metric(parent_id, f"v{i}.{key}_sd", row[f"{key}_sd"])
+        client.set_tag(parent_id, f"v{i}", row["variant"])
+    client.set_terminated(parent_id, "FINISHED")
+    print(summary_table(rows), end="")
+    failed = sum(r["status"] == "FAILED" for r in results)
+    if failed:
+        print(f"sweep {sweep_name}: {failed} of {len(results)} trials FAILED (see their MLflow runs' `error` tag)")
+    best = next((r for r in rows if r["trials"]), None)
+    if best is None:
+        print(f"sweep {sweep_name}: no trial finished")
+        return 1
+    best_config = next(r["config"] for r in results if variant_of(r["config"]) == best["variant"])
+    overrides = {k: v for k, v in best_config.items() if k not in ("seed", "model")}
+    print(
+        f"sweep {sweep_name}: best {best['variant']} (val accuracy {best['val_accuracy_mean']:.4%} "
+        f"± {best['val_accuracy_sd']:.4%} over {best['trials']} seeds)\n"
+        f"  to make it an experiment: {exp_run_line(overrides)}"
+    )
+    return 1 if failed else 0
+
+
+def main(args):
+    try:
+        return sweep(args)
+    except (ValueError, cluster.ClusterError, params_module.ParamsError) as e:
+        print(f"digits sweep: {e}", file=sys.stderr)
+        return 2
+
+
+def add_arguments(parser):
+    parser.add_argument("--models", nargs="+", choices=params_module.MODELS, default=["cnn"])
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of every variant (default 1 2 3)"
+    )
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed overrides, e.g. epochs=5")
+    parser.add_argument(
+        "--grid", nargs="*", default=[], metavar="KEY=A,B", help="every value is tried, e.g. cnn.arch=plain,resnet"
+    )
+    parser.add_argument("--choice", nargs="*", default=[], metavar="KEY=A,B", help="sampled (random, optuna)")
+    parser.add_argument("--uniform", nargs="*", default=[], metavar="KEY=LOW,HIGH")
+    parser.add_argument("--loguniform", nargs="*", default=[], metavar="KEY=LOW,HIGH")
+    parser.add_argument("--space", metavar="FILE", help="the search space as YAML (see above)")
+    parser.add_argument("--search", choices=["grid", "random", "optuna"], default="grid")
+    parser.add_argument("--samples", type=int, default=1, help="samples per grid point (random), or trials (optuna)")
+    parser.add_argument("--asha", action="store_true", help="stop weak trials early on validation accuracy (ASHA)")
+    parser.add_argument(
+        "--asha-grace", type=int, default=3, metavar="EPOCHS", help="epochs before ASHA may stop a trial"
+    )
+    parser.add_argument("--address", help="a Ray cluster to join (default RAY_ADDRESS; none: start Ray here)")
+    parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs Ray gives each trial (default 1)")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as CPUs allow)")
+    parser.add_argument("--name", help="the sweep's name (default sweep-<time>)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="reports/sweep.csv", help="the summary table (default reports/sweep.csv)")

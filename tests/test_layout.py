@@ -1,0 +1,64 @@
+"""The house's rule (docs/architecture.md): stages may import the shared core; serving and scale-out
+import the core and never a stage; the core imports none of the other wings. bench/ imports nothing
+from tests/."""
+
+import ast
+
+import pytest
+
+from tests.helpers import ROOT
+
+WINGS = {"core": "pipeline/core", "serving": "pipeline/serving", "scale": "pipeline/scale"}
+MAY_IMPORT = {
+    "stage": {"stage", "core"},
+    "core": {"core"},
+    "serving": {"serving", "core"},
+    "scale": {"scale", "core", "serving"},
+}
+
+
+def wing_of(module):
+    """'pipeline.core.x' -> 'core'; a module directly in pipeline/ is a stage."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in WINGS else "stage"
+
+
+def imports(path):
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def project_modules(names):
+    """Only names that are real modules of pipeline/ (not `from pipeline.core import params as p`'s
+    function names, say)."""
+    return {n for n in names if n.startswith("pipeline.") and (ROOT / (n.replace(".", "/") + ".py")).exists()}
+
+
+PIPELINE_FILES = sorted(p for p in (ROOT / "pipeline").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", PIPELINE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_each_wing_imports_only_what_it_may(path):
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    own = wing_of(module)
+    crossing = sorted(m for m in project_modules(imports(path)) if wing_of(m) not in MAY_IMPORT[own])
+    assert not crossing, f"{module} ({own}) imports {crossing}"
+
+
+def test_the_rule_sees_a_crossing(tmp_path):
+    """The check above can fail: a core module importing a stage is caught."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from pipeline import train\nfrom pipeline.serving import api\n")
+    crossing = {m for m in project_modules(imports(bad)) if wing_of(m) not in MAY_IMPORT["core"]}
+    assert crossing == {"pipeline.train", "pipeline.serving.api"}
+
+
+def test_bench_imports_nothing_from_tests():
+    for path in (ROOT / "bench").rglob("*.py"):
+        assert not {m for m in imports(path) if m.split(".")[0] == "tests"}, path
