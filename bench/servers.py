@@ -1,6 +1,11 @@
-"""Servers and inputs that the benchmarks and the tests share: a drawn digit, and `digits serve`
-started in a thread or in its own process on a free loopback port."""
+"""Servers and inputs that the benchmarks and the tests share: a drawn digit, `digits serve`
+started in a thread or in its own process on a free loopback port, and Ray nodes in a network
+namespace where only loopback exists."""
 
+import contextlib
+import ctypes
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,3 +73,79 @@ def serve_in_subprocess(model, workers=1, port=None):
         time.sleep(0.5)
     process.kill()
     raise RuntimeError("digits serve was not ready within 180 s")
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def loopback_only_network():
+    """This process (and what it starts) in a new network namespace with loopback up; back to the
+    original one afterwards. Needs root, as `unshare -n` does."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if os.geteuid() != 0 or libc.unshare(CLONE_NEWNET) != 0:
+            raise PermissionError("a network namespace needs root (as `unshare -n` does)")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        yield
+    finally:
+        libc.setns(original, CLONE_NEWNET)
+        os.close(original)
+
+
+def start_ray_node(args, env, temp_dir, log):
+    """`ray start --block ARGS` (a head with --head, a worker with --address) on loopback."""
+    return subprocess.Popen(
+        [
+            Path(sys.executable).parent / "ray",
+            "start",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            temp_dir,
+            *args,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the nodes' processes are ended by it alone
+    )
+
+
+def stop_ray_nodes(nodes):
+    """SIGTERM to each `ray start --block` (it stops its node's processes), then SIGKILL to whatever
+    is left in their process groups. Returns the PIDs still alive (none expected)."""
+    for node in reversed(nodes):
+        node.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=60)
+    for node in nodes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+    time.sleep(1)
+    groups = {node.pid for node in nodes}
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _pgid(pid) in groups]
+
+
+def _pgid(pid):
+    with contextlib.suppress(ProcessLookupError):
+        return os.getpgid(pid)
+
+
+def alive_ray_nodes(address, env):
+    code = "import ray; ray.init(address=%r, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    done = subprocess.run([sys.executable, "-c", code % address], env=env, capture_output=True, text=True, timeout=120)
+    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else 0
+
+
+def wait_for_ray_nodes(address, env, count, nodes=(), timeout=120):
+    """Until `count` nodes are alive at `address`; fails if a started node exits first."""
+    deadline = time.time() + timeout
+    while alive_ray_nodes(address, env) < count:
+        for node in nodes:
+            if node.poll() is not None:
+                raise RuntimeError(f"a Ray node exited with {node.returncode}")
+        if time.time() > deadline:
+            raise RuntimeError(f"{count} Ray nodes were not up at {address} within {timeout} s")

@@ -1,12 +1,18 @@
 """What several tests build: small arrays, drawn digits, and a tiny copy of the repository that
 runs the real pipeline."""
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import yaml
 
@@ -127,3 +133,50 @@ def offline_page(playwright, allowed_prefixes):
 
     page.route("**/*", route)
     return browser, page, refused
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HAS_POSTGRES = bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb"))
+
+
+@contextlib.contextmanager
+def team_server():
+    """scripts/team-server (PostgreSQL + MLflow with basic-auth) on free loopback ports, in this
+    process's network namespace; yields (URL, admin password) once /health answers."""
+    # Under /tmp, readable: as root, PostgreSQL runs as the `postgres` user and must reach its folder.
+    folder = Path(tempfile.mkdtemp(prefix="team-server-", dir="/tmp"))
+    folder.chmod(0o755)
+    port, pg_port = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log = open(folder / "team-server.log", "w")
+    process = subprocess.Popen(
+        [str(ROOT / "scripts/team-server"), "--dir", str(folder), "--port", str(port), "--pg-port", str(pg_port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, (folder / "team-server.log").read_text()[-3000:]
+        assert time.time() < deadline, "the team server did not answer /health in 180 s"
+        time.sleep(1)
+    yield url, (folder / "admin-password").read_text().strip()
+    process.send_signal(signal.SIGTERM)  # the script stops MLflow, then PostgreSQL
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)

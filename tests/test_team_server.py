@@ -3,66 +3,25 @@ server with basic-auth, and the tiny pipeline plus two queued experiments (`-j 2
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, run, tiny_repo
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, HAS_POSTGRES, run, team_server, tiny_repo
 
 pytestmark = pytest.mark.e2e
-HAS_POSTGRES = bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
     if not HAS_POSTGRES:
         pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql; .ci/run installs it)")
-    # Under /tmp, readable: as root, PostgreSQL runs as the `postgres` user and must reach its folder.
-    folder = Path(tempfile.mkdtemp(prefix="team-server-", dir="/tmp"))
-    folder.chmod(0o755)
-    port, pg_port = free_port(), free_port()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    log = open(folder / "team-server.log", "w")
-    process = subprocess.Popen(
-        [str(ROOT / "scripts/team-server"), "--dir", str(folder), "--port", str(port), "--pg-port", str(pg_port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, (folder / "team-server.log").read_text()[-3000:]
-        assert time.time() < deadline, "the team server did not answer /health in 180 s"
-        time.sleep(1)
-    yield url, (folder / "admin-password").read_text().strip()
-    process.send_signal(signal.SIGTERM)  # the script stops MLflow, then PostgreSQL
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
-    shutil.rmtree(folder, ignore_errors=True)
+    with team_server() as url_and_password:
+        yield url_and_password
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from pipeline.serving import cli as serving_cli
 from pipeline.serving.predictor import DEFAULT_MODEL
 
 BATCH_SIZE = serving_cli.BATCH_SIZE  # the CLI's batches, so that both make the same model calls
+DECODE_CPUS = 0.5  # decoding is light beside the model: it fits next to the actors on a node
 
 
 def decode(batch):
@@ -98,7 +99,7 @@ def score(args):
         source = ray.data.read_parquet(str(Path(args.parquet).resolve()), columns=["file", "image"])
     else:
         source = ray.data.from_items([{"file": p} for p in paths])
-    answers = source.map_batches(decode, batch_size=BATCH_SIZE).map_batches(
+    answers = source.map_batches(decode, batch_size=BATCH_SIZE, num_cpus=DECODE_CPUS).map_batches(
         Scorer,
         fn_constructor_kwargs={"source": model, "top_k": args.top_k},
         batch_size=BATCH_SIZE,

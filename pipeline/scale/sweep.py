@@ -10,13 +10,16 @@ accuracy and loss to Tune (ASHA stops weak trials on it), then its final validat
 accuracy, the mean over the robustness stage's corruptions of the validation images, and the share
 of answers kept above the "not sure" threshold that calibrate would fit. The test split is never
 read. The sweep's run holds the summary per variant (mean and sd over seeds) as metrics and as
-`summary.csv`, and the sweep ends by printing the best variant as the `dvc exp run -S ...` line that
-makes it a reproducible experiment.
+`summary.csv` (and in --out, default reports/sweep.csv), and the sweep ends by printing the
+best variant as the `dvc exp run -S ...` line that makes it a reproducible experiment.
 
 The space file (YAML) names each key's values: a list is a grid; `{choice: [...]}`,
 `{uniform: [low, high]}` and `{loguniform: [low, high]}` are sampled (--search random or optuna).
 """
 
+import json
+import os
+import signal
 import statistics
 import sys
 import time
@@ -95,8 +98,20 @@ def variant_of(config):
 
 
 def run_trial(config, tree, data, corrupted_val):
-    """One Tune trial: train config["model"] with its overrides at config["seed"] on the training
-    split; report each epoch, then the final validation metrics."""
+    """One Tune trial; a failure is reported with its message (for the MLflow run's `error` tag)
+    before Tune marks the trial failed."""
+    from ray import tune
+
+    try:
+        trial(config, tree, data, corrupted_val)
+    except Exception as e:
+        tune.report({"epoch": 0, "val_accuracy": float("nan"), "error": f"{type(e).__name__}: {e}"[:4000]})
+        raise
+
+
+def trial(config, tree, data, corrupted_val):
+    """Train config["model"] with its overrides at config["seed"] on the training split; report
+    each epoch, then the final validation metrics."""
     import keras
     from ray import tune
 
@@ -170,6 +185,9 @@ def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_
             self.open.add(trial.trial_id)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "error" in result:
+                client.set_tag(self.runs[trial.trial_id], "error", result["error"])
+                return
             now = int(time.time() * 1000)
             keys = FINAL_METRICS + ("val_risk_coverage_area", "param_count") if result.get("final") else EPOCH_METRICS
             metrics = [Metric(k, float(result[k]), now, int(result["epoch"])) for k in keys if k in result]
@@ -181,9 +199,6 @@ def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_
             self._end(trial, "FINISHED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            error = (trial.error_msg or "").strip().splitlines()
-            if error and trial.trial_id in self.runs:
-                client.set_tag(self.runs[trial.trial_id], "error", error[-1][:4000])
             self._end(trial, "FAILED")
 
         def _end(self, trial, status):
@@ -228,7 +243,11 @@ def summary_table(rows):
 
 def exp_run_line(variant_config):
     """The command that makes a variant a DVC experiment through the real pipeline."""
-    sets = " ".join(f"-S '{k}={yaml.safe_dump(v, default_flow_style=True).strip()}'" for k, v in variant_config.items())
+
+    def text(value):
+        return json.dumps(value).replace('"', "") if isinstance(value, list) else str(value)
+
+    sets = " ".join(f"-S '{k}={text(v)}'" for k, v in variant_config.items())
     return f"dvc exp run {sets}".strip()
 
 
@@ -322,6 +341,10 @@ def sweep(args):
             verbose=1,
         ),
     )
+    # Ctrl-C ends the sweep at once, as KeyboardInterrupt here (Tune's own handler would wind it
+    # down and return as if finished); Ray then stops the trials this driver owns.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us ignoring it
     status = "KILLED"
     try:
         grid = tuner.fit()
@@ -340,7 +363,7 @@ def sweep(args):
             client.set_terminated(parent_id, "KILLED")
     rows = summarize(results)
     write_text(args.out, summary_table(rows))
-    client.log_artifact(parent_id, args.out)
+    client.log_text(parent_id, summary_table(rows), "summary.csv")
     for i, row in enumerate(rows):
         for key in FINAL_METRICS:
             if not np.isnan(row[f"{key}_mean"]):
@@ -372,6 +395,9 @@ def main(args):
     except (ValueError, cluster.ClusterError, params_module.ParamsError) as e:
         print(f"digits sweep: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("digits sweep: interrupted; its running trials and its run are marked KILLED in MLflow", file=sys.stderr)
+        return 130
 
 
 def add_arguments(parser):

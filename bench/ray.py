@@ -1,0 +1,160 @@
+"""Benchmark of the scale-out wing, in one run on this machine (JSON: reports/benchmark_ray.json):
+
+    ./dev run python -m bench.ray [--sweep-epochs 1 2] [--images 10000]
+
+1. A sweep through Ray (`digits sweep`, local Ray, one trial at a time with every CPU) against the
+   same trials trained in this process, one after another: the time ratio (Ray's overhead).
+2. Batch scoring of the MNIST test images as PNG files: `digits score` (Ray Data, one node) against
+   `digits predict`, both as a user runs them (process start and model load included).
+3. `digits score` on one Ray node against two nodes on this same machine. Both share its cores, so
+   this measures the cost of a second node's processes, not a speed-up.
+
+Ray runs inside a network namespace this script creates (as root), where only loopback exists.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from bench.__main__ import machine
+from bench.servers import loopback_only_network, start_ray_node, stop_ray_nodes, wait_for_ray_nodes
+
+OUT = "reports/benchmark_ray.json"
+BIN = Path(sys.executable).parent
+SEEDS = [1, 2]
+
+
+def timed(command, env=None):
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode not in (0,):
+        raise RuntimeError(f"{' '.join(map(str, command))} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def in_process_trials(epochs):
+    """The sweep's trials without Ray: the same training and final metrics, one after another."""
+    code = f"""
+import time
+import numpy as np
+import pipeline
+from pipeline.core import confidence, corruptions, training
+from pipeline.core import params as params_module
+from pipeline.core.files import load_arrays
+from pipeline.core.layout import PROCESSED_DIR
+start = time.perf_counter()
+data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
+for seed in {SEEDS}:
+    params = params_module.load(overrides={{"epochs": {epochs}, "seed": seed}})
+    corrupted = corruptions.corrupted_copies(data["x_val"], params)
+    training.seed_everything(seed)
+    model = training.compiled_model(params.cnn, params.epochs, len(data["x_train"]))
+    training.fit(model, params.cnn, params, data, to_mlflow=False, verbose=0)
+    labels = data["y_val"].argmax(1)
+    probabilities = model.predict(data["x_val"], batch_size=1000, verbose=0)
+    confidence.not_sure_on_validation(probabilities, labels, params.accepted_accuracy)
+    for x in corrupted.values():
+        model.predict(x, batch_size=1000, verbose=0)
+print(time.perf_counter() - start)
+"""
+    return timed([sys.executable, "-c", code])
+
+
+def ray_sweep(epochs, cpus):
+    seeds = [str(s) for s in SEEDS]
+    command = [BIN / "digits", "sweep", "--seeds", *seeds, "--set", f"epochs={epochs}"]
+    command += ["--cpus-per-trial", str(cpus), "--name", f"bench-ray-{epochs}ep", "--out", "/tmp/bench-sweep.csv"]
+    return timed(command, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+
+
+def write_pngs(count, folder):
+    from PIL import Image
+
+    images = np.load("data/processed/x_test.npy")[:count, ..., 0]
+    for i, image in enumerate(images):
+        Image.fromarray((255 * image).astype(np.uint8)).save(folder / f"{i:05d}.png")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep-epochs", nargs="+", type=int, default=[1, 3], help="sizes of the sweep (default 1 3)")
+    parser.add_argument("--images", type=int, default=10000, help="test PNGs to score (default 10000)")
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args(argv)
+    cpus = os.cpu_count()
+    report = {"date": date.today().isoformat(), "machine": machine(), "seeds": SEEDS}
+    started = time.perf_counter()
+
+    with loopback_only_network():
+        report["sweep"] = []
+        for epochs in args.sweep_epochs:
+            local = in_process_trials(epochs)
+            through_ray = ray_sweep(epochs, cpus)
+            report["sweep"].append(
+                {
+                    "epochs": epochs,
+                    "trials": len(SEEDS),
+                    "in_process_seconds": round(local, 1),
+                    "ray_seconds": round(through_ray, 1),
+                    "ratio": round(through_ray / local, 3),
+                }
+            )
+            print(json.dumps(report["sweep"][-1]), flush=True)
+
+        folder = Path(tempfile.mkdtemp(prefix="bench-pngs-"))
+        try:
+            write_pngs(args.images, folder)
+            model = ["--model", "models/cnn.keras"]
+            cli = timed([BIN / "digits", "predict", folder, "--format", "csv", *model])
+            one = timed([BIN / "digits", "score", folder, "--out", "/tmp/bench-score.csv", *model])
+            scoring = {"images": args.images, "cli_seconds": round(cli, 1), "ray_one_node_seconds": round(one, 1)}
+            scoring["ray_to_cli_throughput"] = round(cli / one, 3)
+            print(json.dumps(scoring), flush=True)
+
+            env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+            temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+            for count in (1, 2):
+                nodes, address = [], "127.0.0.1:6390"
+                log = open(os.devnull, "w")
+                try:
+                    share = max(1, cpus // count)
+                    nodes.append(
+                        start_ray_node(["--head", "--port", "6390", "--num-cpus", str(share)], env, temp_dir, log)
+                    )
+                    wait_for_ray_nodes(address, env, 1)
+                    if count == 2:
+                        nodes.append(
+                            start_ray_node(["--address", address, "--num-cpus", str(share)], env, temp_dir, log)
+                        )
+                        wait_for_ray_nodes(address, env, 2)
+                    actors = ["--actors", str(count), "--cpus-per-actor", str(max(0.5, share - 0.5))]
+                    command = [BIN / "digits", "score", folder, "--out", "/tmp/bench-score.csv", *model, *actors]
+                    scoring[f"cluster_{count}_node_seconds"] = round(timed(command, dict(env, RAY_ADDRESS=address)), 1)
+                finally:
+                    stop_ray_nodes(nodes)
+                    log.close()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            scoring["two_to_one_node_time"] = round(
+                scoring["cluster_2_node_seconds"] / scoring["cluster_1_node_seconds"], 3
+            )
+            report["scoring"] = scoring
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    report["wall_seconds"] = round(time.perf_counter() - started)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
