@@ -30,12 +30,13 @@ from pipeline.core.layout import (
     DATA_STATS_FILE,
     EVAL_DIR,
     FIGURES_DIR,
+    MODELS,
     PROCESSED_DIR,
     ROBUSTNESS_FILE,
     TRAIN_REPORTS_DIR,
 )
 
-NAMES = {"mlp": "MLP", "cnn": "CNN"}
+NAMES = MODELS  # what figures call each model
 
 
 def save(fig, name):

@@ -11,7 +11,8 @@ from PIL import Image
 
 from bench.servers import serve_in_background
 from pipeline.core import normalize
-from pipeline.serving import api
+from pipeline.serving import batcher as batching
+from pipeline.serving import limits
 from pipeline.serving.api import create_app
 from pipeline.serving.predictor import Predictor
 from tests.helpers import ROOT, draw_digit_seven
@@ -203,7 +204,7 @@ def chunks(total, size=1024 * 1024):
 
 @pytest.mark.parametrize("route", ["/predict", "/predict/batch", "/health"])
 def test_every_route_refuses_a_body_over_its_limit_with_413(client, route):
-    limit = api.BODY_LIMITS.get(route, api.OTHER_ROUTES_BODY_LIMIT)
+    limit = limits.BODY_LIMITS.get(route, limits.OTHER_ROUTES_BODY_LIMIT)
     headers = {"content-type": "multipart/form-data; boundary=x"}
     declared = client.post(route, content=b"x" * (limit + 1), headers=headers)
     assert declared.status_code == 413 and "limit" in declared.json()["detail"]
@@ -220,7 +221,7 @@ def test_concurrent_requests_share_one_model_call():
         return batch.reshape(len(batch), -1)[:, :10] + 1, np.arange(len(batch))
 
     async def main():
-        batcher = api.MicroBatcher(predict)
+        batcher = batching.MicroBatcher(predict)
         runner = asyncio.create_task(batcher.run())
         requests = [np.full((n, 28, 28), n, np.float32) for n in (1, 3, 1, 2)]
         answers = await asyncio.gather(*(batcher(images) for images in requests))
@@ -245,7 +246,7 @@ def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
         return (np.zeros((len(batch), 10)),)
 
     async def main():
-        batcher = api.MicroBatcher(predict)
+        batcher = batching.MicroBatcher(predict)
         runner = asyncio.create_task(batcher.run())
         first = await asyncio.gather(
             batcher(np.zeros((1, 28, 28))), batcher(np.zeros((1, 28, 28))), return_exceptions=True

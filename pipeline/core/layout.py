@@ -15,6 +15,10 @@ METRICS_FILE = Path("reports/metrics.json")
 ROBUSTNESS_FILE = Path("reports/robustness.json")  # robustness: accuracy on corrupted test copies
 FIGURES_DIR = Path("reports/figures")  # visualize
 
+# The models, by the name their params.yaml section, files, stages and registry entries use, with
+# the name figures show: the one list that params, models (BUILDERS) and visualize read.
+MODELS = {"mlp": "MLP", "cnn": "CNN"}
+
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 DIGITS = tuple(range(NUM_CLASSES))

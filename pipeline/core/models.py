@@ -3,7 +3,7 @@
 import keras
 from keras import layers
 
-from pipeline.core.layout import IMAGE_SHAPE, NUM_CLASSES
+from pipeline.core.layout import IMAGE_SHAPE, MODELS, NUM_CLASSES
 
 
 def build_mlp(mlp_params):
@@ -48,6 +48,7 @@ def build_cnn(cnn_params):
 
 
 BUILDERS = {"mlp": build_mlp, "cnn": build_cnn}
+assert BUILDERS.keys() == MODELS.keys(), "a model in layout.MODELS needs a builder here"
 
 
 def build(model_params):

@@ -8,8 +8,10 @@ from typing import ClassVar
 
 import yaml
 
+from pipeline.core import layout
+
 SOURCES = ("local", "mirrors", "pypi")
-MODELS = ("mlp", "cnn")
+MODELS = tuple(layout.MODELS)
 ARCHS = ("plain", "resnet")  # cnn.arch
 
 

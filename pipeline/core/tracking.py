@@ -24,7 +24,6 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 from pipeline.core.layout import run_file
 
@@ -159,7 +158,9 @@ def log_keras_model(model, example, name="model"):
 
     def save_example_into_new_folder(mlflow_model, input_example, path):
         # MLflow's Keras flavor (3.17, 3.18) writes the input example before it creates the
-        # model folder, so any input example fails with FileNotFoundError.
+        # model folder, so any input example fails with FileNotFoundError. No public option
+        # avoids it while keeping the example in the logged model, so the one private step is
+        # wrapped for the duration of this call (and restored below).
         os.makedirs(path, exist_ok=True)
         return save_example(mlflow_model, input_example, path)
 
@@ -169,16 +170,17 @@ def log_keras_model(model, example, name="model"):
     # news to no one, since the requirements are named below. Its warnings still show.
     logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
     try:
-        with mock.patch.object(mlflow.keras.save, "_save_example", save_example_into_new_folder):
-            return mlflow.keras.log_model(
-                model,
-                name=name,
-                input_example=example,
-                signature=infer_signature(example, model.predict(example, verbose=0)),
-                # Named, not inferred: inference reloads the model in a subprocess, costing seconds.
-                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-            )
+        mlflow.keras.save._save_example = save_example_into_new_folder
+        return mlflow.keras.log_model(
+            model,
+            name=name,
+            input_example=example,
+            signature=infer_signature(example, model.predict(example, verbose=0)),
+            # Named, not inferred: inference reloads the model in a subprocess, costing seconds.
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        )
     finally:
+        mlflow.keras.save._save_example = save_example
         keras.config.enable_interactive_logging()
 
 

@@ -25,12 +25,13 @@ DECODE_CPUS = 0.5  # decoding is light beside the model: it fits next to the act
 
 
 def decode(batch):
-    """Ray Data batch {file, [image bytes]} -> {file, image (n, 28, 28), error}."""
+    """Ray Data batch {file, path or image bytes} -> {file, image (n, 28, 28), error}."""
     images, errors = [], []
     contents = batch.get("image")
     for i, name in enumerate(batch["file"]):
         if contents is None:
-            _, image, error = serving_cli.read_image(Path(name))
+            _, image, error = serving_cli.read_image(Path(batch["path"][i]))
+            error = error and error.replace(batch["path"][i], name)  # name files as the user did
         else:
             try:
                 image, error = serving_cli.normalize.to_mnist(serving_cli.normalize.decode(contents[i], name)), None
@@ -92,13 +93,21 @@ def score(args):
         raise ValueError(f"{args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)")
     model = args.model if ":/" in args.model else str(Path(args.model).resolve())
     cluster.connect(address, args.cpus)
+    needed, total = args.actors * args.cpus_per_actor + DECODE_CPUS, ray.cluster_resources().get("CPU", 0)
+    if needed > total:
+        raise ValueError(
+            f"{args.actors} actors of {args.cpus_per_actor} CPUs and the decoding ({DECODE_CPUS}) need "
+            f"{needed:g} CPUs; Ray has {total:g}: lower --actors or --cpus-per-actor"
+        )
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come out in input order
     context.enable_progress_bars = sys.stderr.isatty()
     if args.parquet:
         source = ray.data.read_parquet(str(Path(args.parquet).resolve()), columns=["file", "image"])
     else:
-        source = ray.data.from_items([{"file": p} for p in paths])
+        # Workers run in other folders, and on other machines: they read by absolute path (a shared
+        # file system on a cluster; or --parquet), and the answers name files as given.
+        source = ray.data.from_items([{"file": p, "path": str(Path(p).resolve())} for p in paths])
     answers = source.map_batches(decode, batch_size=BATCH_SIZE, num_cpus=DECODE_CPUS).map_batches(
         Scorer,
         fn_constructor_kwargs={"source": model, "top_k": args.top_k},

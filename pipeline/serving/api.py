@@ -11,34 +11,23 @@ calls: images that arrive while the model is busy go into its next batch.
 """
 
 import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from pipeline.core import normalize
+from pipeline.serving.batcher import MicroBatcher
+from pipeline.serving.limits import MAX_BATCH, MAX_JSON_BYTES, BodyLimit
 from pipeline.serving.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
-MAX_BATCH = 64
-MAX_JSON_BYTES = 1024 * 1024  # 28x28 numbers as JSON take about 20 KB
-MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the files
-BODY_LIMITS = {  # bytes a request body may have, by route; 413 beyond
-    "/predict": normalize.MAX_BYTES + MULTIPART_OVERHEAD,
-    "/predict/batch": 4 * normalize.MAX_BYTES + MULTIPART_OVERHEAD,
-}
-OTHER_ROUTES_BODY_LIMIT = 64 * 1024
-MODEL_BATCH = 256  # a model call takes queued requests until it has this many images
-BATCH_WAIT_SECONDS = 0.001  # after the first image, how long a model call waits for more
-
 IMAGE_FILE_SCHEMA = {
     "type": "string",
     "format": "binary",
@@ -111,79 +100,6 @@ PROBLEMS = {
         "image, a blank image, pixels of the wrong shape or range)",
     },
 }
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over its route's limit gets 413 without being read further,
-    whether it declares its length or streams chunks. (Starlette and uvicorn have no such limit.)"""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = BODY_LIMITS.get(scope["path"], OTHER_ROUTES_BODY_LIMIT)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            return await too_large(int(declared), limit)(scope, receive, send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise HTTPException(413, f"request body is over the {limit:,}-byte limit of {scope['path']}")
-            return message
-
-        await self.app(scope, counted_receive, send)
-
-
-def too_large(size, limit):
-    return JSONResponse({"detail": f"request body of {size:,} bytes is over the {limit:,}-byte limit"}, 413)
-
-
-class MicroBatcher:
-    """Puts the images of concurrent requests into shared model calls, one call at a time, in a
-    worker thread so the event loop keeps serving. While one call runs, new images queue up; the
-    next call takes them all (up to about MODEL_BATCH). A lone request waits BATCH_WAIT_SECONDS."""
-
-    def __init__(self, predict, on_batch=lambda size, seconds: None):
-        self.predict, self.on_batch = predict, on_batch
-        self.queue = asyncio.Queue()
-        # One thread of its own: a hop to it costs less than to Starlette's shared pool, and model
-        # calls never wait behind other work.
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-
-    async def __call__(self, images):
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((np.asarray(images, np.float32), future))
-        return await future
-
-    async def run(self):
-        while True:
-            waiting = [await self.queue.get()]
-            # A short pause lets requests that arrive together share this call. (Not wait_for on
-            # queue.get: on Python 3.11 a timeout can drop the item it raced with.)
-            await asyncio.sleep(BATCH_WAIT_SECONDS)
-            while not self.queue.empty() and sum(len(images) for images, _ in waiting) < MODEL_BATCH:
-                waiting.append(self.queue.get_nowait())
-            batch = np.concatenate([images for images, _ in waiting])
-            start = time.perf_counter()
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(self.thread, self.predict, batch)
-            except Exception as e:  # every waiting request must hear of it, and the loop must go on
-                for _, future in waiting:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            self.on_batch(len(batch), time.perf_counter() - start)
-            offset = 0
-            for images, future in waiting:
-                if not future.done():  # done: the request was cancelled (its client went away)
-                    future.set_result(tuple(rows[offset : offset + len(images)] for rows in results))
-                offset += len(images)
 
 
 def answer(probabilities, not_a_digit, predictor, name=None):

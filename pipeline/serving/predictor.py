@@ -6,7 +6,6 @@ import os
 import re
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
@@ -101,12 +100,12 @@ class Predictor:
         # The calibrate stage adds calibration.json and gate/ to the model's training run. (A
         # progress bar for one small file would only clutter the CLI's output.)
         extras = []
-        with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-            for artifact in ("calibration.json", "gate"):
-                try:
-                    extras.append(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)))
-                except (MlflowException, OSError):
-                    extras.append(None)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for artifact in ("calibration.json", "gate"):
+            try:
+                extras.append(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)))
+            except (MlflowException, OSError):
+                extras.append(None)
         calibration, gate_folder = extras
         gate = next(iter(sorted(gate_folder.glob("*.gate.pkl"))), None) if gate_folder else None
         return found[0], calibration, gate
