@@ -119,7 +119,7 @@ def accuracy(model, x, labels, batch_size):
 def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
     """corrupted_val: the robustness stage's corruptions of the validation images, what augmentation
     is chosen by; None for a recipe that trained on the validation images (no validation metrics)."""
-    batch_size = params.eval_batch_size
+    batch_size = params.evaluate.batch_size
     result = {
         "train_seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / epochs, 1),
@@ -132,7 +132,7 @@ def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
         val_probabilities = model.predict(data["x_val"], batch_size=batch_size, verbose=0)
         result["val_accuracy"] = float(np.mean(val_probabilities.argmax(1) == val_labels))
         not_sure, temperature, threshold = confidence.not_sure_on_validation(
-            val_probabilities, val_labels, params.accepted_accuracy
+            val_probabilities, val_labels, params.calibrate.accepted_accuracy
         )
         result.update(not_sure)
         result["val_corrupted_mean_accuracy"] = float(np.mean(list(corrupted.values())))

@@ -63,7 +63,7 @@ for seed in {SEEDS}:
     training.fit(model, params.cnn, params, data, to_mlflow=False, verbose=0)
     labels = data["y_val"].argmax(1)
     probabilities = model.predict(data["x_val"], batch_size=1000, verbose=0)
-    confidence.not_sure_on_validation(probabilities, labels, params.accepted_accuracy)
+    confidence.not_sure_on_validation(probabilities, labels, params.calibrate.accepted_accuracy)
     for x in corrupted.values():
         model.predict(x, batch_size=1000, verbose=0)
 print(time.perf_counter() - start)

@@ -42,14 +42,14 @@ def fit_gate(model, x_train, x_val, params):
     """The "not a digit" gate for this model, and how many non-digits it learned from."""
     rng = np.random.default_rng(params.seed)
     digits = x_train[rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)), replace=False)]
-    generated = nondigits.generate(params.nondigits_per_kind, params.seed, x_train)
+    generated = nondigits.generate(params.calibrate.nondigits_per_kind, params.seed, x_train)
     others = gate.to_mnist_forms([image for images in generated.values() for image in images])
     features = gate.with_features(model)
     digit_features = features.predict(digits, batch_size=1000, verbose=0)[1]
     other_features = features.predict(others, batch_size=1000, verbose=0)[1]
     fitted = gate.Gate(params.seed).fit(digit_features, digits, other_features, others)
     val_scores = fitted.scores(features.predict(x_val, batch_size=1000, verbose=0)[1], x_val)
-    return fitted.set_threshold(val_scores, params.digit_flag_rate), len(others)
+    return fitted.set_threshold(val_scores, params.calibrate.digit_flag_rate), len(others)
 
 
 def calibrate(model_path, data, labels, params):
@@ -60,7 +60,7 @@ def calibrate(model_path, data, labels, params):
     raw = model.predict(x_val, batch_size=1000, verbose=0)
     temperature = confidence.fit_temperature(raw, labels)
     calibrated = confidence.with_temperature(raw, temperature)
-    threshold = confidence.not_sure_threshold(calibrated, labels, params.accepted_accuracy)
+    threshold = confidence.not_sure_threshold(calibrated, labels, params.calibrate.accepted_accuracy)
     fitted_gate, non_digit_count = fit_gate(model, data["x_train"], x_val, params)
     scores = {
         "temperature": temperature,
@@ -74,7 +74,7 @@ def calibrate(model_path, data, labels, params):
     file = {
         "temperature": temperature,
         "not_sure_below": threshold,
-        "accepted_accuracy": params.accepted_accuracy,
+        "accepted_accuracy": params.calibrate.accepted_accuracy,
         "not_a_digit_above": fitted_gate.threshold,
         "model_sha256": sha256(model_path),
     }
@@ -88,7 +88,7 @@ def calibrate_models(params):
     data = load_arrays(PROCESSED_DIR, ["x_train", "x_val", "y_val"])
     require(*(model_file(kind) for kind in params_module.MODELS))
     labels = data["y_val"].argmax(axis=1)
-    tracking.use_experiment(params.experiment)
+    tracking.use_experiment(params.mlflow.experiment)
 
     report = {}
     for kind in params_module.MODELS:

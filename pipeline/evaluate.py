@@ -145,15 +145,15 @@ def evaluate_models(params):
         *map(gate_file, params_module.MODELS),
     )
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
-    tracking.use_experiment(params.experiment)
+    tracking.use_experiment(params.mlflow.experiment)
     # Another seed than calibrate's, test digits in the strips, and fonts the gate never saw.
-    generated = nondigits.generate(params.eval_nondigits_per_kind, params.seed + 1, x_test, nondigits.EVAL_FONTS)
+    generated = nondigits.generate(params.evaluate.nondigits_per_kind, params.seed + 1, x_test, nondigits.EVAL_FONTS)
     non_digits = {kind: gate.to_mnist_forms(images) for kind, images in generated.items()}
 
     metrics = {}
     for kind in params_module.MODELS:
         model, run_file = keras.models.load_model(model_file(kind)), tracking.read_run_file(kind)
-        raw, images_per_second = predict_timed(model, x_test, params.eval_batch_size)
+        raw, images_per_second = predict_timed(model, x_test, params.evaluate.batch_size)
         summary, report, predicted = score(raw, labels)
         summary["images_per_second"] = round(images_per_second, 1)
         calibration = confidence.read_calibration(calibration_file(kind))

@@ -26,7 +26,7 @@ def measure(params):
     require(*map(model_file, params_module.MODELS))
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     copies = corruptions.corrupted_copies(x_test, params)
-    tracking.use_experiment(params.experiment)
+    tracking.use_experiment(params.mlflow.experiment)
 
     report = {}
     for kind in params_module.MODELS:

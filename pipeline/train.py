@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from pipeline.core import params as params_module
-from pipeline.core import tracking, training
+from pipeline.core import registry, tracking, training
 from pipeline.core.files import DataError, atomic_path, load_arrays, write_json, write_text
 from pipeline.core.layout import IMAGE_SHAPE, NUM_CLASSES, PROCESSED_DIR, TRAIN_REPORTS_DIR, model_file
 
@@ -55,7 +55,7 @@ def train(kind, params):
         flush=True,
     )
 
-    experiment = tracking.use_experiment(params.experiment)
+    experiment = tracking.use_experiment(params.mlflow.experiment)
     tracking.end_orphaned_runs(experiment.experiment_id)
     train_set = mlflow.data.from_numpy(x_train, targets=data["y_train"], name="mnist-train")
     val_set = mlflow.data.from_numpy(x_val, targets=data["y_val"], name="mnist-validation")
@@ -98,7 +98,7 @@ def train(kind, params):
         mlflow.log_text(summary_text(model), "model_summary.txt")
 
         logged = tracking.log_keras_model(model, x_val[:5])
-        version = tracking.register(
+        version = registry.register(
             kind,
             logged.model_uri,
             {
@@ -110,7 +110,7 @@ def train(kind, params):
             },
         )
         tracking.write_run_file(kind, run.info, version.version)
-        verdict = tracking.crown_if_better(version)
+        verdict = registry.crown_if_better(version)
     print(
         f"train {kind}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
         f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}\n"

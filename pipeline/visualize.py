@@ -177,14 +177,14 @@ def risk_coverage(predictions):
 
 
 def robustness(report, x_test, params, examples=4):
-    names = list(params.corruptions)
+    names = list(params.robustness.corruptions)
     fig = plt.figure(figsize=(13, 7))
     grid = fig.add_gridspec(examples + 4, len(names) + 1)
     for column, name in enumerate(["clean", *names]):
         images = (
             x_test[:examples]
             if name == "clean"
-            else corruptions.corrupt(x_test[:examples], name, params.corruptions[name], 0)
+            else corruptions.corrupt(x_test[:examples], name, params.robustness.corruptions[name], 0)
         )
         for row in range(examples):
             ax = fig.add_subplot(grid[row, column])
@@ -243,7 +243,7 @@ def visualize(params):
     predictions = {kind: pd.read_csv(EVAL_DIR / f"{kind}_predictions.csv") for kind in params_module.MODELS}
     reports = {kind: json.loads((EVAL_DIR / f"{kind}_report.json").read_text()) for kind in params_module.MODELS}
     stats = json.loads(DATA_STATS_FILE.read_text())
-    count = min(params.grid_images, len(x_test))
+    count = min(params.visualize.grid_images, len(x_test))
 
     shared = [
         save(training_curves(histories), "training_curves.png"),
@@ -262,7 +262,7 @@ def visualize(params):
         for kind in params_module.MODELS
     }
 
-    tracking.use_experiment(params.experiment)
+    tracking.use_experiment(params.mlflow.experiment)
     for kind, paths in figures.items():
         with tracking.run(run_id=tracking.read_run_id(kind)):
             for path in paths:

@@ -52,19 +52,19 @@ def test_the_not_sure_threshold_keeps_the_most_answers_at_the_target_accuracy():
     probabilities[:, 1] = 1 - confident
     labels = np.zeros(1000, int)
     labels[[100, 500, 900]] = 1
-    threshold = confidence.not_sure_threshold(probabilities, labels, target=0.9975)
+    threshold = confidence.not_sure_threshold(probabilities, labels, accepted_accuracy=0.9975)
     kept = confidence.selective_scores(probabilities, labels, threshold)
     # Every answer down to the third mistake is kept: 2 wrong in 900 is 99.78 %; 3 in 1,000 would be 99.7 %.
     assert kept["coverage"] == pytest.approx(0.9) and kept["accepted_errors"] == 2
     assert kept["accepted_accuracy"] >= 0.9975
-    assert confidence.not_sure_threshold(probabilities, labels, target=1.0) == pytest.approx(confident[99])
+    assert confidence.not_sure_threshold(probabilities, labels, accepted_accuracy=1.0) == pytest.approx(confident[99])
 
 
 def test_tied_confidences_are_kept_or_refused_together():
     probabilities = np.zeros((4, 10))
     probabilities[:, 0] = [0.9, 0.8, 0.8, 0.7]
     labels = np.array([0, 0, 1, 0])
-    assert confidence.not_sure_threshold(probabilities, labels, target=1.0) == pytest.approx(0.9)
+    assert confidence.not_sure_threshold(probabilities, labels, accepted_accuracy=1.0) == pytest.approx(0.9)
 
 
 def test_a_broken_calibration_file_is_named(tmp_path):

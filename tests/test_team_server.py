@@ -108,11 +108,11 @@ def test_nobody_gets_in_without_credentials(server, teammate):
 
 def crown_behind(barrier, version, verdicts, errors):
     """One training stage's crowning, started with the other's behind `barrier`."""
-    from pipeline.core import tracking
+    from pipeline.core import registry
 
     barrier.wait()
     try:
-        verdicts[version.version] = tracking.crown_if_better(version)
+        verdicts[version.version] = registry.crown_if_better(version)
     except Exception as error:  # any error: the assertion below shows it
         errors.append(error)
 

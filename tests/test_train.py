@@ -73,7 +73,8 @@ def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_t
     images = (tiny_images(1000)[0] / 255.0).astype(np.float32)[..., None]
 
     def changed(share, seed=3, training=True):
-        out = np.asarray(RandomCorruption(share, seed=seed)(images, training=training))
+        strength = dataclasses.replace(params.load().cnn.augment, corruption_share=share)
+        out = np.asarray(RandomCorruption(strength, seed=seed)(images, training=training))
         assert out.shape == images.shape and out.min() >= 0.0 and out.max() <= 1.0
         return out, np.abs(out - images).reshape(len(images), -1).max(axis=1) > 1e-6
 
@@ -93,14 +94,15 @@ def test_each_corrupted_image_is_a_corruption_of_its_own_original():
     # so they can be recomputed here.
     import tensorflow as tf
 
-    from pipeline.core.augmentation import BLUR_SIGMAS, RandomCorruption, _gaussian_kernel
+    from pipeline.core.augmentation import RandomCorruption, _gaussian_kernel
 
+    strength = dataclasses.replace(params.load().cnn.augment, corruption_share=1.0)
     images = (tiny_images(700)[0] / 255.0).astype(np.float32)[..., None]
-    out = np.asarray(RandomCorruption(1.0, seed=5)(images, training=True))
+    out = np.asarray(RandomCorruption(strength, seed=5)(images, training=True))
     exact = [
         tf.nn.max_pool2d(images, 2, 1, "SAME"),
         -tf.nn.max_pool2d(-images, 2, 1, "SAME"),
-        *(tf.nn.depthwise_conv2d(images, _gaussian_kernel(s), [1, 1, 1, 1], "SAME") for s in BLUR_SIGMAS),
+        *(tf.nn.depthwise_conv2d(images, _gaussian_kernel(s), [1, 1, 1, 1], "SAME") for s in strength.blur_sigmas),
     ]
     matches = np.stack([np.abs(out - np.asarray(e)).reshape(len(images), -1).max(axis=1) < 1e-6 for e in exact])
     assert 0.4 < matches.any(axis=0).mean() < 0.6  # about 4 of every 8 images
@@ -166,12 +168,12 @@ def test_affine_augmentation_keeps_each_image_within_its_ranges_in_one_resamplin
 def test_wide_tilts_turn_each_image_by_their_range_either_way_about_its_centre():
     import keras
 
-    from pipeline.core.augmentation import WIDE_ROTATION_DEGREES, _tilted
+    from pipeline.core.augmentation import _tilted
 
+    low, high = params.load().cnn.augment.tilt_degrees
     images = upright_bars(400)
     ink0, y0, x0, _ = moments(images)
-    ink, y, x, tilt = moments(_tilted(images, keras.random.SeedGenerator(1)))
-    low, high = WIDE_ROTATION_DEGREES
+    ink, y, x, tilt = moments(_tilted(images, keras.random.SeedGenerator(1), (low, high)))
     assert np.abs(tilt).min() >= low - 0.5 and np.abs(tilt).max() <= high + 0.5
     assert np.abs(tilt).max() > high - 2 and np.abs(tilt).min() < low + 2  # the whole range is drawn
     assert 150 < (tilt > 0).sum() < 250  # either way, about half each

@@ -10,15 +10,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-# Resolutions a small or badly scanned digit arrives at, before it is scaled back up to 28x28
-# (inclusive range of the side). Sides of 11 px and more are read almost as well as clean digits.
-LOW_RESOLUTION_SIDES = (7, 10)
-NOISE_STD = (0.05, 0.35)
-BLUR_SIGMAS = (1.0, 1.5)
-# Tilts beyond RandomAffine's, as a slanted hand writes them: degrees either way. Only the
-# corrupted share gets them: wide rotations for every image cost clean accuracy (README).
-WIDE_ROTATION_DEGREES = (10, 30)
-
 
 def _gaussian_kernel(sigma, size=7):
     x = np.arange(size) - size // 2
@@ -52,10 +43,10 @@ def _warped(images, angle, scale, shift_fraction):
     return keras.ops.image.affine_transform(images, transform, fill_mode="constant")
 
 
-def _tilted(images, seed_generator):
-    """Each image rotated by its own angle of WIDE_ROTATION_DEGREES, either way."""
+def _tilted(images, seed_generator, degrees):
+    """Each image rotated by its own angle in [low, high] degrees, either way."""
     count = tf.shape(images)[0]
-    low, high = np.deg2rad(WIDE_ROTATION_DEGREES)
+    low, high = np.deg2rad(degrees)
     size = keras.random.uniform([count], low, high, seed=seed_generator)
     sign = tf.where(keras.random.uniform([count], seed=seed_generator) < 0.5, -1.0, 1.0)
     return _warped(images, size * sign, tf.ones([count]), tf.zeros([count, 2]))
@@ -90,23 +81,26 @@ class RandomAffine(keras.layers.Layer):
 
 
 class RandomCorruption(keras.layers.Layer):
-    """Replaces a random `share` of a batch's images with a corrupted copy, one corruption each,
+    """Replaces a random share of a batch's images with a corrupted copy, one corruption each,
     drawn uniformly; the rest pass unchanged, so clean digits stay most of what the model sees.
-    Each corruption is computed only for the images that drew it."""
+    Each corruption is computed only for the images that drew it. `strength`: a model's
+    params.yaml `augment` section (corruption_share, noise_std, blur_sigmas, low_resolution_sides,
+    tilt_degrees: tilts beyond RandomAffine's, as a slanted hand writes them)."""
 
-    def __init__(self, share, seed, **kwargs):
+    def __init__(self, strength, seed, **kwargs):
         super().__init__(**kwargs)
-        self.share = share
+        self.share = strength.corruption_share
+        self.noise_std, self.sides, self.tilt = strength.noise_std, strength.low_resolution_sides, strength.tilt_degrees
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.blur_kernels = [_gaussian_kernel(sigma) for sigma in BLUR_SIGMAS]
+        self.blur_kernels = [_gaussian_kernel(sigma) for sigma in strength.blur_sigmas]
 
     def call(self, images, training=True):
         if not training or not self.share:
             return images
         batch = tf.shape(images)[0]
-        std = keras.random.uniform([batch, 1, 1, 1], *NOISE_STD, seed=self.seed_generator)
+        std = keras.random.uniform([batch, 1, 1, 1], *self.noise_std, seed=self.seed_generator)
         noise = keras.random.normal(tf.shape(images), seed=self.seed_generator) * std
-        side = keras.random.randint([], LOW_RESOLUTION_SIDES[0], LOW_RESOLUTION_SIDES[1] + 1, seed=self.seed_generator)
+        side = keras.random.randint([], self.sides[0], self.sides[1] + 1, seed=self.seed_generator)
         corruptions = [
             lambda x, noise: tf.clip_by_value(x + noise, 0.0, 1.0),
             *(lambda x, _, k=k: tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], "SAME") for k in self.blur_kernels),
@@ -114,7 +108,7 @@ class RandomCorruption(keras.layers.Layer):
             lambda x, _: _resized(x, side, align_corners=False),
             lambda x, _: tf.nn.max_pool2d(x, 2, 1, "SAME"),  # thicker strokes (grey dilation)
             lambda x, _: -tf.nn.max_pool2d(-x, 2, 1, "SAME"),  # thinner strokes (grey erosion)
-            lambda x, _: _tilted(x, self.seed_generator),
+            lambda x, _: _tilted(x, self.seed_generator, self.tilt),
         ]
         kind = keras.random.randint([batch], 0, len(corruptions), seed=self.seed_generator)
         chosen = keras.random.uniform([batch], seed=self.seed_generator) < self.share

@@ -70,15 +70,15 @@ def most_confident_first(confidence, correct):
     return confidence[order], np.cumsum(correct[order]) / np.arange(1, len(correct) + 1)
 
 
-def not_sure_threshold(probabilities, labels, target):
-    """The lowest confidence whose accepted answers (confidence >= it) are still at least `target`
+def not_sure_threshold(probabilities, labels, accepted_accuracy):
+    """The lowest confidence whose accepted answers (confidence >= it) are still at least `accepted_accuracy`
     correct: the most answers kept at that accuracy."""
     confidence, accuracy_of_top = most_confident_first(
         probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
     )
     # Only cut between distinct confidences: a tie is accepted or refused as a whole.
     cut_allowed = np.append(confidence[1:] < confidence[:-1], True)
-    ok = np.flatnonzero((accuracy_of_top >= target) & cut_allowed)
+    ok = np.flatnonzero((accuracy_of_top >= accepted_accuracy) & cut_allowed)
     return float(confidence[ok[-1]]) if len(ok) else 1.0
 
 
@@ -109,7 +109,7 @@ def read_calibration(path):
     return calibration
 
 
-def not_sure_on_validation(probabilities, labels, target):
+def not_sure_on_validation(probabilities, labels, accepted_accuracy):
     """What the calibrate stage would fit on these validation answers (temperature, "not sure"
     threshold), and how well confidence ranks them, for choosing a recipe by its "not sure": the
     share kept at that threshold (in-sample) and the area under the risk-coverage curve (the error
@@ -117,7 +117,7 @@ def not_sure_on_validation(probabilities, labels, target):
     temperature, which changes how answers rank against each other."""
     temperature = fit_temperature(probabilities, labels)
     probabilities = with_temperature(probabilities, temperature)
-    threshold = not_sure_threshold(probabilities, labels, target)
+    threshold = not_sure_threshold(probabilities, labels, accepted_accuracy)
     _, accuracy_of_top = most_confident_first(probabilities.max(1), probabilities.argmax(1) == labels)
     scores = {
         "val_not_sure_coverage": selective_scores(probabilities, labels, threshold)["coverage"],

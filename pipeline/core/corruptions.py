@@ -91,6 +91,6 @@ def corrupted_copies(images, params):
     The robustness stage makes them of the test images; sweeps of the validation images, to choose
     recipes by."""
     return {
-        name: corrupt(images, name, strength, params.robustness_seed + i)
-        for i, (name, strength) in enumerate(params.corruptions.items())
+        name: corrupt(images, name, strength, params.robustness.seed + i)
+        for i, (name, strength) in enumerate(params.robustness.corruptions.items())
     }

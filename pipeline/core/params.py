@@ -40,6 +40,10 @@ class AugmentParams:
     shift_fraction: float
     zoom_fraction: float
     corruption_share: float  # of each batch, replaced by noisy, blurred, low-resolution or re-inked copies
+    noise_std: tuple  # [low, high] of the added Gaussian noise's standard deviation
+    blur_sigmas: tuple  # the Gaussian blurs drawn from, in pixels
+    low_resolution_sides: tuple  # [low, high] side (pixels) a digit is shrunk to and scaled back from
+    tilt_degrees: tuple  # [low, high] rotation either way, beyond rotation_degrees
 
 
 @dataclass(frozen=True)
@@ -78,22 +82,49 @@ class CNNParams(TrainingParams):
 
 
 @dataclass(frozen=True)
+class MLflowParams:
+    experiment: str
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    accepted_accuracy: float  # how often answers above the "not sure" threshold must be right
+    nondigits_per_kind: int  # generated non-digits of each kind the "not a digit" gate learns from
+    digit_flag_rate: float  # the most validation digits the gate may flag
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+    nondigits_per_kind: int  # generated non-digits of each kind the gate is measured on
+
+
+@dataclass(frozen=True)
+class RobustnessParams:
+    seed: int
+    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/core/corruptions.py
+
+
+@dataclass(frozen=True)
+class VisualizeParams:
+    grid_images: int
+
+
+@dataclass(frozen=True)
 class Params:
+    """params.yaml, one field per top-level key, each section its own dataclass."""
+
     epochs: int
     seed: int
     fetch: FetchParams
     preprocess: PreprocessParams
-    experiment: str
+    mlflow: MLflowParams
     mlp: MLPParams
     cnn: CNNParams
-    accepted_accuracy: float  # calibrate: how often answers above the "not sure" threshold must be right
-    digit_flag_rate: float  # calibrate: the most validation digits the "not a digit" gate may flag
-    nondigits_per_kind: int  # calibrate: generated non-digits of each kind the gate learns from
-    eval_batch_size: int
-    eval_nondigits_per_kind: int
-    robustness_seed: int
-    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/core/corruptions.py
-    grid_images: int
+    calibrate: CalibrateParams
+    evaluate: EvaluateParams
+    robustness: RobustnessParams
+    visualize: VisualizeParams
 
     def model(self, name):
         """The params.yaml section of model `name` ("mlp" or "cnn")."""
@@ -133,6 +164,30 @@ class _Reader:
             self.errors.append(f"{key}: got {value!r}, expected {expected}")
             return None
         return value
+
+    def float_range(self, key, lo, hi, kind=float):
+        """[low, high] with lo <= low <= high <= hi."""
+        value = self.get(key, list)
+        if value is None:
+            return ()
+        numbers = all(isinstance(v, int if kind is int else int | float) and not isinstance(v, bool) for v in value)
+        if len(value) != 2 or not numbers or not lo <= value[0] <= value[1] <= hi:
+            self.errors.append(
+                f"{key}: got {value!r}, expected [low, high] of {kind.__name__} with {lo} <= low <= high <= {hi}"
+            )
+            return ()
+        return tuple(value)
+
+    def float_list(self, key, lo, hi):
+        values = self.get(key, list)
+        if values is None:
+            return ()
+        if not values or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi for v in values
+        ):
+            self.errors.append(f"{key}: got {values!r}, expected a non-empty list of numbers in [{lo}, {hi}]")
+            return ()
+        return tuple(float(v) for v in values)
 
     def int_list(self, key, lo, hi):
         values = self.get(key, list)
@@ -186,6 +241,10 @@ def _training(r, section):
             shift_fraction=r.get(f"{section}.augment.shift_fraction", float, 0.0, 0.3),
             zoom_fraction=r.get(f"{section}.augment.zoom_fraction", float, 0.0, 0.3),
             corruption_share=r.get(f"{section}.augment.corruption_share", float, 0.0, 1.0),
+            noise_std=r.float_range(f"{section}.augment.noise_std", 0.0, 1.0),
+            blur_sigmas=r.float_list(f"{section}.augment.blur_sigmas", 0.1, 5.0),
+            low_resolution_sides=r.float_range(f"{section}.augment.low_resolution_sides", 2, 27, kind=int),
+            tilt_degrees=r.float_range(f"{section}.augment.tilt_degrees", 0.0, 90.0),
         ),
     )
 
@@ -275,17 +334,20 @@ def from_tree(tree, path="params.yaml"):
             max_train_images=max_train,
             max_test_images=r.get("preprocess.max_test_images", int, 10, 10000, nullable=True),
         ),
-        experiment=r.get("mlflow.experiment", str),
+        mlflow=MLflowParams(experiment=r.get("mlflow.experiment", str)),
         mlp=_mlp(r),
         cnn=_cnn(r),
-        accepted_accuracy=r.get("calibrate.accepted_accuracy", float, 0.5, 1.0),
-        digit_flag_rate=r.get("calibrate.digit_flag_rate", float, 0.0, 0.5),
-        nondigits_per_kind=r.get("calibrate.nondigits_per_kind", int, 10, 100000),
-        eval_batch_size=r.get("evaluate.batch_size", int, 1, 10000),
-        eval_nondigits_per_kind=r.get("evaluate.nondigits_per_kind", int, 10, 100000),
-        robustness_seed=r.get("robustness.seed", int, 0, 2**31 - 1),
-        corruptions=_corruptions(r),
-        grid_images=r.get("visualize.grid_images", int, 4, 100),
+        calibrate=CalibrateParams(
+            accepted_accuracy=r.get("calibrate.accepted_accuracy", float, 0.5, 1.0),
+            nondigits_per_kind=r.get("calibrate.nondigits_per_kind", int, 10, 100000),
+            digit_flag_rate=r.get("calibrate.digit_flag_rate", float, 0.0, 0.5),
+        ),
+        evaluate=EvaluateParams(
+            batch_size=r.get("evaluate.batch_size", int, 1, 10000),
+            nondigits_per_kind=r.get("evaluate.nondigits_per_kind", int, 10, 100000),
+        ),
+        robustness=RobustnessParams(seed=r.get("robustness.seed", int, 0, 2**31 - 1), corruptions=_corruptions(r)),
+        visualize=VisualizeParams(grid_images=r.get("visualize.grid_images", int, 4, 100)),
     )
     if r.errors:
         raise ParamsError(f"{path} has invalid values:\n  " + "\n  ".join(r.errors))

@@ -129,10 +129,10 @@ def trial(config, tree, data, corrupted_val):
     _, seconds = training.fit(model, model_params, params, data, to_mlflow=False, callbacks=[ReportEpoch()], verbose=0)
 
     labels = data["y_val"].argmax(1)
-    probabilities = model.predict(data["x_val"], batch_size=params.eval_batch_size, verbose=0)
-    scores, _, _ = confidence.not_sure_on_validation(probabilities, labels, params.accepted_accuracy)
+    probabilities = model.predict(data["x_val"], batch_size=params.evaluate.batch_size, verbose=0)
+    scores, _, _ = confidence.not_sure_on_validation(probabilities, labels, params.calibrate.accepted_accuracy)
     corrupted = {
-        name: float(np.mean(model.predict(x, batch_size=params.eval_batch_size, verbose=0).argmax(1) == labels))
+        name: float(np.mean(model.predict(x, batch_size=params.evaluate.batch_size, verbose=0).argmax(1) == labels))
         for name, x in corrupted_val.items()
     }
     tune.report(

@@ -207,20 +207,20 @@ def promote(args):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.core import tracking
+    from pipeline.core import registry, tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = MlflowClient()
     try:
         version = client.get_model_version(args.name, str(args.version))
-        before = tracking.champion_of(args.name)
-        client.set_registered_model_alias(args.name, tracking.CHAMPION, version.version)
+        before = registry.champion_of(args.name)
+        client.set_registered_model_alias(args.name, registry.CHAMPION, version.version)
     except MlflowException as e:
         print(f"digits: {args.name} v{args.version}: {e.message}", file=sys.stderr)
         return 2
     was = f"v{before.version}" if before else "no version"
     print(
-        f"digits: {args.name}@{tracking.CHAMPION} moved from {was} to v{version.version} "
+        f"digits: {args.name}@{registry.CHAMPION} moved from {was} to v{version.version} "
         f"(val accuracy {version.tags.get('val_accuracy', '?')}, "
         f"test accuracy {version.tags.get('test_accuracy', '?')})"
     )
