@@ -110,6 +110,19 @@ def test_a_sweep_spreads_over_both_nodes_and_logs_every_trial(world):
         assert {d.dataset.name for d in t.inputs.dataset_inputs} == {"mnist-train", "mnist-validation"}
 
 
+def test_an_optuna_search_with_asha_early_stopping(world):
+    args = ["--search", "optuna", "--choice", "cnn.dropout=0.2,0.4", "--uniform", "cnn.learning_rate=0.001,0.004"]
+    args += ["--samples", "3", "--asha", "--asha-grace", "1", "--set", "epochs=3", "--seeds", "1", "--name", "optuna"]
+    done = digits(["sweep", *args], world["repo"], world["cluster_env"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, trials, history, _ = sweep_runs(world, "optuna")
+    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    for t in trials:
+        assert t.data.params["cnn.dropout"] in ("0.2", "0.4")
+        assert 0.001 <= float(t.data.params["cnn.learning_rate"]) <= 0.004
+        assert 1 <= len(history[t.info.run_id]) <= 4  # ASHA may stop a trial after its grace epoch
+
+
 def test_an_interrupted_sweep_ends_its_running_trials_killed(world):
     process = subprocess.Popen(
         [BIN / "digits", "sweep", "--seeds", "1", "2", "--set", "epochs=500", "--name", "stopped"],
