@@ -104,6 +104,9 @@ def test_a_sweep_spreads_over_both_nodes_and_logs_every_trial(world):
     assert {t.data.params["cnn.dropout"] for t in failed} == {"7"}
     assert all("cnn.dropout: got 7" in t.data.tags["error"] for t in failed)
     assert len({t.data.tags["ray.node_id"] for t in finished}) == 2, "every trial ran on one node"
+    # Ray does not enforce CPU shares: TensorFlow's threads in each trial follow its one CPU.
+    assert {(t.data.tags["ray.cpus"], t.data.tags["ray.tensorflow_threads"]) for t in finished} == {("1", "1")}
+    assert all(t.data.params["cnn.arch"] == "plain" and t.data.params["epochs"] == "2" for t in finished)
     for t in finished:
         assert {"val_accuracy", "val_corrupted_mean_accuracy", "val_not_sure_coverage"} <= t.data.metrics.keys()
         assert [m.step for m in history[t.info.run_id]][:2] == [1, 2]  # one point per epoch

@@ -61,8 +61,9 @@ class TrainingParams:
 
     def flat(self):
         """The section as params.yaml spells it, flattened with dots (e.g. for MLflow)."""
-        section = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items() if k != "augment"}
+        section = {k: v for k, v in vars(self).items() if k != "augment"}
         section.update({f"augment.{k}": v for k, v in vars(self.augment).items()})
+        section = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
         return {f"{self.name}.{k}": v for k, v in section.items()}
 
 

@@ -113,6 +113,7 @@ def trial(config, tree, data, corrupted_val):
     """Train config["model"] with its overrides at config["seed"] on the training split; report
     each epoch, then the final validation metrics."""
     import keras
+    import tensorflow as tf
     from ray import tune
 
     cpus = cluster.limit_tensorflow_threads()
@@ -145,6 +146,7 @@ def trial(config, tree, data, corrupted_val):
             "train_seconds": seconds,
             "param_count": model.count_params(),
             "cpus": cpus,
+            "tensorflow_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "node_id": _node_id(),
             "final": True,
         }
@@ -157,7 +159,21 @@ def _node_id():
     return ray.get_runtime_context().get_node_id()
 
 
-def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_name):
+def trial_params(tree, config):
+    """What a trial's MLflow run holds as params: every knob of its model's section as the training
+    stage logs them, epochs and seed, and its overrides as given. Only the overrides when they do
+    not make valid params (the trial will fail and say why)."""
+    overrides = {k: v for k, v in config.items() if k != "model"}
+    try:
+        params = params_module.from_tree(params_module.with_overrides(tree, overrides))
+    except params_module.ParamsError:
+        return {k: str(v) for k, v in config.items()}
+    every = {"model": config["model"], "epochs": params.epochs, "seed": params.seed}
+    every.update(params.model(config["model"]).flat())
+    return {k: str(v) for k, v in every.items()}
+
+
+def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_name, tree):
     """A Tune callback, in the driver, that keeps one MLflow run per trial nested under the sweep's
     run: params at the start, each epoch's metrics (step = epoch), the final metrics, and its end as
     FINISHED or FAILED. Anything still open when the sweep is interrupted is ended KILLED."""
@@ -175,10 +191,11 @@ def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_
                 "mlflow.parentRunId": parent_run_id,
                 "sweep": sweep_name,
                 "variant": variant_of(trial.config),
+                "overrides": variant_of({k: v for k, v in trial.config.items() if k != "model"}),
                 **tracking.run_tags(trial.config["model"], "sweep"),
             }
             run = client.create_run(experiment_id, run_name=f"{sweep_name}-{trial.trial_id}", tags=tags)
-            params = [Param(k, str(v)) for k, v in trial.config.items()]
+            params = [Param(k, v) for k, v in trial_params(tree, trial.config).items()]
             client.log_batch(run.info.run_id, params=params)
             client.log_inputs(run.info.run_id, datasets=dataset_inputs)
             self.runs[trial.trial_id] = run.info.run_id
@@ -193,7 +210,8 @@ def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_
             metrics = [Metric(k, float(result[k]), now, int(result["epoch"])) for k in keys if k in result]
             client.log_batch(self.runs[trial.trial_id], metrics=metrics)
             if result.get("final"):
-                client.set_tag(self.runs[trial.trial_id], "ray.node_id", result["node_id"])
+                for key in ("node_id", "cpus", "tensorflow_threads"):
+                    client.set_tag(self.runs[trial.trial_id], f"ray.{key}", str(result[key]))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, "FINISHED")
@@ -309,7 +327,7 @@ def sweep(args):
     client.log_param(parent_id, "command", " ".join(sys.argv[1:])[:6000] or "sweep")
     client.log_param(parent_id, "search", args.search)
     client.log_param(parent_id, "seeds", str(args.seeds))
-    callback = mlflow_callback(client, experiment.experiment_id, parent_id, dataset_inputs(data), sweep_name)
+    callback = mlflow_callback(client, experiment.experiment_id, parent_id, dataset_inputs(data), sweep_name, tree)
     print(f"sweep {sweep_name}: MLflow run {parent_id} in {uri}", flush=True)
 
     search_alg = None
