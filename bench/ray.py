@@ -138,7 +138,7 @@ def main(argv=None):
                             start_ray_node(["--address", address, "--num-cpus", str(share)], env, temp_dir, log)
                         )
                         wait_for_ray_nodes(address, env, 2)
-                    actors = ["--actors", str(count), "--cpus-per-actor", str(max(0.5, share - 0.5))]
+                    actors = ["--actors", str(count), "--cpus-per-actor", str(share - 0.25)]  # one copy per node
                     command = [BIN / "digits", "score", folder, "--out", "/tmp/bench-score.csv", *model, *actors]
                     scoring[f"cluster_{count}_node_seconds"] = round(timed(command, dict(env, RAY_ADDRESS=address)), 1)
                 finally:

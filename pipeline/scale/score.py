@@ -21,7 +21,7 @@ from pipeline.serving import cli as serving_cli
 from pipeline.serving.predictor import DEFAULT_MODEL
 
 BATCH_SIZE = serving_cli.BATCH_SIZE  # the CLI's batches, so that both make the same model calls
-DECODE_CPUS = 0.5  # decoding is light beside the model: it fits next to the actors on a node
+DECODE_CPUS = 0.25  # decoding is light beside the model: it fits next to the actors on a node
 
 
 def decode(batch):
