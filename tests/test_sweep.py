@@ -37,18 +37,30 @@ def test_a_malformed_space_is_refused_naming_it(tmp_path, flag, message):
 
 def test_summary_per_variant_over_seeds_with_failures_counted():
     def result(dropout, seed, accuracy, status="FINISHED"):
-        metrics = {"val_accuracy": accuracy, "val_corrupted_mean_accuracy": 0.9, "val_not_sure_coverage": 0.95}
+        metrics = {
+            "val_accuracy": accuracy,
+            "val_corrupted_mean_accuracy": 0.9,
+            "val_not_sure_coverage": 0.95,
+            "final": True,
+        }
         return {
             "config": {"cnn.dropout": dropout, "seed": seed},
             "metrics": {**metrics, "train_seconds": 10.0},
             "status": status,
         }
 
+    stopped_early = {"config": {"cnn.dropout": 0.2, "seed": 3}, "metrics": {"val_accuracy": 0.9}, "status": "FINISHED"}
     rows = sweep.summarize(
-        [result(0.2, 1, 0.990), result(0.2, 2, 0.994), result(0.3, 1, 0.995), result(0.3, 2, 0.0, "FAILED")]
+        [
+            result(0.2, 1, 0.990),
+            result(0.2, 2, 0.994),
+            result(0.3, 1, 0.995),
+            result(0.3, 2, 0.0, "FAILED"),
+            stopped_early,
+        ]
     )
     assert [r["variant"] for r in rows] == ["cnn.dropout=0.3", "cnn.dropout=0.2"]  # best mean first
-    assert rows[1]["trials"] == 2 and rows[1]["val_accuracy_mean"] == pytest.approx(0.992)
+    assert (rows[1]["trials"], rows[1]["stopped"]) == (2, 1) and rows[1]["val_accuracy_mean"] == pytest.approx(0.992)
     assert rows[1]["val_accuracy_sd"] == pytest.approx(math.sqrt(2) * 0.002)
     assert (rows[0]["trials"], rows[0]["failed"]) == (1, 1)
 

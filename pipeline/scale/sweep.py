@@ -23,6 +23,7 @@ import signal
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -45,7 +46,7 @@ def search_space(grid, sampled, space_file):
 
     space = {}
     if space_file:
-        for key, spec in (yaml.safe_load(open(space_file)) or {}).items():
+        for key, spec in (yaml.safe_load(Path(space_file).read_text()) or {}).items():
             if isinstance(spec, list):
                 space[key] = tune.grid_search(spec)
             elif isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS:
@@ -214,6 +215,8 @@ def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_
                     client.set_tag(self.runs[trial.trial_id], f"ray.{key}", str(result[key]))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if not (trial.last_result or {}).get("final"):
+                client.set_tag(self.runs[trial.trial_id], "stopped_early", "ASHA")
             self._end(trial, "FINISHED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -233,18 +236,26 @@ def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_
 
 
 def summarize(results):
-    """Per variant: how many trials finished or failed, and the mean and sd over seeds of each final
-    metric. Rows sorted best first by mean validation accuracy."""
+    """Per variant: how many trials finished, were stopped early (ASHA) or failed, and the mean and sd
+    over seeds of each final metric of the finished ones. Rows sorted best first by mean validation
+    accuracy."""
     variants = {}
     for result in results:
-        entry = variants.setdefault(variant_of(result["config"]), {"finished": [], "failed": 0})
-        if result["status"] == "FINISHED" and "val_accuracy" in result["metrics"]:
+        entry = variants.setdefault(variant_of(result["config"]), {"finished": [], "stopped": 0, "failed": 0})
+        if result["status"] != "FINISHED":
+            entry["failed"] += 1
+        elif result["metrics"].get("final"):
             entry["finished"].append(result["metrics"])
         else:
-            entry["failed"] += 1
+            entry["stopped"] += 1
     rows = []
     for variant, entry in variants.items():
-        row = {"variant": variant, "trials": len(entry["finished"]), "failed": entry["failed"]}
+        row = {
+            "variant": variant,
+            "trials": len(entry["finished"]),
+            "stopped": entry["stopped"],
+            "failed": entry["failed"],
+        }
         for key in FINAL_METRICS:
             values = [m[key] for m in entry["finished"]]
             row[f"{key}_mean"] = statistics.mean(values) if values else float("nan")
