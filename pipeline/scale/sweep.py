@@ -328,7 +328,7 @@ def sweep(args):
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])  # never the test split
     corrupted_val = corruptions.corrupted_copies(data["x_val"], base)
     cluster.connect(address, args.cpus)
-    experiment = tracking.use_experiment(base.experiment)
+    experiment = tracking.use_experiment(base.mlflow.experiment)
     client = MlflowClient(uri)
     sweep_name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
     parent = client.create_run(
