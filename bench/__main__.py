@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -77,18 +76,8 @@ def ours(kind, params, data):
 
 def params_with(overrides, seed):
     """params.yaml with `KEY=VALUE` overrides (dotted keys, YAML values) and the given seed."""
-    tree = yaml.safe_load(Path("params.yaml").read_text())
-    for override in [*overrides, f"seed={seed}"]:
-        key, _, value = override.partition("=")
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        yaml.safe_dump(tree, f)
-        f.flush()
-        return params_module.load(f.name)
+    pairs = (override.partition("=") for override in overrides)
+    return params_module.load(overrides={**{key: yaml.safe_load(value) for key, _, value in pairs}, "seed": seed})
 
 
 WARMUP_CALLS = 20  # the first calls trace graphs and fill caches; they are not what a user waits for
