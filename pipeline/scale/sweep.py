@@ -309,7 +309,7 @@ def sweep(args):
     for item in args.set:
         key, _, value = item.partition("=")
         fixed[key] = yaml.safe_load(value)
-    if "epochs" in {*space, *fixed} and args.asha:
+    if "epochs" in space and args.asha:
         raise ValueError("--asha stops trials by epoch: keep epochs fixed")
     epochs = fixed.get("epochs", base.epochs)
     if args.search == "optuna":
