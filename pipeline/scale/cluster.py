@@ -6,6 +6,11 @@ from urllib.parse import urlparse
 
 from pipeline.core import tracking
 
+# Every node runs its checkout's .venv. Under `uv run` (as `./dev run` does), Ray would otherwise
+# start each worker through `uv run` and upload the working folder, data and models included, as
+# the job's working_dir: the workers did not come up within Ray's timeout here. Read at `import ray`.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 
 class ClusterError(RuntimeError):
     pass
