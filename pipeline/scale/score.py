@@ -29,14 +29,10 @@ def decode(batch):
     images, errors = [], []
     contents = batch.get("image")
     for i, name in enumerate(batch["file"]):
-        if contents is None:
-            _, image, error = serving_cli.read_image(Path(batch["path"][i]))
-            error = error and error.replace(batch["path"][i], name)  # name files as the user did
+        if contents is None:  # read by absolute path, named as the user gave it
+            _, image, error = serving_cli.read_image(Path(batch["path"][i]), name)
         else:
-            try:
-                image, error = serving_cli.normalize.to_mnist(serving_cli.normalize.decode(contents[i], name)), None
-            except serving_cli.normalize.ImageError as e:
-                image, error = None, str(e)
+            image, error = serving_cli.decode_image(contents[i], name)
         images.append(np.zeros((28, 28), np.float32) if image is None else image)
         errors.append(error or "")
     return {"file": np.asarray(batch["file"]), "image": np.stack(images), "error": np.asarray(errors)}
@@ -59,24 +55,14 @@ class Scorer:
             probabilities, not_a_digit = self.predictor.predict(list(batch["image"][readable]))
             names = batch["file"][readable]
             for name, p, flag in zip(names, probabilities, not_a_digit, strict=True):
-                answers[name] = csv_row(serving_cli.ranked(name, p, flag, self.top_k, self.predictor))
+                answers[name] = serving_cli.csv_row(serving_cli.ranked(name, p, flag, self.top_k, self.predictor))
         unanswered = ["", -1, float("nan"), False, False, *[""] * self.top_k]
         rows = [answers.get(name, [name, *unanswered[1:]]) for name in batch["file"]]
         out = {
             column: np.asarray(values)
-            for column, values in zip(columns(self.top_k), zip(*rows, strict=True), strict=True)
+            for column, values in zip(serving_cli.csv_columns(self.top_k), zip(*rows, strict=True), strict=True)
         }
         return {**out, "error": batch["error"]}
-
-
-def columns(top_k):
-    return ["file", "digit", "confidence", "not_sure", "not_a_digit", *[f"top{i + 1}" for i in range(top_k)]]
-
-
-def csv_row(r):
-    """A `ranked` answer as `digits predict --format csv` writes it."""
-    tops = [f"{t['digit']}:{t['probability']}" for t in r["top"]]
-    return [r["file"], r["digit"], r["confidence"], r["not_sure"], r["not_a_digit"], *tops]
 
 
 def score(args):
@@ -132,27 +118,28 @@ def write(answers, out, top_k):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    names = serving_cli.csv_columns(top_k)
     count, failed = 0, []
     tmp = Path(f"{out}.part")
     parquet = str(out).endswith(".parquet")
     with open(tmp, "w", newline="") as f:
         writer = None if parquet else csv.writer(f)
         if writer:
-            writer.writerow(columns(top_k))
+            writer.writerow(names)
         sink = None
         for batch in answers.iter_batches(batch_size=BATCH_SIZE, batch_format="pyarrow"):
             bad = pc.not_equal(batch.column("error"), "")
             unreadable = batch.filter(bad)
             failed += zip(unreadable.column("file").to_pylist(), unreadable.column("error").to_pylist(), strict=True)
-            batch = batch.filter(pc.invert(bad)).select(columns(top_k))
+            batch = batch.filter(pc.invert(bad)).select(names)
             count += batch.num_rows
             if parquet:
                 sink = sink or pq.ParquetWriter(tmp, batch.schema)
                 sink.write_table(batch)
             else:
-                writer.writerows(zip(*(batch.column(c).to_pylist() for c in columns(top_k)), strict=True))
+                writer.writerows(zip(*(batch.column(c).to_pylist() for c in names), strict=True))
         if parquet:
-            (sink or pq.ParquetWriter(tmp, pa.schema([(c, pa.string()) for c in columns(top_k)]))).close()
+            (sink or pq.ParquetWriter(tmp, pa.schema([(c, pa.string()) for c in names]))).close()
     tmp.replace(out)
     return count, failed
 

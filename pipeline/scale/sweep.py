@@ -295,6 +295,7 @@ def dataset_inputs(data):
 
 def sweep(args):
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -391,16 +392,23 @@ def sweep(args):
         if status != "FINISHED":
             client.set_terminated(parent_id, "KILLED")
     rows = summarize(results)
-    write_text(args.out, summary_table(rows))
-    client.log_text(parent_id, summary_table(rows), "summary.csv")
-    for i, row in enumerate(rows):
-        for key in FINAL_METRICS:
-            if not np.isnan(row[f"{key}_mean"]):
-                client.log_metric(parent_id, f"v{i}.{key}_mean", row[f"{key}_mean"])
-                client.log_metric(parent_id, f"v{i}.{key}_sd", row[f"{key}_sd"])
-        client.set_tag(parent_id, f"v{i}", row["variant"])
+    table = summary_table(rows)
+    write_text(args.out, table)
+    client.log_text(parent_id, table, "summary.csv")
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_id,
+        metrics=[
+            Metric(f"v{i}.{key}_{stat}", row[f"{key}_{stat}"], now, 0)
+            for i, row in enumerate(rows)
+            for key in FINAL_METRICS
+            for stat in ("mean", "sd")
+            if not np.isnan(row[f"{key}_mean"])
+        ],
+        tags=[RunTag(f"v{i}", row["variant"]) for i, row in enumerate(rows)],
+    )
     client.set_terminated(parent_id, "FINISHED")
-    print(summary_table(rows), end="")
+    print(table, end="")
     failed = sum(r["status"] == "FAILED" for r in results)
     if failed:
         print(f"sweep {sweep_name}: {failed} of {len(results)} trials FAILED (see their MLflow runs' `error` tag)")

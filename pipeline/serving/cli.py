@@ -43,14 +43,24 @@ BATCH_SIZE = 256  # images per model call: one call per image made a folder of 1
 PARALLEL_FROM = 200  # from this many images on, decode them in worker processes (one per core)
 
 
-def read_image(path):
-    """(path, image in MNIST form, None), or (path, None, why it cannot be read)."""
+def read_image(path, name=None):
+    """(path, image in MNIST form, None), or (path, None, why it cannot be read). Messages call the
+    file `name` (default: the path as given)."""
+    name = name or str(path)
     try:
-        return path, normalize.to_mnist(normalize.decode(path.read_bytes(), str(path))), None
+        data = path.read_bytes()
     except OSError as e:
-        return path, None, f"{path}: {e.strerror or e}"
+        return path, None, f"{name}: {e.strerror or e}"
+    image, error = decode_image(data, name)
+    return path, image, error
+
+
+def decode_image(data, name):
+    """(image in MNIST form, None) from an encoded image, or (None, why it cannot be read)."""
+    try:
+        return normalize.to_mnist(normalize.decode(data, name)), None
     except normalize.ImageError as e:  # its message names the file
-        return path, None, str(e)
+        return None, str(e)
 
 
 def read_images(paths):
@@ -89,6 +99,17 @@ def ranked(path, probabilities, not_a_digit, top_k, predictor):
     }
 
 
+def csv_columns(top_k):
+    return ["file", "digit", "confidence", "not_sure", "not_a_digit", *[f"top{i + 1}" for i in range(top_k)]]
+
+
+def csv_row(r):
+    """A `ranked` answer as a CSV row under csv_columns."""
+    return [r["file"], r["digit"], r["confidence"], r["not_sure"], r["not_a_digit"]] + [
+        f"{t['digit']}:{t['probability']}" for t in r["top"]
+    ]
+
+
 class Output:
     """Rows on stdout as they are predicted (text, csv); json is one document at the end."""
 
@@ -96,17 +117,13 @@ class Output:
         self.form, self.model_identity, self.rows = form, model_identity, []
         if form == "csv":
             self.csv = csv.writer(sys.stdout)
-            header = ["file", "digit", "confidence", "not_sure", "not_a_digit"]
-            self.csv.writerow(header + [f"top{i + 1}" for i in range(top_k)])
+            self.csv.writerow(csv_columns(top_k))
 
     def write(self, r):
         if self.form == "json":
             self.rows.append(r)
         elif self.form == "csv":
-            self.csv.writerow(
-                [r["file"], r["digit"], r["confidence"], r["not_sure"], r["not_a_digit"]]
-                + [f"{t['digit']}:{t['probability']}" for t in r["top"]]
-            )
+            self.csv.writerow(csv_row(r))
         else:
             others = "  ".join(f"{t['digit']} {t['probability']:.1%}" for t in r["top"][1:])
             sure = "not a digit" if r["not_a_digit"] else "not sure" if r["not_sure"] else "sure"
