@@ -3,7 +3,7 @@
 
     ./dev run python -m bench                        # seeds 1 2 3 of cnn and mlp, keras-io once
     ./dev run python -m bench --seeds 1 --models cnn --val-only --set cnn.dropout=0.4
-    ./dev run python -m bench --api --concurrency 1 32 --requests 2000   # load test: bench/load.py
+    ./dev run python -m bench --api                  # serving: runtimes, CLI and API (bench/load.py)
 
 For each model and seed: validation accuracy, test accuracy and errors, training seconds, batch
 inference images/s, single-image latency (p50, p95); then per model the mean, standard deviation
@@ -28,11 +28,10 @@ import yaml
 
 import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
 from pipeline import evaluate
-from pipeline.core import confidence, corruptions, training
+from pipeline.core import confidence, corruptions, graph, training
 from pipeline.core import params as params_module
 from pipeline.core.files import load_arrays, write_json
 from pipeline.core.layout import PROCESSED_DIR
-from pipeline.serving import predictor
 
 OUT = "reports/benchmark.json"
 API_OUT = "reports/benchmark_api.json"
@@ -94,9 +93,10 @@ def timed_ms(call, count):
 
 
 def single_image_latency(model, x_test):
-    """Milliseconds to answer one image, as the API and the CLI do: through the traced graph."""
-    infer = predictor.traced(model)
-    timings = timed_ms(lambda i: infer(x_test[i : i + 1]).numpy(), LATENCY_SAMPLES)
+    """Milliseconds to answer one image through the traced graph (the model alone; `--api` measures
+    what serving runs)."""
+    infer = graph.serving_function(model)
+    timings = timed_ms(lambda i: infer(x_test[i : i + 1])["probabilities"].numpy(), LATENCY_SAMPLES)
     return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
 
 
@@ -199,12 +199,9 @@ def main(argv=None):
     )
     parser.add_argument("--val-only", action="store_true", help="compare on validation; never read the test split")
     parser.add_argument("--out", default=OUT, help=f"where the JSON goes (default {OUT})")
-    api = parser.add_argument_group("API load test (--api): see bench/load.py")
-    api.add_argument("--api", action="store_true", help="load-test POST /predict of `digits serve` instead of training")
-    api.add_argument("--concurrency", nargs="+", type=int, default=[1, 32], help="clients per level (default 1 32)")
-    api.add_argument("--requests", type=int, default=2000, help="requests per level (default 2000)")
-    api.add_argument("--bad-share", type=float, default=0.0, help="share of bad requests mixed in, e.g. 0.1")
-    api.add_argument("--workers", type=int, default=1, help="server processes (digits serve --workers)")
+    api = parser.add_argument_group("serving benchmark (--api): see bench/load.py")
+    api.add_argument("--api", action="store_true", help="measure serving (runtimes, CLI, API) instead of training")
+    api.add_argument("--requests", type=int, default=2000, help="requests per API level (default 2000)")
     api.add_argument("--model", default="models/cnn.keras")
     args = parser.parse_args(argv)
     if args.api:
@@ -214,7 +211,7 @@ def main(argv=None):
         report = {
             "date": date.today().isoformat(),
             "machine": machine(),
-            **load_test(args.model, args.workers, args.concurrency, args.requests, args.bad_share),
+            **load_test(args.model, args.requests),
         }
         report["wall_seconds"] = round(time.perf_counter() - started)
         write_json(API_OUT if args.out == OUT else args.out, report)

@@ -1,25 +1,38 @@
-"""Load test of the REST API: `digits serve` in its own process, clients on loopback.
+"""Serving benchmark, in one run on this machine (JSON: reports/benchmark_api.json):
 
-    ./dev run python -m bench --api --concurrency 1 32 --requests 2000
-    ./dev run python -m bench --api --concurrency 64 --requests 10000 --bad-share 0.1 --workers 2
+    ./dev run python -m bench --api [--model models/cnn.keras] [--requests 2000]
 
-For each concurrency level, that many clients send `--requests` requests in all, each client one
-at a time: POST /predict with a 280x280 PNG of a drawn digit, and with --bad-share, a share of bad
-requests (not an image, a blank page, broken JSON, pixels of the wrong shape, ...) spread evenly.
-Reported per level: requests/s, latency p50/p95/p99/max, responses by status, connection errors,
-and the server's memory (RSS of all its processes) before and after. Bounded in requests and time:
-a level stops after --timeout seconds, and the server is stopped at the end.
+1. One image in-process (model + calibration + "not a digit" gate), p50 ms, on each runtime.
+2. The two runtimes' answers on all 10,000 MNIST test images: same digits, same "not a digit",
+   the largest difference in a probability.
+3. `digits predict one.png` from a cold start, end to end (median of 3), and `digits predict` on
+   the 10,000 test images as PNG files: images/s after start (its time less the one-image run's).
+4. The API (`digits serve`, ONNX Runtime; 1 and 2 workers): 1 and 32 clients, each client one
+   request at a time (POST /predict, a 280x280 PNG of a drawn digit), from this script's Python
+   client and, when installed, from Debian's `hey` (compiled: it takes less CPU from the server);
+   the server's RSS per worker. Then 64 clients, 10,000 requests, 10 % bad ones (not an image, a
+   blank page, broken JSON, pixels of the wrong shape, ...): responses by status, connection
+   errors, RSS before and after. The same 32-client level on `--runtime tf`, for the ratio.
+Bounded in requests and time: a level stops after `timeout` seconds; servers are stopped at the end.
 """
 
 import asyncio
+import csv
 import io
 import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
+import httpx
 import numpy as np
 
-from bench.servers import draw_digit_seven, serve_in_subprocess
+from bench.servers import draw_digit_seven, serve_in_subprocess, write_pngs
 
 
 def png(image):
@@ -60,11 +73,13 @@ def request_kinds():
     return good, bad
 
 
-def server_rss_mb(server):
+def server_rss_mb(server, workers):
+    """RSS per worker: every process of the server, over the workers (uvicorn's supervisor of
+    several workers is counted too)."""
     import psutil
 
     process = psutil.Process(server.pid)
-    return round(sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20)
+    return round(sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20 / workers)
 
 
 async def run_level(url, clients, requests, bad_share, timeout):
@@ -117,53 +132,147 @@ async def run_level(url, clients, requests, bad_share, timeout):
     }
 
 
-def in_process_latency(model, samples=500):
-    """One image through the serving graph and through a plain Keras call, in this process:
-    p50 milliseconds of each (their ratio is what the traced graph saves)."""
-    import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
-    from pipeline.serving.predictor import Predictor
+def median_ms(call, samples=500, warmup=20):
+    timings = []
+    for _ in range(warmup + samples):
+        begin = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - begin)
+    return round(float(np.median(timings[warmup:])) * 1000, 3)
 
-    predictor = Predictor(model)
-    image = np.zeros((1, 28, 28), np.float32)
-    image[0, 6:22, 12:16] = 1.0  # a "1"
-    result = {}
-    for name, call in [
-        ("traced_graph", lambda: predictor.probabilities(image)),
-        ("keras_call", lambda: np.asarray(predictor.model(image[..., None], training=False))),
-    ]:
-        timings = []
-        for _ in range(samples + 20):
-            start = time.perf_counter()
-            call()
-            timings.append(time.perf_counter() - start)
-        result[f"{name}_ms_p50"] = round(float(np.median(timings[20:])) * 1000, 3)
+
+def in_process(model, x_test):
+    """p50 ms of one image through each runtime, and how their answers on x_test compare."""
+    from pipeline.serving.predictor import RUNTIMES, Predictor
+
+    predictors = {runtime: Predictor(model, runtime) for runtime in RUNTIMES}
+    image = x_test[:1, ..., 0]
+    result = {
+        f"{runtime}_one_image_ms_p50": median_ms(lambda p=p: p.predict(image)) for runtime, p in predictors.items()
+    }
+    answers = {
+        runtime: [
+            np.concatenate(parts)
+            for parts in zip(*(p.predict(x_test[i : i + 256]) for i in range(0, len(x_test), 256)), strict=True)
+        ]
+        for runtime, p in predictors.items()
+    }
+    (onnx_probabilities, onnx_flags), (tf_probabilities, tf_flags) = answers["onnx"], answers["tf"]
+    result["test_images"] = len(x_test)
+    result["same_digit"] = int(np.sum(onnx_probabilities.argmax(1) == tf_probabilities.argmax(1)))
+    result["same_not_a_digit"] = int(np.sum(onnx_flags == tf_flags))
+    result["max_probability_difference"] = float(np.abs(onnx_probabilities - tf_probabilities).max())
     return result
 
 
-def load_test(model, workers, concurrency, requests, bad_share, timeout=300):
-    import httpx
+def command_seconds(command):
+    begin = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - begin
 
-    latency = in_process_latency(model)
-    print(f"bench api: one image in-process {json.dumps(latency)}", flush=True)
-    server, url = serve_in_subprocess(model, workers)
-    try:
-        # Warm up every worker's graph and the client's connections before measuring.
-        asyncio.run(run_level(url, max(concurrency), 200, 0, timeout))
-        report = {
-            "model": model,
-            "workers": workers,
-            "bad_share": bad_share,
-            "in_process_one_image": latency,
-            "rss_mb_before": server_rss_mb(server),
-            "levels": [],
+
+def command_line(model, pngs):
+    """`digits predict` as a user runs it, on one image and on the folder of test PNGs."""
+    digits = Path(sys.executable).parent / "digits"
+    one = sorted(pngs.iterdir())[0]
+    result = {}
+    for runtime in ("onnx", "tf"):
+        base = [digits, "predict", "--model", model, "--runtime", runtime, "--format", "csv"]
+        cold = statistics.median(command_seconds([*base, one]) for _ in range(3))
+        folder = command_seconds([*base, pngs])
+        images = sum(1 for _ in pngs.iterdir())
+        result[runtime] = {
+            "one_image_seconds": round(cold, 2),
+            "folder_images": images,
+            "folder_seconds": round(folder, 2),
+            "folder_images_per_second_after_start": round(images / (folder - cold)),
         }
-        for clients in concurrency:
-            level = asyncio.run(run_level(url, clients, requests, bad_share, timeout))
-            print(f"bench api: {json.dumps(level)}", flush=True)
-            report["levels"].append(level)
-        report["rss_mb_after"] = server_rss_mb(server)
+    return result
+
+
+def hey_level(url, clients, requests, body_file, content_type):
+    """The same level from `hey`, per request from its CSV output."""
+    done = subprocess.run(
+        [
+            "hey",
+            "-n",
+            str(requests),
+            "-c",
+            str(clients),
+            "-m",
+            "POST",
+            "-T",
+            content_type,
+            "-D",
+            body_file,
+            "-o",
+            "csv",
+            f"{url}/predict",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    ms = np.array([float(r["response-time"]) for r in rows]) * 1000
+    seconds = max(float(r["offset"]) + float(r["response-time"]) for r in rows)
+    statuses = Counter(r["status-code"] for r in rows)
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "requests_per_second": round(len(rows) / seconds, 1),
+        "ms_p50": round(float(np.percentile(ms, 50)), 2),
+        "ms_p99": round(float(np.percentile(ms, 99)), 2),
+        "statuses": dict(statuses),
+    }
+
+
+def api_levels(model, runtime, workers, requests, timeout, with_bad=False):
+    good, _ = request_kinds()
+    server, url = serve_in_subprocess(model, workers, runtime=runtime)
+    try:
+        asyncio.run(run_level(url, 32, 300, 0, timeout))  # warm up every worker and the connections
+        report = {"runtime": runtime, "workers": workers, "rss_mb_per_worker": server_rss_mb(server, workers)}
+        report["python_client"] = [asyncio.run(run_level(url, c, requests, 0, timeout)) for c in (1, 32)]
+        if shutil.which("hey"):
+            with tempfile.NamedTemporaryFile(suffix=".body") as body:
+                body.write(good[2])
+                body.flush()
+                report["hey"] = [hey_level(url, c, requests, body.name, good[1]) for c in (1, 32)]
+        if with_bad:
+            before = server_rss_mb(server, workers)
+            level = asyncio.run(run_level(url, 64, 10000, 0.1, timeout))
+            report["bad_requests"] = {
+                **level,
+                "rss_mb_per_worker_before": before,
+                "rss_mb_per_worker_after": server_rss_mb(server, workers),
+            }
         report["health_after"] = httpx.get(f"{url}/health", timeout=5).status_code
+        for name, levels in report.items():
+            if isinstance(levels, list):
+                for level in levels:
+                    print(f"bench api {runtime} x{workers} {name}: {json.dumps(level)}", flush=True)
         return report
     finally:
         server.terminate()
         server.wait(60)
+
+
+def load_test(model, requests, timeout=300):
+    x_test = np.load("data/processed/x_test.npy")
+    report = {"model": model, "in_process": in_process(model, x_test)}
+    print(f"bench api: in-process {json.dumps(report['in_process'])}", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix="bench-pngs-"))
+    try:
+        write_pngs(x_test, folder)
+        report["cli"] = command_line(model, folder)
+        print(f"bench api: cli {json.dumps(report['cli'])}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    report["api"] = [
+        api_levels(model, "onnx", 1, requests, timeout),
+        api_levels(model, "onnx", 2, requests, timeout, with_bad=True),
+        api_levels(model, "tf", 1, requests, timeout),
+    ]
+    return report

@@ -1,9 +1,11 @@
 """Benchmark of the scale-out wing, in one run on this machine (JSON: reports/benchmark_ray.json):
 
-    ./dev run python -m bench.ray [--sweep-epochs 1 2] [--images 10000]
+    ./dev run python -m bench.ray [--sweeps 1:1,2 default:1] [--images 10000]
 
 1. A sweep through Ray (`digits sweep`, local Ray, one trial at a time with every CPU) against the
-   same trials trained in this process, one after another: the time ratio (Ray's overhead).
+   same trials trained in this process, one after another: the time ratio (Ray's overhead). Both
+   sides count everything a user waits for: start-up, data, training and the final metrics. Sizes
+   are EPOCHS:SEEDS; `default` is params.yaml's epochs (the default recipe's size).
 2. Batch scoring of the MNIST test images as PNG files: `digits score` (Ray Data, one node) against
    `digits predict`, both as a user runs them (process start and model load included).
 3. `digits score` on one Ray node against two nodes on this same machine. Both share its cores, so
@@ -27,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.__main__ import machine
-from bench.servers import loopback_only_network, start_ray_node, stop_ray_nodes, wait_for_ray_nodes
+from bench.servers import loopback_only_network, start_ray_node, stop_ray_nodes, wait_for_ray_nodes, write_pngs
+from pipeline.core import params as params_module
 
 OUT = "reports/benchmark_ray.json"
 BIN = Path(sys.executable).parent
-SEEDS = [1, 2]
 
 
 def timed(command, env=None):
@@ -43,7 +45,7 @@ def timed(command, env=None):
     return seconds
 
 
-def in_process_trials(epochs):
+def in_process_trials(epochs, seeds):
     """The sweep's trials without Ray: the same training and final metrics, one after another."""
     code = f"""
 import time
@@ -55,9 +57,9 @@ from pipeline.core.files import load_arrays
 from pipeline.core.layout import PROCESSED_DIR
 start = time.perf_counter()
 data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
-for seed in {SEEDS}:
+corrupted = corruptions.corrupted_copies(data["x_val"], params_module.load())
+for seed in {seeds}:
     params = params_module.load(overrides={{"epochs": {epochs}, "seed": seed}})
-    corrupted = corruptions.corrupted_copies(data["x_val"], params)
     training.seed_everything(seed)
     model = training.compiled_model(params.cnn, params.epochs, len(data["x_train"]))
     training.fit(model, params.cnn, params, data, to_mlflow=False, verbose=0)
@@ -71,40 +73,36 @@ print(time.perf_counter() - start)
     return timed([sys.executable, "-c", code])
 
 
-def ray_sweep(epochs, cpus):
-    seeds = [str(s) for s in SEEDS]
-    command = [BIN / "digits", "sweep", "--seeds", *seeds, "--set", f"epochs={epochs}"]
+def ray_sweep(epochs, seeds, cpus):
+    command = [BIN / "digits", "sweep", "--seeds", *map(str, seeds), "--set", f"epochs={epochs}"]
     command += ["--cpus-per-trial", str(cpus), "--name", f"bench-ray-{epochs}ep", "--out", "/tmp/bench-sweep.csv"]
     return timed(command, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
 
 
-def write_pngs(count, folder):
-    from PIL import Image
-
-    images = np.load("data/processed/x_test.npy")[:count, ..., 0]
-    for i, image in enumerate(images):
-        Image.fromarray((255 * image).astype(np.uint8)).save(folder / f"{i:05d}.png")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.ray", description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep-epochs", nargs="+", type=int, default=[1, 3], help="sizes of the sweep (default 1 3)")
+    parser.add_argument(
+        "--sweeps", nargs="+", default=["1:1,2", "default:1"], help="EPOCHS:SEEDS (default 1:1,2 default:1)"
+    )
     parser.add_argument("--images", type=int, default=10000, help="test PNGs to score (default 10000)")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
     cpus = os.cpu_count()
-    report = {"date": date.today().isoformat(), "machine": machine(), "seeds": SEEDS}
+    report = {"date": date.today().isoformat(), "machine": machine()}
     started = time.perf_counter()
 
     with loopback_only_network():
         report["sweep"] = []
-        for epochs in args.sweep_epochs:
-            local = in_process_trials(epochs)
-            through_ray = ray_sweep(epochs, cpus)
+        for size in args.sweeps:
+            epochs, _, seeds = size.partition(":")
+            epochs = params_module.load().epochs if epochs == "default" else int(epochs)
+            seeds = [int(seed) for seed in seeds.split(",")]
+            local = in_process_trials(epochs, seeds)
+            through_ray = ray_sweep(epochs, seeds, cpus)
             report["sweep"].append(
                 {
                     "epochs": epochs,
-                    "trials": len(SEEDS),
+                    "seeds": seeds,
                     "in_process_seconds": round(local, 1),
                     "ray_seconds": round(through_ray, 1),
                     "ratio": round(through_ray / local, 3),
@@ -114,7 +112,7 @@ def main(argv=None):
 
         folder = Path(tempfile.mkdtemp(prefix="bench-pngs-"))
         try:
-            write_pngs(args.images, folder)
+            write_pngs(np.load("data/processed/x_test.npy")[: args.images], folder)
             model = ["--model", "models/cnn.keras"]
             cli = timed([BIN / "digits", "predict", folder, "--format", "csv", *model])
             one = timed([BIN / "digits", "score", folder, "--out", "/tmp/bench-score.csv", *model])

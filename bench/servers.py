@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,7 +50,7 @@ def serve_in_background(predictor, host="127.0.0.1"):
     return f"http://{host}:{port}", server
 
 
-def serve_in_subprocess(model, workers=1, port=None):
+def serve_in_subprocess(model, workers=1, port=None, runtime="onnx"):
     """`digits serve` in its own process on a loopback port (a free one unless given); returns
     (process, base URL) once /health/ready answers 200. Output goes to the process's stdout pipe."""
     import httpx
@@ -58,7 +60,7 @@ def serve_in_subprocess(model, workers=1, port=None):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     command = ["-m", "pipeline.cli", "serve", "--port", str(port), "--model", str(model)]
-    command += ["--workers", str(workers)]
+    command += ["--workers", str(workers), "--runtime", runtime]
     process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -149,3 +151,11 @@ def wait_for_ray_nodes(address, env, count, nodes=(), timeout=120):
                 raise RuntimeError(f"a Ray node exited with {node.returncode}")
         if time.time() > deadline:
             raise RuntimeError(f"{count} Ray nodes were not up at {address} within {timeout} s")
+
+
+def write_pngs(images, folder):
+    """MNIST-form images (n, 28, 28[, 1]) as PNG files 00000.png, 00001.png, ... in `folder`."""
+    from PIL import Image
+
+    for i, image in enumerate(images.reshape(-1, 28, 28)):
+        Image.fromarray((255 * image).astype(np.uint8)).save(folder / f"{i:05d}.png")

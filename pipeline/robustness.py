@@ -6,16 +6,19 @@ at low resolution; MNIST's test images are none of these. Each corruption in par
 the same for the same seed. Like evaluate, this stage only measures: nothing here chooses
 anything. Writes
   reports/robustness.json  per model: clean test accuracy, accuracy under each corruption and
-                           their mean (dvc metrics: `cnn.corrupted.mean_accuracy` ...)
+                           their mean (dvc metrics: `cnn.corrupted.mean_accuracy` ...); and with
+                           the calibrate stage's temperature and "not sure" threshold, on the
+                           clean and each corrupted copy, the share of answers that are sure and
+                           how many of those are right (`cnn.sure.low_resolution.accepted_accuracy`)
 and adds the same to each model's MLflow training run.
 """
 
 import numpy as np
 
-from pipeline.core import corruptions, tracking
+from pipeline.core import confidence, corruptions, tracking
 from pipeline.core import params as params_module
 from pipeline.core.files import DataError, load_arrays, require, write_json
-from pipeline.core.layout import PROCESSED_DIR, ROBUSTNESS_FILE, model_file
+from pipeline.core.layout import PROCESSED_DIR, ROBUSTNESS_FILE, calibration_file, model_file
 
 
 def measure(params):
@@ -23,7 +26,7 @@ def measure(params):
     import mlflow
 
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
-    require(*map(model_file, params_module.MODELS))
+    require(*map(model_file, params_module.MODELS), *map(calibration_file, params_module.MODELS))
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     copies = corruptions.corrupted_copies(x_test, params)
     tracking.use_experiment(params.mlflow.experiment)
@@ -31,27 +34,45 @@ def measure(params):
     report = {}
     for kind in params_module.MODELS:
         model = keras.models.load_model(model_file(kind), compile=False)
-
-        def accuracy(images, model=model):
-            return float(np.mean(model.predict(images, batch_size=1000, verbose=0).argmax(axis=1) == labels))
-
-        per_corruption = {name: accuracy(images) for name, images in copies.items()}
+        calibration = confidence.read_calibration(calibration_file(kind))
+        probabilities = {
+            name: confidence.with_temperature(
+                model.predict(images, batch_size=1000, verbose=0), calibration["temperature"]
+            )
+            for name, images in {"clean": x_test, **copies}.items()
+        }
+        accuracy = {name: float(np.mean(p.argmax(axis=1) == labels)) for name, p in probabilities.items()}
+        per_corruption = {name: accuracy[name] for name in copies}
         report[kind] = {
-            "clean_accuracy": accuracy(x_test),
+            "clean_accuracy": accuracy["clean"],
             "corrupted": {"mean_accuracy": float(np.mean(list(per_corruption.values()))), **per_corruption},
+            # What the "not sure" promise (sure answers are accepted_accuracy right) keeps off MNIST.
+            "sure": {
+                name: confidence.selective_scores(p, labels, calibration["not_sure_below"])
+                for name, p in probabilities.items()
+            },
         }
         with tracking.run(run_id=tracking.read_run_id(kind)):
             mlflow.log_metrics(
                 {
                     "test_corrupted_mean_accuracy": report[kind]["corrupted"]["mean_accuracy"],
                     **{f"test_corrupted_{name}_accuracy": v for name, v in per_corruption.items()},
+                    **{
+                        f"test_sure_{name}_{key}": value
+                        for name, scores in report[kind]["sure"].items()
+                        for key, value in scores.items()
+                    },
                 }
             )
         worst = min(per_corruption, key=per_corruption.get)
+        sure = report[kind]["sure"]
+        least_sure = min(copies, key=lambda name: sure[name]["accepted_accuracy"])
         print(
             f"robustness {kind}: clean {report[kind]['clean_accuracy']:.2%}, corrupted mean "
             f"{report[kind]['corrupted']['mean_accuracy']:.2%} over {len(copies)} corruptions "
-            f"(worst: {worst} {per_corruption[worst]:.2%})",
+            f"(worst: {worst} {per_corruption[worst]:.2%}); sure answers right: clean "
+            f"{sure['clean']['accepted_accuracy']:.2%}, at worst {sure[least_sure]['accepted_accuracy']:.2%} "
+            f"({least_sure}, {sure[least_sure]['coverage']:.1%} of its answers sure)",
             flush=True,
         )
     write_json(ROBUSTNESS_FILE, report)

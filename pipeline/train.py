@@ -57,8 +57,6 @@ def train(kind, params):
 
     experiment = tracking.use_experiment(params.mlflow.experiment)
     tracking.end_orphaned_runs(experiment.experiment_id)
-    train_set = mlflow.data.from_numpy(x_train, targets=data["y_train"], name="mnist-train")
-    val_set = mlflow.data.from_numpy(x_val, targets=data["y_val"], name="mnist-validation")
     tags = tracking.run_tags(kind, f"train_{kind}")
     with tracking.run(run_name=tracking.run_name(kind), tags=tags) as run:
         mlflow.log_params(
@@ -74,8 +72,9 @@ def train(kind, params):
                 "keras_version": keras.__version__,
             }
         )
-        mlflow.log_input(train_set, context="training")
-        mlflow.log_input(val_set, context="validation")
+        datasets = {context: dataset for dataset, context in tracking.training_datasets(data)}
+        for context, dataset in datasets.items():
+            mlflow.log_input(dataset, context=context)
         rows, seconds = training.fit(model, model_params, params, data)
         best = max(rows, key=lambda r: r["val_accuracy"])
         summary = {
@@ -106,7 +105,7 @@ def train(kind, params):
                 "dvc_exp_name": tags["dvc.exp_name"],
                 "run_id": run.info.run_id,
                 "val_accuracy": summary["val_accuracy"],
-                "val_digest": val_set.digest,
+                "val_digest": datasets["validation"].digest,
             },
         )
         tracking.write_run_file(kind, run.info, version.version)

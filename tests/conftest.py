@@ -82,6 +82,7 @@ def model_file(tmp_path_factory):
     import keras
 
     from pipeline.core import gate, models, nondigits, normalize, params
+    from pipeline.export import export
 
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
@@ -104,4 +105,6 @@ def model_file(tmp_path_factory):
         "gate_sha256": hashlib.sha256(path.with_name("cnn.gate.pkl").read_bytes()).hexdigest(),
     }
     path.with_name("cnn.calibration.json").write_text(json.dumps(calibration))
+    beside = path.with_name("cnn.calibration.json"), path.with_name("cnn.gate.pkl"), path.with_suffix(".onnx")
+    export(path, *beside, sevens)
     return path

@@ -1,5 +1,6 @@
 import asyncio
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,18 +101,78 @@ def test_a_calibration_fitted_to_another_model_is_refused_and_none_means_the_mod
     other.write_bytes(model_file.read_bytes() + b" ")  # another file: its sha256 differs
     other.with_name("cnn.calibration.json").write_text(model_file.with_name("cnn.calibration.json").read_text())
     with pytest.raises(ValueError, match="cnn.calibration.json was fitted to another cnn.keras"):
-        Predictor(other)
+        Predictor(other, "tf")
     other.write_bytes(model_file.read_bytes())
     other.with_name("cnn.gate.pkl").write_bytes(b"another gate")
     with pytest.raises(ValueError, match="cnn.gate.pkl is not the gate"):
-        Predictor(other)
+        Predictor(other, "tf")
 
     uncalibrated = tmp_path / "plain" / "cnn.keras"
     uncalibrated.parent.mkdir()
     uncalibrated.write_bytes(model_file.read_bytes())
-    predictor = Predictor(uncalibrated)
+    predictor = Predictor(uncalibrated, "tf")
     assert "no calibration found" in capsys.readouterr().err
     assert predictor.temperature == 1.0 and predictor.not_sure_below == 0.0 and predictor.gate is None
+
+
+def test_the_onnx_graph_belongs_to_its_keras_file_and_serves_alone(model_file, tmp_path):
+    other = tmp_path / "cnn.keras"
+    other.write_bytes(model_file.read_bytes() + b" ")
+    with pytest.raises(FileNotFoundError, match="no ONNX export of this model .*--runtime tf"):
+        Predictor(other)
+    other.with_suffix(".onnx").write_bytes(model_file.with_suffix(".onnx").read_bytes())
+    with pytest.raises(ValueError, match="cnn.onnx was exported from another cnn.keras; run `dvc repro export`"):
+        Predictor(other)
+    other.unlink()  # the .onnx file holds the calibration and the gate: it is all serving needs
+    alone = Predictor(other.with_suffix(".onnx"))
+    assert alone.identity == Predictor(model_file).identity
+    fitted = Predictor(model_file, "tf").calibration
+    assert alone.calibration == {key: fitted[key] for key in alone.calibration}
+
+
+def test_onnx_runtime_answers_as_tensorflow_does(model_file):
+    """Digits and "not a digit" the same, probabilities within 1e-5, on drawn sevens and on
+    generated non-digits (which the gate flags)."""
+    from pipeline.core import gate, nondigits
+    from tests.conftest import varied_sevens
+
+    sevens = [normalize.to_mnist(image) for image in varied_sevens(50, seed=7)]
+    others = list(
+        gate.to_mnist_forms([i for group in nondigits.generate(5, 3, np.stack(sevens)).values() for i in group])
+    )
+    images = np.stack(sevens + [o[..., 0] for o in others])
+    onnx_probabilities, onnx_flags = Predictor(model_file).predict(images)
+    tf_probabilities, tf_flags = Predictor(model_file, "tf").predict(images)
+    np.testing.assert_allclose(onnx_probabilities, tf_probabilities, atol=1e-5)
+    assert (onnx_probabilities.argmax(1) == tf_probabilities.argmax(1)).all()
+    assert (onnx_flags == tf_flags).all() and onnx_flags[len(sevens) :].mean() > 0.5
+
+
+def test_serving_never_imports_tensorflow(model_file):
+    """The CLI and the API on the default runtime: no TensorFlow, Keras or scikit-learn is loaded."""
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from pipeline.cli import main
+from pipeline.serving.api import create_app
+from pipeline.serving.predictor import Predictor
+from tests.helpers import draw_digit_seven
+import io
+draw_digit_seven().save("seven.png")
+assert main(["predict", "seven.png", "--model", "{model_file}"]) == 0
+with TestClient(create_app(Predictor("{model_file}"))) as client:
+    assert client.post("/predict", files={{"file": open("seven.png", "rb")}}).status_code == 200
+loaded = [m for m in ("tensorflow", "keras", "sklearn", "scipy.optimize") if m in sys.modules]
+assert not loaded, loaded
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=model_file.parent,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_json_pixels_and_batch(client, predictor):

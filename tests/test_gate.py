@@ -28,7 +28,7 @@ def test_ink_shape_tells_a_bar_from_a_stroke_and_handles_a_blank():
     images = np.zeros((3, 28, 28), np.float32)
     images[0, 13:15, 2:26] = 1.0  # a horizontal bar: 24 wide, 2 tall, all ink
     images[1, 4:24, 13] = 0.4  # a faint vertical stroke
-    aspect, fill, faint = gate.ink_shape(images).T
+    aspect, fill, faint = np.asarray(gate.ink_shape(images)).T
     assert aspect[0] == pytest.approx(np.log(12)) and fill[0] == 1.0 and faint[0] == 0.0
     assert aspect[1] == pytest.approx(np.log(1 / 20)) and faint[1] == 1.0
     assert (aspect[2], fill[2], faint[2]) == (0.0, 1.0, 1.0)

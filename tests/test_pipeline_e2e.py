@@ -1,4 +1,4 @@
-"""The real `dvc repro` of all eight stages on a tiny configuration, in a copy of the repository
+"""The real `dvc repro` of all nine stages on a tiny configuration, in a copy of the repository
 with its own MLflow store, then a `dvc exp run --temp` whose runs must land in the same store."""
 
 import hashlib
@@ -56,6 +56,11 @@ def test_repro_produces_every_output(repo):
         assert test["not_sure"]["threshold"] == val["not_sure_below"]
         assert 0 <= test["not_a_digit"]["digits_flagged"] <= 1 and 0 <= test["not_a_digit"]["letters_flagged"] <= 1
         assert (repo / f"models/{kind}.gate.pkl").exists()
+        # The ONNX graph answered as Keras did on every validation image.
+        exported = json.loads((repo / "reports/export.json").read_text())[kind]
+        assert exported["images"] == 100 and exported["max_probability_difference"] <= 1e-5
+        assert exported["same_digit"] == exported["same_not_a_digit"] == 1.0
+        assert exported["file_bytes"] == (repo / f"models/{kind}.onnx").stat().st_size
     robustness = json.loads((repo / "reports/robustness.json").read_text())
     for kind in ("mlp", "cnn"):
         corrupted = robustness[kind]["corrupted"]
@@ -65,6 +70,11 @@ def test_repro_produces_every_output(repo):
         } - {"seed"}
         assert corrupted["mean_accuracy"] == pytest.approx(
             np.mean([v for k, v in corrupted.items() if k != "mean_accuracy"])
+        )
+        sure = robustness[kind]["sure"]
+        assert set(sure) == {"clean", *corrupted} - {"mean_accuracy"}
+        assert sure["clean"] == pytest.approx(
+            {k: v for k, v in metrics[kind]["test"]["not_sure"].items() if k in sure["clean"]}
         )
     figures = {p.name for p in (repo / "reports/figures").iterdir()}
     assert {
@@ -84,6 +94,7 @@ def test_repro_produces_every_output(repo):
         "train_mlp",
         "train_cnn",
         "calibrate",
+        "export",
         "evaluate",
         "robustness",
         "visualize",
@@ -113,7 +124,7 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
         figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
         assert f"figures/confusion_{r.data.tags['model']}.png" in figures
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"evaluation", "figures", "model_summary.txt", "calibration.json", "gate"} <= artifacts
+        assert {"evaluation", "figures", "model_summary.txt", "calibration.json", "gate", "onnx"} <= artifacts
 
 
 def test_model_logged_by_calibrate_answers_calibrated_probabilities_with_mlflow_alone(repo, monkeypatch):
@@ -166,6 +177,7 @@ def test_runs_log_their_datasets_and_register_the_champion(repo):
         version = client.get_model_version(f"digits-{kind}", str(run_file["model_version"]))
         assert version.run_id == run_file["run_id"]
         assert {"git_commit", "dvc_exp_name", "val_accuracy", "test_accuracy"} <= set(version.tags)
+        assert version.tags["onnx"] == f"onnx/{kind}.onnx"
         # Later experiments in this module register more versions; the champion is never a worse one.
         champion = client.get_model_version_by_alias(f"digits-{kind}", "champion")
         assert float(champion.tags["val_accuracy"]) >= float(version.tags["val_accuracy"])
@@ -258,9 +270,10 @@ def test_dvc_plots_render_without_internet(repo, tmp_path):
     assert refused == []
 
 
-def test_serving_graph_answers_as_the_keras_model(repo):
-    """The traced graph that serves (API, CLI) gives the Keras model's probabilities, with the
-    calibrate stage's temperature, on real test images."""
+@pytest.mark.parametrize("runtime", ["onnx", "tf"])
+def test_serving_graph_answers_as_the_keras_model(repo, runtime):
+    """The graph that serves (API, CLI), exported or traced, gives the Keras model's probabilities
+    with the calibrate stage's temperature, on real test images."""
     import keras
 
     from pipeline.core.confidence import with_temperature
@@ -269,7 +282,7 @@ def test_serving_graph_answers_as_the_keras_model(repo):
     repo, _, _ = repo
     x_test = np.load(repo / "data/processed/x_test.npy")
     own = np.asarray(keras.models.load_model(repo / "models/cnn.keras", compile=False)(x_test, training=False))
-    predictor = Predictor(repo / "models/cnn.keras")
+    predictor = Predictor(repo / "models/cnn.keras", runtime)
     assert predictor.temperature == json.loads((repo / "models/cnn.calibration.json").read_text())["temperature"]
     expected = with_temperature(own, predictor.temperature)
     np.testing.assert_allclose(predictor.probabilities(x_test[..., 0]), expected, atol=1e-5)

@@ -8,7 +8,6 @@ the Keras form of temperature scaling that the served and the MLflow-logged mode
 import json
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 ECE_BINS = 15
 
@@ -42,6 +41,8 @@ def negative_log_likelihood(probabilities, labels):
 
 def fit_temperature(probabilities, labels):
     """The temperature that minimises the negative log-likelihood of `labels` (Guo et al., 2017)."""
+    from scipy.optimize import minimize_scalar  # here: serving reads calibrations and starts fast
+
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(with_temperature(probabilities, np.exp(log_t)), labels),
         bounds=(np.log(0.05), np.log(20.0)),

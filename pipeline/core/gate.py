@@ -42,26 +42,46 @@ def to_mnist_forms(raw_images):
 
 
 def ink_shape(images):
-    """(n, 28, 28) -> (n, 3): log aspect ratio of the ink's box, the share of the box that is ink,
-    the share of the ink that is faint. Digits are strokes in a box about as wide as tall."""
-    images = images.reshape(-1, 28, 28)
-    ink = images > 0.1
-    count = ink.sum(axis=(1, 2))
+    """(n, 28, 28[, 1]) -> (n, 3): log aspect ratio of the ink's box, the share of the box that is
+    ink, the share of the ink that is faint. Digits are strokes in a box about as wide as tall.
+    In Keras ops, so that the exported serving graph computes it too (pipeline/export.py)."""
+    from keras import ops
+
+    images = ops.reshape(ops.cast(images, "float32"), (-1, 28, 28))
+    ink = ops.cast(images > 0.1, "float32")
+    count = ops.sum(ink, axis=(1, 2))
 
     def extent(any_ink):  # rows (or columns) from the first with ink to the last
-        return np.maximum(28 - any_ink[:, ::-1].argmax(axis=1) - any_ink.argmax(axis=1), 1)
+        index = ops.cast(ops.arange(28), "float32")
+        first = ops.min(ops.where(any_ink > 0, index, 28.0), axis=1)
+        last = ops.max(ops.where(any_ink > 0, index, -1.0), axis=1)
+        return ops.maximum(last - first + 1, 1.0)
 
-    height, width = extent(ink.any(axis=2)), extent(ink.any(axis=1))
-    faint = (ink & (images < 0.5)).sum(axis=(1, 2))
+    height, width = extent(ops.max(ink, axis=2)), extent(ops.max(ink, axis=1))
+    faint = ops.sum(ink * ops.cast(images < 0.5, "float32"), axis=(1, 2))
     blank = count == 0  # no ink at all: a shape no digit has
-    return np.stack(
+    return ops.stack(
         [
-            np.where(blank, 0.0, np.log(width / height)),
-            np.where(blank, 1.0, count / (height * width)),
-            np.where(blank, 1.0, faint / np.maximum(count, 1)),
+            ops.where(blank, 0.0, ops.log(width / height)),
+            ops.where(blank, 1.0, count / (height * width)),
+            ops.where(blank, 1.0, faint / ops.maximum(count, 1.0)),
         ],
         axis=1,
-    ).astype(np.float32)
+    )
+
+
+def tree_inputs(model_features, images, pca_mean, pca_components):
+    """What the trees see, in Keras ops (NumPy in, a tensor out; or inside a traced graph): the
+    model's penultimate features, the pixels' principal components, what those leave unexplained,
+    and the ink's shape."""
+    from keras import ops
+
+    pixels = ops.reshape(ops.cast(images, "float32"), (-1, 28 * 28))
+    components = ops.matmul(pixels - pca_mean, ops.transpose(pca_components))
+    unexplained = ops.sum(ops.square(pixels - (ops.matmul(components, pca_components) + pca_mean)), axis=1)
+    return ops.concatenate(
+        [ops.cast(model_features, "float32"), components, unexplained[:, None], ink_shape(images)], axis=1
+    )
 
 
 class Gate:
@@ -74,13 +94,16 @@ class Gate:
         self.threshold = None
 
     def _features(self, model_features, images):
-        pixels = images.reshape(len(images), -1)
-        components = self.pca.transform(pixels)
-        unexplained = ((pixels - self.pca.inverse_transform(components)) ** 2).sum(axis=1, keepdims=True)
-        return np.concatenate([model_features, components, unexplained, ink_shape(images)], axis=1)
+        from keras import ops
+
+        return ops.convert_to_numpy(tree_inputs(model_features, images, *self.pca_constants()))
+
+    def pca_constants(self):
+        """The fitted principal components as float32 constants: (mean, components)."""
+        return self.pca.mean_.astype(np.float32), self.pca.components_.astype(np.float32)
 
     def fit(self, digit_features, digits, other_features, others):
-        self.pca.fit(digits.reshape(len(digits), -1))
+        self.pca.fit(digits.reshape(len(digits), -1))  # whiten=False: a shift and a rotation
         x = np.concatenate([self._features(digit_features, digits), self._features(other_features, others)])
         self.trees.fit(x, np.r_[np.zeros(len(digits)), np.ones(len(others))])
         return self
@@ -96,3 +119,7 @@ class Gate:
 
     def not_a_digit(self, model_features, images):
         return self.scores(model_features, images) > self.threshold
+
+    def not_a_digit_from(self, tree_inputs):
+        """not_a_digit() from tree_inputs() already computed (the serving graph's output)."""
+        return self.trees.predict_proba(tree_inputs)[:, 1] > self.threshold

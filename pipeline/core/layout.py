@@ -7,9 +7,10 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")  # fetch: MNIST as published, as .npy
 PROCESSED_DIR = Path("data/processed")  # preprocess: x_/y_ train, val, test, ready for Keras
 DATA_STATS_FILE = Path("reports/data_stats.json")
-MODELS_DIR = Path("models")  # train: <model>.keras, <model>.run.json; calibrate: <model>.calibration.json, .gate.pkl
+MODELS_DIR = Path("models")  # train: <model>.keras, .run.json; calibrate: .calibration.json, .gate.pkl; export: .onnx
 TRAIN_REPORTS_DIR = Path("reports/train")
 CALIBRATION_FILE = Path("reports/calibration.json")  # calibrate: validation scores before and after
+EXPORT_FILE = Path("reports/export.json")  # export: how closely ONNX Runtime answers as Keras does
 EVAL_DIR = Path("reports/eval")  # evaluate: per-model report and predictions
 METRICS_FILE = Path("reports/metrics.json")
 ROBUSTNESS_FILE = Path("reports/robustness.json")  # robustness: accuracy on corrupted test copies
@@ -38,3 +39,7 @@ def calibration_file(model):
 
 def gate_file(model):
     return MODELS_DIR / f"{model}.gate.pkl"
+
+
+def onnx_file(model):
+    return MODELS_DIR / f"{model}.onnx"

@@ -88,6 +88,21 @@ def run_tags(model, stage):
     return tags
 
 
+# The splits a training sees, by the name and context their MLflow dataset inputs carry: the
+# training stages and the sweep's trials log the same, so a run's inputs compare across both.
+TRAINING_DATASETS = [("train", "mnist-train", "training"), ("val", "mnist-validation", "validation")]
+
+
+def training_datasets(data):
+    """[(MLflow dataset with its digest, context)] of the training and validation splits."""
+    import mlflow
+
+    return [
+        (mlflow.data.from_numpy(data[f"x_{split}"], targets=data[f"y_{split}"], name=name), context)
+        for split, name, context in TRAINING_DATASETS
+    ]
+
+
 def run_name(model):
     """e.g. `cnn-lofty-bowl` for a DVC experiment, `cnn-3f2a1bc` for a plain `dvc repro`."""
     exp_name = os.environ.get("DVC_EXP_NAME")

@@ -44,13 +44,22 @@ def connect(cluster_address=None, cpus=None):
     return ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
 
+def assigned_cpus():
+    """The CPUs Ray gave this task or actor (at least one)."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
 def limit_tensorflow_threads():
     """Ray does not enforce CPU limits: TensorFlow in a task would use every core of its node. Its
     thread pools follow the CPUs Ray gave the task instead. Must run before TensorFlow starts work."""
-    import ray
     import tensorflow as tf
 
-    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    tf.config.threading.set_intra_op_parallelism_threads(cpus)
-    tf.config.threading.set_inter_op_parallelism_threads(cpus)
+    cpus = assigned_cpus()
+    # A reused actor (the sweep's trials) has set them already, to the same share: TensorFlow
+    # refuses to change them once it has started.
+    if tf.config.threading.get_intra_op_parallelism_threads() != cpus:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
     return cpus

@@ -5,7 +5,7 @@
     RAY_ADDRESS=HEAD:6379 digits score ...                         # spread over a cluster
 
 Ray Data reads and normalises the images in parallel tasks; a pool of actors runs the model, each
-loaded once (a .keras file or a models:/ URI) with its calibration and gate. The output has the
+loaded once (an .onnx or .keras file, or a models:/ URI) with its calibration and gate. The output has the
 columns of `digits predict --format csv`, in input order, and the same answers. Files that cannot
 be read are named on stderr and in OUT.errors.csv, and the exit code is 1.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.scale import cluster
 from pipeline.serving import cli as serving_cli
-from pipeline.serving.predictor import DEFAULT_MODEL
+from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
 
 BATCH_SIZE = serving_cli.BATCH_SIZE  # the CLI's batches, so that both make the same model calls
 DECODE_CPUS = 0.25  # decoding is light beside the model: it fits next to the actors on a node
@@ -41,11 +41,11 @@ def decode(batch):
 class Scorer:
     """One model copy per actor, loaded once; answers rows as `digits predict` does."""
 
-    def __init__(self, source, top_k):
+    def __init__(self, source, runtime, top_k):
         from pipeline.serving.predictor import Predictor
 
-        cluster.limit_tensorflow_threads()
-        self.predictor, self.top_k = Predictor(source), top_k
+        # Ray does not enforce CPU limits: the model's threads follow the CPUs Ray gave the actor.
+        self.predictor, self.top_k = Predictor(source, runtime, threads=cluster.assigned_cpus()), top_k
 
     def __call__(self, batch):
         """Every row comes back: an unreadable file with its error and no answer."""
@@ -96,7 +96,7 @@ def score(args):
         source = ray.data.from_items([{"file": p, "path": str(Path(p).resolve())} for p in paths])
     answers = source.map_batches(decode, batch_size=BATCH_SIZE, num_cpus=DECODE_CPUS).map_batches(
         Scorer,
-        fn_constructor_kwargs={"source": model, "top_k": args.top_k},
+        fn_constructor_kwargs={"source": model, "runtime": args.runtime, "top_k": args.top_k},
         batch_size=BATCH_SIZE,
         concurrency=args.actors,
         num_cpus=args.cpus_per_actor,
@@ -157,8 +157,9 @@ def add_arguments(parser):
     parser.add_argument("--parquet", help="a Parquet file with columns `file` (a name) and `image` (encoded bytes)")
     parser.add_argument("--out", required=True, help="where the answers go: .csv or .parquet")
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"a .keras file or models:/ URI (default {DEFAULT_MODEL})"
+        "--model", default=DEFAULT_MODEL, help=f"a .keras or .onnx file, or a models:/ URI (default {DEFAULT_MODEL})"
     )
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help="onnx (default) or tf, as `digits predict`")
     parser.add_argument("--top-k", type=int, default=1, choices=range(1, 11), metavar="K")
     parser.add_argument("--actors", type=int, default=1, help="model copies (default 1)")
     parser.add_argument("--cpus-per-actor", type=float, default=1)

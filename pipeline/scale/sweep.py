@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.core import confidence, corruptions, tracking, training
 from pipeline.core import params as params_module
+from pipeline.core import tracking
 from pipeline.core.files import load_arrays, write_text
 from pipeline.core.layout import PROCESSED_DIR
 from pipeline.scale import cluster
@@ -117,7 +117,10 @@ def trial(config, tree, data, corrupted_val):
     import tensorflow as tf
     from ray import tune
 
+    from pipeline.core import confidence, training  # here: `digits predict` starts without TensorFlow
+
     cpus = cluster.limit_tensorflow_threads()
+    keras.backend.clear_session()  # the actor may have run an earlier trial: free its model
     overrides = {k: v for k, v in config.items() if k != "model"}
     params = params_module.from_tree(params_module.with_overrides(tree, overrides))
     model_params = params.model(config["model"])
@@ -281,16 +284,13 @@ def exp_run_line(variant_config):
 
 
 def dataset_inputs(data):
-    """The splits a trial sees, as MLflow dataset inputs with their digests."""
-    import mlflow
+    """The splits a trial sees, as the training stages log them, for MlflowClient.log_inputs."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    inputs = []
-    for split, name, context in [("train", "mnist-train", "training"), ("val", "mnist-validation", "validation")]:
-        dataset = mlflow.data.from_numpy(data[f"x_{split}"], targets=data[f"y_{split}"], name=name)
-        entity = Dataset(**dataset.to_dict())
-        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
-    return inputs
+    return [
+        DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag("mlflow.data.context", context)])
+        for dataset, context in tracking.training_datasets(data)
+    ]
 
 
 def sweep(args):
@@ -298,6 +298,8 @@ def sweep(args):
     from mlflow.entities import Metric, RunTag
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline.core import corruptions
 
     address = cluster.address(args.address)
     uri = cluster.check_tracking_for(address)
@@ -362,6 +364,8 @@ def sweep(args):
             if args.asha
             else None,
             max_concurrent_trials=args.max_concurrent,
+            # A trial's actor runs the next trial: no new process, TensorFlow import or data copy.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=sweep_name,

@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile
 from pipeline.core import normalize
 from pipeline.serving.batcher import MicroBatcher
 from pipeline.serving.limits import MAX_BATCH, MAX_JSON_BYTES, BodyLimit
-from pipeline.serving.predictor import Predictor
+from pipeline.serving.predictor import DEFAULT_MODEL, Predictor
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_FILE_SCHEMA = {
@@ -232,6 +232,7 @@ def create_app(predictor: Predictor) -> FastAPI:
             "status": "ok",
             "model": predictor.identity,
             "source": predictor.source,
+            "runtime": predictor.runtime,
             "registered_model": predictor.registered,
             "calibration": predictor.calibration
             and {key: predictor.calibration[key] for key in ("temperature", "not_sure_below", "accepted_accuracy")},
@@ -300,7 +301,8 @@ def create_app(predictor: Predictor) -> FastAPI:
 
 def app_from_environment():
     """App factory for `uvicorn --factory` and `digits serve --workers N`: each worker process loads
-    the model named by DIGITS_MODEL."""
+    the model named by DIGITS_MODEL, on DIGITS_RUNTIME (default onnx), with DIGITS_THREADS threads."""
     import os
 
-    return create_app(Predictor(os.environ.get("DIGITS_MODEL", "models/cnn.keras")))
+    model, runtime = os.environ.get("DIGITS_MODEL", DEFAULT_MODEL), os.environ.get("DIGITS_RUNTIME", "onnx")
+    return create_app(Predictor(model, runtime))

@@ -1,7 +1,7 @@
 """`digits predict`, `digits serve` and `digits promote`: use the trained model on your own images.
 
-digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI]
-digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N]
+digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI] [--runtime tf]
+digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N] [--runtime tf]
 digits promote NAME VERSION       move the Model Registry alias `champion` by hand
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core import normalize
-from pipeline.serving.predictor import DEFAULT_MODEL
+from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -27,12 +27,12 @@ def image_paths(arguments):
             yield path
 
 
-def load_predictor(source):
+def load_predictor(source, runtime):
     """The model, or None after saying why it could not be loaded."""
     from pipeline.serving.predictor import Predictor
 
     try:
-        return Predictor(source)
+        return Predictor(source, runtime)
     except (FileNotFoundError, ValueError) as e:
         print(f"digits: {e}", file=sys.stderr)
         return None
@@ -142,7 +142,7 @@ def predict(args):
 
     paths = list(image_paths(args.images))
     results, pool = read_images(paths)
-    predictor = load_predictor(args.model)
+    predictor = load_predictor(args.model, args.runtime)
     if predictor is None:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -185,7 +185,7 @@ def serve(args):
 
     where = f"http://{args.host}:{args.port}/ (API docs at /docs, metrics at /metrics)"
     if args.workers == 1:
-        predictor = load_predictor(args.model)
+        predictor = load_predictor(args.model, args.runtime)
         if predictor is None:
             return 2
         print(f"digits: serving {args.model} ({predictor.identity}) on {where}", flush=True)
@@ -204,7 +204,10 @@ def serve(args):
             f"digits: {args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)", file=sys.stderr
         )
         return 2
-    os.environ["DIGITS_MODEL"] = args.model
+    os.environ["DIGITS_MODEL"], os.environ["DIGITS_RUNTIME"] = args.model, args.runtime
+    # Each worker's model gets its share of the cores: N workers with every core each would
+    # oversubscribe them.
+    os.environ.setdefault("DIGITS_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digits-metrics-")
     print(f"digits: serving {args.model} with {args.workers} worker processes on {where}", flush=True)
     uvicorn.run(
@@ -247,9 +250,10 @@ def promote(args):
 def add_commands(commands):
     """predict, serve and promote, as sub-commands of `digits` (pipeline/cli.py)."""
     model_help = (
-        f"a .keras file or an MLflow model URI: runs:/<run id>/model, models:/digits-cnn/3, "
+        f"a .keras or .onnx file, or an MLflow model URI: runs:/<run id>/model, models:/digits-cnn/3, "
         f"models:/digits-cnn@champion (default {DEFAULT_MODEL})"
     )
+    runtime_help = "onnx: the exported graph on ONNX Runtime (default); tf: the .keras file on TensorFlow"
 
     predict_parser = commands.add_parser("predict", help="predict the digit in image files or folders of images")
     predict_parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP ...) or folders")
@@ -258,12 +262,14 @@ def add_commands(commands):
     )
     predict_parser.add_argument("--format", choices=["text", "json", "csv"], default="text")
     predict_parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    predict_parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
     predict_parser.set_defaults(run=predict)
 
     s = commands.add_parser("serve", help="start the REST API and the drawing page")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    s.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
     s.add_argument(
         "--workers",
         type=int,

@@ -1,5 +1,8 @@
-"""A trained model ready to answer: loaded once from a .keras file or from MLflow, with what the
-calibrate stage fitted for it: a temperature, a "not sure" threshold and a "not a digit" gate."""
+"""A trained model ready to answer, loaded once. By default its ONNX graph (pipeline/export.py:
+the model, its calibration and its "not a digit" gate in one) runs on ONNX Runtime, and neither
+TensorFlow nor scikit-learn is imported. `runtime="tf"` runs the .keras file on TensorFlow with the
+calibration and pickled gate that the calibrate stage fitted for it: for comparison, and for a model
+without an .onnx file."""
 
 import hashlib
 import os
@@ -12,56 +15,118 @@ import numpy as np
 from pipeline.core.confidence import read_calibration
 
 DEFAULT_MODEL = "models/cnn.keras"
+RUNTIMES = ("onnx", "tf")
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a_digit_above")
+
+
+def threads_from_environment():
+    """Threads for the model: DIGITS_THREADS (`digits serve --workers N` gives each worker its share
+    of the cores), else the runtime's default (every core)."""
+    return int(os.environ.get("DIGITS_THREADS", 0)) or None
 
 
 class Predictor:
-    def __init__(self, source=DEFAULT_MODEL):
-        """`source`: a .keras file, or an MLflow model URI (runs:/<run id>/model,
-        models:/<name>/<version>, models:/<name>@<alias>)."""
-        import keras
-
-        self.source = str(source)
+    def __init__(self, source=DEFAULT_MODEL, runtime="onnx", threads=None):
+        """`source`: a .keras or .onnx file, or an MLflow model URI (runs:/<run id>/model,
+        models:/<name>/<version>, models:/<name>@<alias>). `threads`: for the model's operations
+        (default: threads_from_environment())."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+        self.source, self.runtime = str(source), runtime
         self.registered = None  # name, version and alias when the model comes from the Model Registry
-        if "://" in self.source or self.source.startswith(("runs:/", "models:/")):
-            path, calibration_path, gate_path = self._download(self.source)
-            self.identity = self.source
-            self.calibration = read_calibration(calibration_path) if calibration_path else None
+        threads = threads or threads_from_environment()
+        self.remote = "://" in self.source or self.source.startswith(("runs:/", "models:/"))
+        if self.remote:
+            files = self._download(self.source)
         else:
-            path = Path(self.source)
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no such model file (train one with `./dev repro`, or `dvc pull`)")
-            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-            self.identity = "sha256:" + sha256[:16]
-            self.calibration, gate_path = self._calibration_beside(path, sha256)
-        if self.calibration is None:
-            print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
+            files = self._local(Path(self.source))
+        if runtime == "onnx":
+            self._load_onnx(files, threads)
+        else:
+            self._load_tf(files, threads)
         self.temperature = self.calibration["temperature"] if self.calibration else 1.0
         # Answers less confident than this are marked "not sure" (0: no calibration, never).
         self.not_sure_below = self.calibration["not_sure_below"] if self.calibration else 0.0
+        self.predict(np.zeros((1, 28, 28), np.float32))  # warm up now, not in the first request
+
+    def _local(self, path):
+        """The files of a local model: models/cnn.keras or models/cnn.onnx, and beside it the rest."""
+        keras_path = path.with_suffix(".keras")
+        if not path.exists():
+            hint = "run `dvc repro export`, or use --runtime tf" if path.suffix == ".onnx" else "train one"
+            raise FileNotFoundError(f"{path}: no such model file ({hint}; or `./dev repro`, or `dvc pull`)")
+        return {
+            "keras": keras_path if keras_path.exists() else None,
+            "onnx": path.with_suffix(".onnx"),
+            "calibration": path.with_name(f"{path.stem}.calibration.json"),
+            "gate": path.with_name(f"{path.stem}.gate.pkl"),
+        }
+
+    def _load_onnx(self, files, threads):
+        import onnxruntime
+
+        path = files["onnx"]
+        if path is None or not path.exists():
+            raise FileNotFoundError(
+                f"{path or self.source}: no ONNX export of this model (run `dvc repro export`, or use --runtime tf)"
+            )
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # the graph is one chain of operations
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if files["keras"] is not None and metadata["model_sha256"] != _sha256(files["keras"]):
+            raise ValueError(f"{path} was exported from another {files['keras'].name}; run `dvc repro export`")
+        # As the tf runtime names the same model: the URI, or the .keras file's sha256.
+        self.identity = self.source if self.remote else "sha256:" + metadata["model_sha256"][:16]
+        self.calibration = {key: float(metadata[key]) for key in CALIBRATION_KEYS}
+        self.not_a_digit_above = self.calibration["not_a_digit_above"]
+
+    def _load_tf(self, files, threads):
+        import keras
+        import tensorflow as tf
+
+        from pipeline.core.graph import serving_function
+
+        path = files["keras"]
+        if path is None:
+            raise FileNotFoundError(f"{self.source}: the tf runtime needs the .keras file beside it")
+        if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        sha256 = _sha256(path)
+        if self.remote:
+            self.identity = self.source
+            calibration_path, gate_path = files["calibration"], files["gate"]
+        else:
+            self.identity = "sha256:" + sha256[:16]
+            calibration_path, gate_path = self._calibration_beside(files, sha256)
+        self.calibration = read_calibration(calibration_path) if calibration_path else None
+        if self.calibration is None:
+            print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
         self.gate = _load_gate(gate_path) if gate_path else None
-        self.model = keras.models.load_model(path, compile=False)
-        self._infer = traced(self.model, self.temperature, with_features=self.gate is not None)
-        self.predict(np.zeros((1, 28, 28), np.float32))  # trace now, not in the first request
+        temperature = self.calibration["temperature"] if self.calibration else 1.0
+        self._serve = serving_function(keras.models.load_model(path, compile=False), temperature, self.gate)
 
     @staticmethod
-    def _calibration_beside(path, sha256):
-        """models/cnn.keras -> models/cnn.calibration.json and models/cnn.gate.pkl, if they were
-        fitted to this very file."""
-        calibration_path = path.with_name(f"{path.stem}.calibration.json")
-        gate_path = path.with_name(f"{path.stem}.gate.pkl")
+    def _calibration_beside(files, sha256):
+        """models/cnn.calibration.json and models/cnn.gate.pkl beside models/cnn.keras, if they
+        were fitted to this very file."""
+        calibration_path, gate_path = files["calibration"], files["gate"]
         if not calibration_path.exists():
             return None, None
         calibration = read_calibration(calibration_path)
         if calibration.get("model_sha256") != sha256:
             raise ValueError(
-                f"{calibration_path} was fitted to another {path.name}; run `dvc repro calibrate` (or `dvc pull`)"
+                f"{calibration_path} was fitted to another {files['keras'].name}; "
+                "run `dvc repro calibrate` (or `dvc pull`)"
             )
         if not gate_path.exists():
-            return calibration, None
-        if calibration.get("gate_sha256") != hashlib.sha256(gate_path.read_bytes()).hexdigest():
+            return calibration_path, None
+        if calibration.get("gate_sha256") != _sha256(gate_path):
             raise ValueError(f"{gate_path} is not the gate {calibration_path} names; run `dvc repro calibrate`")
-        return calibration, gate_path
+        return calibration_path, gate_path
 
     def _download(self, uri):
         import mlflow
@@ -91,33 +156,48 @@ class Predictor:
                 # Pin the version: an alias that moves while we serve must not change what answers.
                 uri = f"models:/{name}/{version.version}"
                 run_id = version.run_id
-            local = mlflow.artifacts.download_artifacts(uri)
+            else:
+                MlflowClient().get_run(run_id)  # an unknown run is named here, not as a missing file
         except MlflowException as e:
             raise FileNotFoundError(f"{self.source}: {e.message}") from None
-        found = sorted(Path(local).rglob("*.keras"))
-        if not found:
-            raise FileNotFoundError(f"{self.source}: no .keras file in the MLflow model")
-        # The calibrate stage adds calibration.json and gate/ to the model's training run. (A
-        # progress bar for one small file would only clutter the CLI's output.)
-        extras = []
+        # The calibrate stage adds calibration.json and gate/ to the model's training run, and
+        # the export stage onnx/. (A progress bar for small files would only clutter the output.)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        for artifact in ("calibration.json", "gate"):
+        files = {}
+        artifacts = [
+            ("onnx", "onnx", "*.onnx"),
+            ("calibration", "calibration.json", None),
+            ("gate", "gate", "*.gate.pkl"),
+        ]
+        for key, artifact, pattern in artifacts:
             try:
-                extras.append(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)))
+                found = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact))
             except (MlflowException, OSError):
-                extras.append(None)
-        calibration, gate_folder = extras
-        gate = next(iter(sorted(gate_folder.glob("*.gate.pkl"))), None) if gate_folder else None
-        return found[0], calibration, gate
+                found = None
+            files[key] = next(iter(sorted(found.glob(pattern))), None) if found and pattern else found
+        files["keras"] = None
+        if self.runtime == "tf":
+            try:
+                model_folder = Path(mlflow.artifacts.download_artifacts(uri))
+            except MlflowException as e:
+                raise FileNotFoundError(f"{self.source}: {e.message}") from None
+            files["keras"] = next(iter(sorted(model_folder.rglob("*.keras"))), None)
+            if files["keras"] is None:
+                raise FileNotFoundError(f"{self.source}: no .keras file in the MLflow model")
+        return files
 
     def predict(self, images):
         """(n, 28, 28) float32 in MNIST form -> (n, 10) calibrated probabilities, and (n,) whether
         the gate says each image is not a digit (all False without a gate)."""
         batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
+        if self.runtime == "onnx":
+            probabilities, gate_probabilities = self.session.run(None, {"images": batch})
+            return probabilities, gate_probabilities[:, 1] > self.not_a_digit_above
+        outputs = self._serve(batch)
+        probabilities = outputs["probabilities"].numpy()
         if self.gate is None:
-            return self._infer(batch).numpy(), np.zeros(len(batch), bool)
-        probabilities, features = (t.numpy() for t in self._infer(batch))
-        return probabilities, self.gate.not_a_digit(features, batch)
+            return probabilities, np.zeros(len(batch), bool)
+        return probabilities, self.gate.not_a_digit_from(outputs["tree_inputs"].numpy())
 
     def probabilities(self, images):
         return self.predict(images)[0]
@@ -133,19 +213,5 @@ def _load_gate(path):
     return joblib.load(path)  # a pickle: only load gates this project's calibrate stage wrote
 
 
-def traced(model, temperature=1.0, with_features=False):
-    """The model's forward pass, with its temperature built in (confidence.with_temperature_layers),
-    as one TensorFlow graph for any batch size; with_features, it also returns the penultimate
-    features for the gate. A plain `model(batch)` runs every Keras layer's Python code on each call
-    (~10 ms for one image on two cores); the graph answers one image in well under a millisecond,
-    with the same numbers."""
-    import tensorflow as tf
-
-    from pipeline.core.confidence import with_temperature_layers
-    from pipeline.core.gate import with_features as add_features
-
-    network = with_temperature_layers(model, temperature) if temperature != 1.0 else model
-    network = add_features(network) if with_features else network
-    return tf.function(
-        lambda batch: network(batch, training=False), input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)]
-    )
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
