@@ -8,6 +8,8 @@
   risk_coverage.png         error rate of the answers kept against the share kept, both models,
                             with the "not sure" threshold marked
   robustness.png            one test image under each corruption, and each model's accuracy
+  sure_under_shift.png      on the clean and each corrupted test copy: the share of answers that are
+                            sure, and how many of those are right, against the validation promise
   samples.png               examples of each digit and the class distribution of each split
 Each model's figures (and the shared ones) are added to its MLflow training run.
 """
@@ -212,6 +214,32 @@ def robustness(report, x_test, params, examples=4):
     return fig
 
 
+def sure_under_shift(report, accepted_accuracy):
+    """Does "sure" keep its promise off MNIST? Per test copy: how many answers are sure, and how many
+    of those are right."""
+    fig, (share, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    copies = list(next(iter(report.values()))["sure"])
+    labels = [name.replace("_", " ") for name in copies]
+    for key, ax, ylabel in [
+        ("coverage", share, "Share of answers that are sure"),
+        ("accepted_accuracy", right, "Sure answers that are right"),
+    ]:
+        frame = pd.DataFrame(
+            {NAMES[kind]: [scores["sure"][name][key] for name in copies] for kind, scores in report.items()},
+            index=labels,
+        )
+        frame.plot.bar(ax=ax, rot=30)
+        ax.set(ylabel=ylabel)
+    share.set_ylim(0, 1)
+    lowest = min(scores["sure"][name]["accepted_accuracy"] for scores in report.values() for name in copies)
+    right.set_ylim(min(0.95, np.floor(lowest * 50) / 50), 1.0)  # every bar shows, down to the 2 % below it
+    right.axhline(accepted_accuracy, linestyle=":", color="black", label=f"promise ({accepted_accuracy:.1%})")
+    right.legend(loc="lower left")
+    fig.suptitle('"Not sure" under shift: the threshold fitted on clean validation, applied to corrupted test copies')
+    fig.tight_layout()
+    return fig
+
+
 def samples(x_test, labels, stats, per_digit=8):
     fig = plt.figure(figsize=(13, 6.5))
     grid = fig.add_gridspec(10, per_digit + 6)
@@ -251,6 +279,10 @@ def visualize(params):
         save(reliability(predictions), "reliability.png"),
         save(risk_coverage(predictions), "risk_coverage.png"),
         save(robustness(json.loads(ROBUSTNESS_FILE.read_text()), x_test, params), "robustness.png"),
+        save(
+            sure_under_shift(json.loads(ROBUSTNESS_FILE.read_text()), params.calibrate.accepted_accuracy),
+            "sure_under_shift.png",
+        ),
     ]
     figures = {
         kind: shared

@@ -86,6 +86,7 @@ def test_repro_produces_every_output(repo):
         "reliability.png",
         "risk_coverage.png",
         "robustness.png",
+        "sure_under_shift.png",
     } <= figures
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
