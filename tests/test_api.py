@@ -130,6 +130,15 @@ def test_the_onnx_graph_belongs_to_its_keras_file_and_serves_alone(model_file, t
     assert alone.calibration == {key: fitted[key] for key in alone.calibration}
 
 
+def test_threads_come_from_the_environment_and_a_bad_value_is_named(model_file, monkeypatch):
+    monkeypatch.setenv("DIGITS_THREADS", "")
+    assert Predictor(model_file).predict(np.zeros((1, 28, 28), np.float32))[0].shape == (1, 10)
+    for bad in ("two", "0", "-1"):
+        monkeypatch.setenv("DIGITS_THREADS", bad)
+        with pytest.raises(ValueError, match=f"DIGITS_THREADS='{bad}': expected a whole number of threads"):
+            Predictor(model_file)
+
+
 def test_onnx_runtime_answers_as_tensorflow_does(model_file):
     """Digits and "not a digit" the same, probabilities within 1e-5, on drawn sevens and on
     generated non-digits (which the gate flags)."""

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core import normalize
-from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
+from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES, threads_from_environment
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -203,6 +203,11 @@ def serve(args):
         print(
             f"digits: {args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)", file=sys.stderr
         )
+        return 2
+    try:
+        threads_from_environment()  # a bad DIGITS_THREADS is named here, not in every worker
+    except ValueError as e:
+        print(f"digits: {e}", file=sys.stderr)
         return 2
     os.environ["DIGITS_MODEL"], os.environ["DIGITS_RUNTIME"] = args.model, args.runtime
     # Each worker's model gets its share of the cores: N workers with every core each would

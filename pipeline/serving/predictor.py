@@ -23,7 +23,12 @@ CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a
 def threads_from_environment():
     """Threads for the model: DIGITS_THREADS (`digits serve --workers N` gives each worker its share
     of the cores), else the runtime's default (every core)."""
-    return int(os.environ.get("DIGITS_THREADS", 0)) or None
+    value = os.environ.get("DIGITS_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DIGITS_THREADS={value!r}: expected a whole number of threads, 1 or more")
+    return int(value)
 
 
 class Predictor:
