@@ -173,10 +173,12 @@ def command_seconds(command):
 
 def command_line(model, pngs):
     """`digits predict` as a user runs it, on one image and on the folder of test PNGs."""
+    from pipeline.serving.predictor import RUNTIMES
+
     digits = Path(sys.executable).parent / "digits"
     one = sorted(pngs.iterdir())[0]
     result = {}
-    for runtime in ("onnx", "tf"):
+    for runtime in RUNTIMES:
         base = [digits, "predict", "--model", model, "--runtime", runtime, "--format", "csv"]
         cold = statistics.median(command_seconds([*base, one]) for _ in range(3))
         folder = command_seconds([*base, pngs])

@@ -104,7 +104,7 @@ def check(path, serve, fitted_gate, x_val):
     probabilities, gate_probabilities = session.run(None, {"images": x_val})
     expected = {name: tensor.numpy() for name, tensor in serve(x_val).items()}
     onnx_flags = gate_probabilities[:, 1] > fitted_gate.threshold
-    keras_flags = fitted_gate.trees.predict_proba(expected["tree_inputs"])[:, 1] > fitted_gate.threshold
+    keras_flags = fitted_gate.not_a_digit_from(expected["tree_inputs"])
     scores = {
         "images": len(x_val),
         "max_probability_difference": float(np.abs(probabilities - expected["probabilities"]).max()),
