@@ -21,21 +21,15 @@ and adds the same to the model's MLflow run (params, metrics, calibration.json, 
 alone) and its registered version (tags). The test split is not read here: evaluate measures the result on it.
 """
 
-import hashlib
-
 import joblib
 import numpy as np
 
 from pipeline.core import confidence, gate, nondigits, tracking
 from pipeline.core import params as params_module
-from pipeline.core.files import DataError, atomic_path, load_arrays, require, write_json
+from pipeline.core.files import DataError, atomic_path, load_arrays, require, sha256, write_json
 from pipeline.core.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
 
 GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits
-
-
-def sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fit_gate(model, x_train, x_val, params):
@@ -83,7 +77,6 @@ def calibrate(model_path, data, labels, params):
 
 def calibrate_models(params):
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     data = load_arrays(PROCESSED_DIR, ["x_train", "x_val", "y_val"])
     require(*(model_file(kind) for kind in params_module.MODELS))
@@ -112,11 +105,7 @@ def calibrate_models(params):
             mlflow.log_dict(file, "calibration.json")
             mlflow.log_artifact(str(gate_file(kind)), "gate")
             tracking.log_keras_model(calibrated_model, data["x_val"][:1], name="calibrated_model")
-        if run_file.get("model_version"):
-            for key in ("temperature", "not_sure_below"):
-                MlflowClient().set_model_version_tag(
-                    run_file["registered_model"], run_file["model_version"], key, str(file[key])
-                )
+        tracking.tag_model_version(run_file, {key: file[key] for key in ("temperature", "not_sure_below")})
         before, after = scores["before"], scores["after"]
         print(
             f"calibrate {kind}: temperature {file['temperature']:.3f}; validation ECE {before['ece']:.2%} -> "

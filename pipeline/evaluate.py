@@ -136,7 +136,6 @@ def predictions_csv(labels, predicted, calibrated, raw, threshold):
 def evaluate_models(params):
     import keras
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     require(
@@ -171,10 +170,7 @@ def evaluate_models(params):
             mlflow.log_metrics({f"test_recall_class_{d}": report["per_class"][str(d)]["recall"] for d in DIGITS})
             mlflow.log_artifact(str(report_path), "evaluation")
             mlflow.log_artifact(str(predictions_path), "evaluation")
-        if run_file.get("model_version"):
-            MlflowClient().set_model_version_tag(
-                run_file["registered_model"], run_file["model_version"], "test_accuracy", str(summary["accuracy"])
-            )
+        tracking.tag_model_version(run_file, {"test_accuracy": summary["accuracy"]})
         pairs = ", ".join(f"{c['actual']}->{c['predicted']} x{c['count']}" for c in report["most_confused"][:3])
         print(
             f"evaluate {kind}: test accuracy {summary['accuracy']:.4f} (95 % CI {summary['accuracy_ci95_low']:.4f}-"

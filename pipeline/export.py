@@ -19,14 +19,13 @@ and logs the .onnx file to the model's MLflow run (artifact onnx/), tagging its 
 so that `models:/digits-cnn@champion` serves it too. The test split is not read here.
 """
 
-import hashlib
 from contextlib import contextmanager
 
 import numpy as np
 
 from pipeline.core import confidence, graph, tracking
 from pipeline.core import params as params_module
-from pipeline.core.files import DataError, atomic_path, load_arrays, require, write_json
+from pipeline.core.files import DataError, atomic_path, load_arrays, require, sha256, write_json
 from pipeline.core.layout import EXPORT_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file, onnx_file
 
 OPSET = 17  # the newest that tf2onnx 1.17 converts to; ONNX Runtime runs it everywhere
@@ -123,7 +122,7 @@ def export(model_path, calibration_path, gate_path, onnx_path, x_val):
     import keras
 
     calibration = confidence.read_calibration(calibration_path)
-    model_sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    model_sha256 = sha256(model_path)
     if calibration["model_sha256"] != model_sha256:
         raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro calibrate`")
     model = keras.models.load_model(model_path, compile=False)
@@ -138,7 +137,6 @@ def export(model_path, calibration_path, gate_path, onnx_path, x_val):
 
 def export_models(params):
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     require(*(path(kind) for kind in params_module.MODELS for path in (model_file, calibration_file, gate_file)))
     x_val = load_arrays(PROCESSED_DIR, ["x_val"])["x_val"]
@@ -151,10 +149,7 @@ def export_models(params):
         with tracking.run(run_id=run_file["run_id"]):
             mlflow.log_artifact(str(onnx_file(kind)), "onnx")
             mlflow.log_metrics({f"onnx_{k}": v for k, v in scores.items()})
-        if run_file.get("model_version"):
-            MlflowClient().set_model_version_tag(
-                run_file["registered_model"], run_file["model_version"], "onnx", f"onnx/{onnx_file(kind).name}"
-            )
+        tracking.tag_model_version(run_file, {"onnx": f"onnx/{onnx_file(kind).name}"})
         print(
             f"export {kind}: {onnx_file(kind)} ({scores['file_bytes'] / 1e6:.1f} MB); on {scores['images']:,} "
             f"validation images it answers as Keras does (largest probability difference "

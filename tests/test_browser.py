@@ -26,7 +26,18 @@ def server(model_file):
     uvicorn_server.should_exit = True
 
 
-def drawn_answer(url, strokes):
+@pytest.fixture(scope="module")
+def reading_server(reading_model_file):
+    from bench.servers import serve_in_background
+    from pipeline.serving.predictor import Predictor
+
+    predictor = Predictor(reading_model_file)
+    url, uvicorn_server = serve_in_background(predictor)
+    yield url, predictor
+    uvicorn_server.should_exit = True
+
+
+def drawn_answer(url, strokes, mode="digit"):
     """Draw `strokes` (lists of canvas points) with the mouse, wait until the page shows the answer
     for the last one, and return what it shows: digit, verdict, bar labels, and the canvas PNG."""
     from playwright.sync_api import sync_playwright
@@ -36,6 +47,8 @@ def drawn_answer(url, strokes):
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector(".bar")
+        if mode != "digit":
+            page.check(f"input[name=mode][value={mode}]")
         box = page.locator("#pad").bounding_box()
         for stroke in strokes:
             page.mouse.move(box["x"] + stroke[0][0], box["y"] + stroke[0][1])
@@ -52,6 +65,7 @@ def drawn_answer(url, strokes):
             "digit": page.locator("#digit").inner_text(),
             "verdict": page.locator("#confidence").inner_text(),
             "bars": page.locator(".bar em").all_inner_texts(),
+            "boxes": page.locator("#boxes span").all_inner_texts(),
             "png": base64.b64decode(
                 page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1]
             ),
@@ -83,6 +97,24 @@ def test_a_line_is_shown_as_not_a_digit(server):
     assert shown["verdict"] == "Not a digit" and shown["digit"] == "\u2014"
 
 
+def test_a_written_number_is_read_digit_by_digit(reading_server):
+    """Number mode: "4 1 7" written on the wide pad reads 417, with a box per digit, as the API
+    reads the same canvas."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.serving.api import create_app
+
+    url, predictor = reading_server
+    four = [[(120, 50), (70, 150), (170, 150)], [(150, 80), (150, 200)]]
+    one = [[(330, 50), (330, 200)]]
+    seven = [[(470, 55), (580, 55)], [(580, 55), (500, 200)]]
+    shown = drawn_answer(url, four + one + seven, mode="number")
+    with TestClient(create_app(predictor)) as client:
+        api = client.post("/read", files={"file": ("canvas.png", shown["png"], "image/png")}).json()
+    assert shown["digit"] == api["number"] == "417"
+    assert len(shown["boxes"]) == 3 and [label.split()[0] for label in shown["boxes"]] == ["4", "1", "7"]
+
+
 def test_api_docs_render_without_internet(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -94,5 +126,5 @@ def test_api_docs_render_without_internet(server, tmp_path):
         operations = page.locator(".opblock-summary-path").all_inner_texts()
         page.screenshot(path=tmp_path / "docs.png", full_page=True)
         browser.close()
-    assert {"/predict", "/predict/batch", "/health/ready"} <= set(operations)
+    assert {"/predict", "/predict/batch", "/read", "/health/ready"} <= set(operations)
     assert refused == []  # Swagger UI's files come from the server itself

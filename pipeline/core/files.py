@@ -1,5 +1,6 @@
 """Atomic output files: a failed stage leaves nothing half-written for DVC to cache."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,6 +41,11 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sha256(path):
+    """The file's SHA-256, hex: what ties a calibration or an ONNX export to its .keras file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_json(path, obj):

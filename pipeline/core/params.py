@@ -107,6 +107,13 @@ class RobustnessParams:
 
 
 @dataclass(frozen=True)
+class ReadEvalParams:
+    seed: int
+    strings_per_kind: int  # 5-digit strings of each spacing kind
+    strings_per_length: int  # strings with clear gaps of each length 1-10
+
+
+@dataclass(frozen=True)
 class VisualizeParams:
     grid_images: int
 
@@ -125,6 +132,7 @@ class Params:
     calibrate: CalibrateParams
     evaluate: EvaluateParams
     robustness: RobustnessParams
+    read_eval: ReadEvalParams
     visualize: VisualizeParams
 
     def model(self, name):
@@ -348,6 +356,11 @@ def from_tree(tree, path="params.yaml"):
             nondigits_per_kind=r.get("evaluate.nondigits_per_kind", int, 10, 100000),
         ),
         robustness=RobustnessParams(seed=r.get("robustness.seed", int, 0, 2**31 - 1), corruptions=_corruptions(r)),
+        read_eval=ReadEvalParams(
+            seed=r.get("read_eval.seed", int, 0, 2**31 - 1),
+            strings_per_kind=r.get("read_eval.strings_per_kind", int, 1, 100000),
+            strings_per_length=r.get("read_eval.strings_per_length", int, 1, 100000),
+        ),
         visualize=VisualizeParams(grid_images=r.get("visualize.grid_images", int, 4, 100)),
     )
     if r.errors:

@@ -249,5 +249,16 @@ def read_run_file(model):
     return json.loads(path.read_text())
 
 
+def tag_model_version(run_file, tags):
+    """Set {key: value} tags on the registered version a run file names (none: nothing to tag)."""
+    if not run_file.get("model_version"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(run_file["registered_model"], run_file["model_version"], key, str(value))
+
+
 def read_run_id(model):
     return read_run_file(model)["run_id"]

@@ -4,6 +4,8 @@
   GET  /health         status and the model's identity (also /health/live, /health/ready)
   POST /predict        one image: multipart upload (field `file`), or JSON {"pixels": 28x28 array}
   POST /predict/batch  several images: multipart upload (field `files`, repeated)
+  POST /read           a whole number (1-10 digits on a line): multipart upload (field `file`), or
+                       JSON {"pixels": rows of grey levels, any width}
   GET  /metrics        Prometheus metrics: requests, latencies, model batch sizes, model identity
   GET  /docs           OpenAPI documentation
 Bad input is answered with a 4xx and a message, never a 500. Concurrent requests share model
@@ -17,14 +19,22 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from pipeline.core import normalize
+from pipeline.core import normalize, reading
 from pipeline.serving.batcher import MicroBatcher
-from pipeline.serving.limits import MAX_BATCH, MAX_JSON_BYTES, BodyLimit
+from pipeline.serving.limits import (
+    MAX_BATCH,
+    MAX_JSON_BYTES,
+    READ_MAX_COLUMNS,
+    READ_MAX_JSON_BYTES,
+    READ_MAX_ROWS,
+    BodyLimit,
+)
 from pipeline.serving.predictor import DEFAULT_MODEL, Predictor
 
 STATIC = Path(__file__).parent / "static"
@@ -47,6 +57,21 @@ class PixelsBody(BaseModel):
             min_length=28,
             max_length=28,
             description=("28 rows of 28 grey levels, white ink on black as in MNIST: 0-1, or 0-255"),
+        ),
+    ]
+
+
+ReadRow = Annotated[list[Pixel], Field(min_length=1, max_length=READ_MAX_COLUMNS)]
+
+
+class ReadPixelsBody(BaseModel):
+    pixels: Annotated[
+        list[ReadRow],
+        Field(
+            min_length=1,
+            max_length=READ_MAX_ROWS,
+            description=f"rows of grey levels (0-1 or 0-255), all of one length: at most {READ_MAX_ROWS} rows "
+            f"of {READ_MAX_COLUMNS}; either polarity",
         ),
     ]
 
@@ -83,6 +108,21 @@ class BatchPredictions(BaseModel):
     predictions: list[FilePrediction]
 
 
+class ReadDigit(BaseModel):
+    box: list[int] = Field(min_length=4, max_length=4, description="left, top, right, bottom in pixels (exclusive)")
+    digit: int = Field(ge=0, le=9, description="the best guess (meaningless when `not_a_digit`)")
+    confidence: float = Field(ge=0, le=1)
+    not_sure: bool
+    not_a_digit: bool
+
+
+class Reading(BaseModel):
+    number: str = Field(description='the digits left to right; "?" where a mark is not a digit')
+    sure: bool = Field(description="every digit is sure (none is `not_sure`)")
+    digits: list[ReadDigit]
+    model: str
+
+
 class Problem(BaseModel):
     detail: str
 
@@ -114,32 +154,36 @@ def answer(probabilities, not_a_digit, predictor, name=None):
     return {"file": name, **result} if name is not None else result
 
 
-async def json_pixels(request):
-    """The 28x28 image of a JSON body {"pixels": [[...], ...]}; 4xx on anything else."""
+async def json_body(request, schema, expected, limit=MAX_JSON_BYTES):
+    """A JSON body validated against `schema`; 4xx naming the first problem otherwise."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            raise HTTPException(413, f"JSON body is over the {MAX_JSON_BYTES:,}-byte limit")
+        if len(body) > limit:
+            raise HTTPException(413, f"JSON body is over the {limit:,}-byte limit")
     try:
-        pixels = PixelsBody.model_validate_json(body).pixels
+        return schema.model_validate_json(body)
     except ValidationError as e:
         first = e.errors()[0]
         if first["type"] == "json_invalid":  # includes nesting deeper than the parser's limit
             raise HTTPException(400, f"body is not valid JSON: {first['msg']}") from None
         where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
         more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
-        raise HTTPException(
-            422, f'{where or "body"}: {first["msg"]}{more}; expected {{"pixels": 28 rows of 28 numbers in [0, 255]}}'
-        ) from None
+        raise HTTPException(422, f"{where or 'body'}: {first['msg']}{more}; expected {expected}") from None
+
+
+async def json_pixels(request):
+    """The 28x28 image of a JSON body {"pixels": [[...], ...]}; 4xx on anything else."""
+    pixels = (await json_body(request, PixelsBody, '{"pixels": 28 rows of 28 numbers in [0, 255]}')).pixels
     try:
         return normalize.from_array(pixels)
     except normalize.ImageError as e:
         raise HTTPException(422, str(e)) from None
 
 
-async def uploaded_images(request, field):
-    """The images uploaded under `field`, normalised; 4xx on anything else."""
+async def uploaded_images(request, field, prepare=normalize.to_mnist):
+    """The images uploaded under `field`, decoded and prepared (brought to MNIST form); 4xx on
+    anything else."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise HTTPException(
@@ -161,7 +205,7 @@ async def uploaded_images(request, field):
         data = await upload.read(normalize.MAX_BYTES + 1)
         name = upload.filename or "upload"
         try:
-            images.append(normalize.to_mnist(normalize.decode(data, name)))
+            images.append(prepare(normalize.decode(data, name)))
         except normalize.ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None
         except normalize.ImageError as e:
@@ -295,6 +339,36 @@ def create_app(predictor: Predictor) -> FastAPI:
                 for p, flag, name in zip(probabilities, not_a_digit, names, strict=True)
             ]
         }
+
+    @app.post(
+        "/read",
+        response_model=Reading,
+        responses=PROBLEMS,
+        openapi_extra=request_body(
+            {
+                "multipart/form-data": form_schema("file", IMAGE_FILE_SCHEMA),
+                "application/json": {"schema": ReadPixelsBody.model_json_schema()},
+            }
+        ),
+    )
+    async def read_number(request: Request):
+        """Read a whole number written on a line (a ZIP code, an amount; 1-10 digits): the string,
+        and each digit's box, answer and flags. The number is sure only when every digit is."""
+        if request.headers.get("content-type", "").startswith("application/json"):
+            body = await json_body(
+                request, ReadPixelsBody, '{"pixels": rows of numbers in [0, 255], any width}', READ_MAX_JSON_BYTES
+            )
+            if len({len(row) for row in body.pixels}) > 1:
+                raise HTTPException(422, "pixels: rows have different lengths; expected a rectangle")
+            image = np.asarray(body.pixels, np.float32)
+        else:
+            images, _ = await uploaded_images(request, "file", prepare=lambda image: image)
+            image = images[0]
+        try:
+            found = await run_in_threadpool(reading.read, image, predictor)
+        except normalize.ImageError as e:
+            raise HTTPException(422, str(e)) from None
+        return {**found.as_dict(), "model": predictor.identity}
 
     return app
 

@@ -1,6 +1,8 @@
-"""`digits predict`, `digits serve` and `digits promote`: use the trained model on your own images.
+"""`digits predict`, `digits read`, `digits serve` and `digits promote`: use the trained model on
+your own images.
 
 digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI] [--runtime tf]
+digits read IMAGE_OR_FOLDER... [--format text|json|csv]     whole numbers: ZIP codes, amounts, fields
 digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N] [--runtime tf]
 digits promote NAME VERSION       move the Model Registry alias `champion` by hand
 """
@@ -176,6 +178,51 @@ def predict(args):
     return 1 if failed else 0
 
 
+def read(args):
+    """Each image is one number: the string, whether it is sure, and each digit's box and answer."""
+    from pipeline.core import reading
+
+    paths = list(image_paths(args.images))
+    predictor = load_predictor(args.model, args.runtime)
+    if predictor is None:
+        return 2
+    failed, rows = 0, []
+    writer = csv.writer(sys.stdout) if args.format == "csv" else None
+    if writer:
+        writer.writerow(["file", "number", "sure", "digits", "boxes"])
+    for path in paths:
+        try:
+            answer = reading.read(normalize.decode(path.read_bytes(), str(path)), predictor).as_dict()
+        except OSError as e:
+            failed += 1
+            print(f"digits: {path}: {e.strerror or e}", file=sys.stderr)
+            continue
+        except normalize.ImageError as e:
+            failed += 1
+            print(f"digits: {path}: {e}" if str(path) not in str(e) else f"digits: {e}", file=sys.stderr)
+            continue
+        if args.format == "json":
+            rows.append({"file": str(path), **answer})
+        elif writer:
+            writer.writerow(
+                [
+                    path,
+                    answer["number"],
+                    answer["sure"],
+                    " ".join(f"{d['digit']}:{d['confidence']}" for d in answer["digits"]),
+                    ";".join(" ".join(map(str, d["box"])) for d in answer["digits"]),
+                ]
+            )
+        else:
+            each = "  ".join(
+                f"{'?' if d['not_a_digit'] else d['digit']} {d['confidence']:.1%}" for d in answer["digits"]
+            )
+            print(f"{path}\t{answer['number']}\t{'sure' if answer['sure'] else 'not sure'}\t({each})")
+    if args.format == "json":
+        print(json.dumps({"model": predictor.identity, "readings": rows}, indent=2))
+    return 1 if failed else 0
+
+
 def serve(args):
     import tempfile
 
@@ -269,6 +316,13 @@ def add_commands(commands):
     predict_parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     predict_parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
     predict_parser.set_defaults(run=predict)
+
+    r = commands.add_parser("read", help="read whole numbers (ZIP codes, amounts), one per image, digit by digit")
+    r.add_argument("images", nargs="+", help="image files or folders, each holding one number written on a line")
+    r.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    r.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    r.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
+    r.set_defaults(run=read)
 
     s = commands.add_parser("serve", help="start the REST API and the drawing page")
     s.add_argument("--host", default="127.0.0.1")

@@ -4,7 +4,6 @@ TensorFlow nor scikit-learn is imported. `runtime="tf"` runs the .keras file on 
 calibration and pickled gate that the calibrate stage fitted for it: for comparison, and for a model
 without an .onnx file."""
 
-import hashlib
 import os
 import re
 import sys
@@ -13,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.confidence import read_calibration
+from pipeline.core.files import sha256
+from pipeline.core.onnx_graph import OnnxGraph
 
 DEFAULT_MODEL = "models/cnn.keras"
 RUNTIMES = ("onnx", "tf")
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a_digit_above")
 
 
 def threads_from_environment():
@@ -69,25 +69,17 @@ class Predictor:
         }
 
     def _load_onnx(self, files, threads):
-        import onnxruntime
-
         path = files["onnx"]
         if path is None or not path.exists():
             raise FileNotFoundError(
                 f"{path or self.source}: no ONNX export of this model (run `dvc repro export`, or use --runtime tf)"
             )
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1  # the graph is one chain of operations
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if files["keras"] is not None and metadata["model_sha256"] != _sha256(files["keras"]):
+        self.graph = OnnxGraph(path, threads)
+        if files["keras"] is not None and self.graph.model_sha256 != sha256(files["keras"]):
             raise ValueError(f"{path} was exported from another {files['keras'].name}; run `dvc repro export`")
         # As the tf runtime names the same model: the URI, or the .keras file's sha256.
-        self.identity = self.source if self.remote else "sha256:" + metadata["model_sha256"][:16]
-        self.calibration = {key: float(metadata[key]) for key in CALIBRATION_KEYS}
-        self.not_a_digit_above = self.calibration["not_a_digit_above"]
+        self.identity = self.source if self.remote else "sha256:" + self.graph.model_sha256[:16]
+        self.calibration = self.graph.calibration
 
     def _load_tf(self, files, threads):
         import keras
@@ -100,13 +92,13 @@ class Predictor:
             raise FileNotFoundError(f"{self.source}: the tf runtime needs the .keras file beside it")
         if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
-        sha256 = _sha256(path)
+        model_sha256 = sha256(path)
         if self.remote:
             self.identity = self.source
             calibration_path, gate_path = files["calibration"], files["gate"]
         else:
-            self.identity = "sha256:" + sha256[:16]
-            calibration_path, gate_path = self._calibration_beside(files, sha256)
+            self.identity = "sha256:" + model_sha256[:16]
+            calibration_path, gate_path = self._calibration_beside(files, model_sha256)
         self.calibration = read_calibration(calibration_path) if calibration_path else None
         if self.calibration is None:
             print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
@@ -115,21 +107,21 @@ class Predictor:
         self._serve = serving_function(keras.models.load_model(path, compile=False), temperature, self.gate)
 
     @staticmethod
-    def _calibration_beside(files, sha256):
+    def _calibration_beside(files, model_sha256):
         """models/cnn.calibration.json and models/cnn.gate.pkl beside models/cnn.keras, if they
         were fitted to this very file."""
         calibration_path, gate_path = files["calibration"], files["gate"]
         if not calibration_path.exists():
             return None, None
         calibration = read_calibration(calibration_path)
-        if calibration.get("model_sha256") != sha256:
+        if calibration.get("model_sha256") != model_sha256:
             raise ValueError(
                 f"{calibration_path} was fitted to another {files['keras'].name}; "
                 "run `dvc repro calibrate` (or `dvc pull`)"
             )
         if not gate_path.exists():
             return calibration_path, None
-        if calibration.get("gate_sha256") != _sha256(gate_path):
+        if calibration.get("gate_sha256") != sha256(gate_path):
             raise ValueError(f"{gate_path} is not the gate {calibration_path} names; run `dvc repro calibrate`")
         return calibration_path, gate_path
 
@@ -194,10 +186,9 @@ class Predictor:
     def predict(self, images):
         """(n, 28, 28) float32 in MNIST form -> (n, 10) calibrated probabilities, and (n,) whether
         the gate says each image is not a digit (all False without a gate)."""
-        batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
         if self.runtime == "onnx":
-            probabilities, gate_probabilities = self.session.run(None, {"images": batch})
-            return probabilities, gate_probabilities[:, 1] > self.not_a_digit_above
+            return self.graph.predict(images)
+        batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
         outputs = self._serve(batch)
         probabilities = outputs["probabilities"].numpy()
         if self.gate is None:
@@ -216,7 +207,3 @@ def _load_gate(path):
     import joblib
 
     return joblib.load(path)  # a pickle: only load gates this project's calibrate stage wrote
-
-
-def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,122 @@
+"""Stage read_eval: how well the served CNN reads whole numbers (pipeline/core/reading.py).
+
+Numbers are written from *test* digits (pipeline/core/numbers.py; the reader's method was chosen
+on numbers from training digits, bench/reading.py): 5-digit strings in each spacing kind, and
+strings with clear gaps of every length from 1 to 10. Each is read through models/cnn.onnx, the
+graph `digits serve` answers with. Like evaluate, this stage only measures. Writes
+  reports/reading.json       per spacing kind and per length: how many strings are read exactly,
+                             the share of digits read right, the share of strings marked sure and
+                             how many of those are right; and the same over everything
+  data/reading_examples/     a few numbers with their boxes and readings, for visualize's figure
+"""
+
+import difflib
+import json
+
+import numpy as np
+
+from pipeline.core import numbers, reading
+from pipeline.core import params as params_module
+from pipeline.core.files import DataError, atomic_path, load_arrays, require, save_arrays, write_json
+from pipeline.core.layout import PROCESSED_DIR, READING_EXAMPLES_DIR, READING_FILE, onnx_file
+from pipeline.core.onnx_graph import OnnxGraph
+
+LENGTHS = range(1, 11)
+SPACED_LENGTH = 5  # the strings of each spacing kind
+EXAMPLES_PER_KIND = 4
+
+
+def scores(readings):
+    """Scores of [(true text, Reading)]."""
+    right = [r.text == text for text, r in readings]
+    sure = [r.sure for _, r in readings]
+    digits = sum(len(text) for text, _ in readings)
+    matched = sum(
+        sum(block.size for block in difflib.SequenceMatcher(None, text, r.text, autojunk=False).get_matching_blocks())
+        for text, r in readings
+    )
+    sure_right = sum(ok and s for ok, s in zip(right, sure, strict=True))
+    return {
+        "strings": len(readings),
+        "string_accuracy": float(np.mean(right)),
+        "digit_accuracy": matched / digits,
+        "sure_share": float(np.mean(sure)),
+        "sure_accuracy": sure_right / sum(sure) if any(sure) else None,
+    }
+
+
+def read_all(samples, graph, progress):
+    readings = []
+    for image, text, _ in samples:
+        readings.append((text, reading.read(image, graph)))
+        progress.update()
+    return readings
+
+
+def measure(params):
+    from tqdm import tqdm
+
+    data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
+    require(onnx_file("cnn"))
+    graph = OnnxGraph(onnx_file("cnn"))
+    rng = np.random.default_rng(params.read_eval.seed)
+    p = params.read_eval
+    sets = {f"kind/{kind}": ([SPACED_LENGTH], kind, p.strings_per_kind) for kind in numbers.KINDS}
+    sets |= {f"length/{n}": ([n], "clear", p.strings_per_length) for n in LENGTHS}
+    total = sum(count for _, _, count in sets.values())
+    report, everything, examples = {"by_kind": {}, "by_length": {}}, [], []
+    with tqdm(total=total, unit="number", desc="read_eval", disable=None, leave=False) as progress:
+        for name, (lengths, kind, count) in sets.items():
+            samples = numbers.sample(data["x_test"], data["y_test"], lengths, kind, count, rng)
+            readings = read_all(samples, graph, progress)
+            group, key = name.split("/")
+            report[f"by_{group}"][key] = scores(readings)
+            everything += readings
+            if group == "kind":
+                examples += [(image, text, r) for (image, text, _), (_, r) in zip(samples, readings, strict=True)][
+                    :EXAMPLES_PER_KIND
+                ]
+    report["all"] = scores(everything)
+    return report, examples
+
+
+def save_examples(examples):
+    """The example images padded to one shape (white paper), and what was read in each, as JSON."""
+    height = max(image.shape[0] for image, _, _ in examples)
+    width = max(image.shape[1] for image, _, _ in examples)
+    images = np.full((len(examples), height, width), 255, np.uint8)
+    for i, (image, _, _) in enumerate(examples):
+        images[i, : image.shape[0], : image.shape[1]] = image
+    save_arrays(READING_EXAMPLES_DIR, {"images": images})
+    described = [
+        {
+            "text": text,
+            "read": r.text,
+            "sure": r.sure,
+            "digits": [{"box": d.box, "digit": d.text, "not_sure": d.not_sure} for d in r.digits],
+        }
+        for _, text, r in examples
+    ]
+    with atomic_path(READING_EXAMPLES_DIR / "readings.json") as tmp:
+        tmp.write_text(json.dumps(described, indent=1) + "\n")
+
+
+def main():
+    params = params_module.load_or_exit("read_eval")
+    try:
+        report, examples = measure(params)
+    except DataError as e:
+        raise SystemExit(f"read_eval: {e}") from None
+    write_json(READING_FILE, report)
+    save_examples(examples)
+    for group in ("by_kind", "by_length"):
+        for key, s in report[group].items():
+            sure = f"{s['sure_accuracy']:.2%}" if s["sure_accuracy"] is not None else "-"
+            print(
+                f"read_eval {group[3:]} {key}: {s['string_accuracy']:.2%} of {s['strings']} strings read exactly, "
+                f"digits {s['digit_accuracy']:.2%}; {s['sure_share']:.1%} marked sure, {sure} of those right"
+            )
+
+
+if __name__ == "__main__":
+    main()
