@@ -56,8 +56,8 @@ def read_all(samples, graph, progress):
 def measure(params):
     from tqdm import tqdm
 
-    data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     require(onnx_file("cnn"))
+    data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     graph = OnnxGraph(onnx_file("cnn"))
     rng = np.random.default_rng(params.read_eval.seed)
     p = params.read_eval

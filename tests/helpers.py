@@ -87,6 +87,7 @@ def tiny_repo(repo, **env_extra):
     tree["visualize"]["grid_images"] = 10
     tree["calibrate"]["nondigits_per_kind"] = 30
     tree["evaluate"]["nondigits_per_kind"] = 20
+    tree["read_eval"].update(strings_per_kind=4, strings_per_length=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}

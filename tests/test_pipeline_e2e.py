@@ -1,4 +1,4 @@
-"""The real `dvc repro` of all nine stages on a tiny configuration, in a copy of the repository
+"""The real `dvc repro` of all ten stages on a tiny configuration, in a copy of the repository
 with its own MLflow store, then a `dvc exp run --temp` whose runs must land in the same store."""
 
 import hashlib
@@ -87,7 +87,12 @@ def test_repro_produces_every_output(repo):
         "risk_coverage.png",
         "robustness.png",
         "sure_under_shift.png",
+        "reading_examples.png",
     } <= figures
+    reading = json.loads((repo / "reports/reading.json").read_text())
+    assert set(reading["by_kind"]) == {"clear", "tight", "touching", "overlapping"}
+    assert set(reading["by_length"]) == {str(n) for n in range(1, 11)}
+    assert reading["all"]["strings"] == 4 * 4 + 10 * 2 and 0 <= reading["all"]["string_accuracy"] <= 1
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
         "fetch",
@@ -98,6 +103,7 @@ def test_repro_produces_every_output(repo):
         "export",
         "evaluate",
         "robustness",
+        "read_eval",
         "visualize",
     }
 
