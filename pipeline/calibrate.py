@@ -29,20 +29,29 @@ from pipeline.core import params as params_module
 from pipeline.core.files import DataError, atomic_path, load_arrays, require, sha256, write_json
 from pipeline.core.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
 
-GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits
+GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits; half as MNIST has them, half as uploads
+
+
+def both_forms(digits):
+    """Digits as MNIST has them, and as an upload of each reaches the model (normalize.to_mnist):
+    the non-digits go through to_mnist, so the digits must too, or the gate learns to flag what
+    normalisation does rather than what is not a digit."""
+    return np.concatenate([digits, gate.to_mnist_forms(list(digits[..., 0]))])
 
 
 def fit_gate(model, x_train, x_val, params):
     """The "not a digit" gate for this model, and how many non-digits it learned from."""
     rng = np.random.default_rng(params.seed)
-    digits = x_train[rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)), replace=False)]
+    chosen = rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)) // 2, replace=False)
+    digits = both_forms(x_train[chosen])
     generated = nondigits.generate(params.calibrate.nondigits_per_kind, params.seed, x_train)
     others = gate.to_mnist_forms([image for images in generated.values() for image in images])
     features = gate.with_features(model)
     digit_features = features.predict(digits, batch_size=1000, verbose=0)[1]
     other_features = features.predict(others, batch_size=1000, verbose=0)[1]
     fitted = gate.Gate(params.seed).fit(digit_features, digits, other_features, others)
-    val_scores = fitted.scores(features.predict(x_val, batch_size=1000, verbose=0)[1], x_val)
+    val_digits = both_forms(x_val)
+    val_scores = fitted.scores(features.predict(val_digits, batch_size=1000, verbose=0)[1], val_digits)
     return fitted.set_threshold(val_scores, params.calibrate.digit_flag_rate), len(others)
 
 

@@ -113,6 +113,8 @@ def gate_scores(model, fitted_gate, x_test, non_digits):
     per_kind = {kind: float(flagged(images).mean()) for kind, images in non_digits.items()}
     return {
         "digits_flagged": float(flagged(x_test).mean()),
+        # The same digits as an upload of each reaches the model: through normalize.to_mnist.
+        "uploaded_digits_flagged": float(flagged(gate.to_mnist_forms(list(x_test[..., 0]))).mean()),
         "non_digits_flagged": float(np.mean(list(per_kind.values()))),
         **{f"{kind}_flagged": share for kind, share in per_kind.items()},
     }
@@ -181,7 +183,8 @@ def evaluate_models(params):
             f"{trust['calibration']['ece_after']:.2%}; {trust['not_sure']['coverage']:.2%} of answers are sure "
             f'and {trust["not_sure"]["accepted_accuracy"]:.2%} of those are right; "not a digit" for '
             f"{trust['not_a_digit']['non_digits_flagged']:.1%} of generated non-digits and "
-            f"{trust['not_a_digit']['digits_flagged']:.2%} of test digits",
+            f"{trust['not_a_digit']['digits_flagged']:.2%} of test digits "
+            f"({trust['not_a_digit']['uploaded_digits_flagged']:.2%} of them as uploads)",
             flush=True,
         )
 
