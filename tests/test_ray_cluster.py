@@ -184,3 +184,24 @@ def test_batch_scoring_over_both_nodes_answers_as_the_cli(world):
     ray_rows = list(csv.reader(open(repo / "answers.csv")))
     assert ray_rows[0] == cli_rows[0]  # the same columns
     assert len(ray_rows) == 81 and ray_rows == cli_rows
+
+
+def test_batch_reading_of_numbers_answers_as_the_cli(world):
+    """`digits score --read`: each image a whole number, the same rows as `digits read`."""
+    from PIL import Image
+
+    from pipeline.core import numbers
+
+    repo = world["repo"]
+    folder = repo / "forms"
+    folder.mkdir()
+    x, y = np.load(repo / "data/processed/x_test.npy"), np.load(repo / "data/processed/y_test.npy")
+    for i, (image, _, _) in enumerate(numbers.sample(x, y, [3, 5], "clear", 6, np.random.default_rng(0))):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    args = ["--read", "--actors", "2", "--cpus-per-actor", "1.5", "--model", "models/cnn.keras"]
+    scored = digits(["score", "forms", "--out", "numbers.csv", *args], repo, world["cluster_env"])
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    local = digits(["read", "forms", "--format", "csv", "--model", "models/cnn.keras"], repo, world["env"])
+    cli_rows = list(csv.reader(local.stdout.splitlines()))
+    assert cli_rows[0] == ["file", "number", "sure", "digits", "boxes"] and len(cli_rows) == 7
+    assert list(csv.reader(open(repo / "numbers.csv"))) == cli_rows

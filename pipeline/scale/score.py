@@ -2,11 +2,13 @@
 
     digits score FOLDER_OR_IMAGE... --out answers.csv        # or .parquet
     digits score --parquet scans.parquet --out answers.parquet   # columns `file` and `image` (bytes)
+    digits score forms/ --read --out numbers.csv                   # each image a whole number
     RAY_ADDRESS=HEAD:6379 digits score ...                         # spread over a cluster
 
 Ray Data reads and normalises the images in parallel tasks; a pool of actors runs the model, each
 loaded once (an .onnx or .keras file, or a models:/ URI) with its calibration and gate. The output has the
-columns of `digits predict --format csv`, in input order, and the same answers. Files that cannot
+columns of `digits predict --format csv` (with --read, of `digits read --format csv`), in input
+order, and the same answers. Files that cannot
 be read are named on stderr and in OUT.errors.csv, and the exit code is 1.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core import normalize
 from pipeline.scale import cluster
 from pipeline.serving import cli as serving_cli
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
@@ -65,6 +68,36 @@ class Scorer:
         return {**out, "error": batch["error"]}
 
 
+class NumberReader:
+    """One model copy per actor; each image read as a whole number, as `digits read` does. The
+    reader needs the image at its own size, so the actor decodes it too."""
+
+    def __init__(self, source, runtime):
+        from pipeline.serving.predictor import Predictor
+
+        self.predictor = Predictor(source, runtime, threads=cluster.assigned_cpus())
+
+    def __call__(self, batch):
+        from pipeline.core import reading
+
+        rows, errors = [], []
+        contents = batch.get("image")
+        for i, name in enumerate(batch["file"]):
+            try:
+                data = Path(batch["path"][i]).read_bytes() if contents is None else contents[i]
+                found = reading.read(normalize.decode(data, name), self.predictor).as_dict()
+                rows.append(serving_cli.reading_row(name, found))
+                errors.append("")
+            except (OSError, normalize.ImageError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                rows.append([name, "", "", "", ""])
+                errors.append(why if name in why else f"{name}: {why}")
+        # As text, as the CLI's CSV has them: every batch then has the same Parquet schema.
+        columns = zip(serving_cli.READ_COLUMNS, zip(*rows, strict=True), strict=True)
+        out = {column: np.asarray([str(v) for v in values]) for column, values in columns}
+        return {**out, "error": np.asarray(errors)}
+
+
 def score(args):
     import ray
 
@@ -94,14 +127,24 @@ def score(args):
         # Workers run in other folders, and on other machines: they read by absolute path (a shared
         # file system on a cluster; or --parquet), and the answers name files as given.
         source = ray.data.from_items([{"file": p, "path": str(Path(p).resolve())} for p in paths])
-    answers = source.map_batches(decode, batch_size=BATCH_SIZE, num_cpus=DECODE_CPUS).map_batches(
-        Scorer,
-        fn_constructor_kwargs={"source": model, "runtime": args.runtime, "top_k": args.top_k},
-        batch_size=BATCH_SIZE,
-        concurrency=args.actors,
-        num_cpus=args.cpus_per_actor,
-    )
-    count, failed = write(answers, args.out, args.top_k)
+    if args.read:
+        answers = source.map_batches(
+            NumberReader,
+            fn_constructor_kwargs={"source": model, "runtime": args.runtime},
+            batch_size=BATCH_SIZE,
+            concurrency=args.actors,
+            num_cpus=args.cpus_per_actor,
+        )
+    else:
+        answers = source.map_batches(decode, batch_size=BATCH_SIZE, num_cpus=DECODE_CPUS).map_batches(
+            Scorer,
+            fn_constructor_kwargs={"source": model, "runtime": args.runtime, "top_k": args.top_k},
+            batch_size=BATCH_SIZE,
+            concurrency=args.actors,
+            num_cpus=args.cpus_per_actor,
+        )
+    columns = serving_cli.READ_COLUMNS if args.read else serving_cli.csv_columns(args.top_k)
+    count, failed = write(answers, args.out, columns)
     for _, error in failed:
         print(f"digits: {error}", file=sys.stderr)
     if failed:
@@ -111,14 +154,13 @@ def score(args):
     return 1 if failed else 0
 
 
-def write(answers, out, top_k):
+def write(answers, out, names):
     """Stream the answers into one CSV or Parquet file (via a temporary file, so a failure leaves
     no half file); returns how many answers, and (file, error) of every unreadable one."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    names = serving_cli.csv_columns(top_k)
     count, failed = 0, []
     tmp = Path(f"{out}.part")
     parquet = str(out).endswith(".parquet")
@@ -161,6 +203,7 @@ def add_arguments(parser):
     )
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help="onnx (default) or tf, as `digits predict`")
     parser.add_argument("--top-k", type=int, default=1, choices=range(1, 11), metavar="K")
+    parser.add_argument("--read", action="store_true", help="read each image as a whole number, as `digits read`")
     parser.add_argument("--actors", type=int, default=1, help="model copies (default 1)")
     parser.add_argument("--cpus-per-actor", type=float, default=1)
     parser.add_argument("--address", help="a Ray cluster to join (default RAY_ADDRESS; none: start Ray here)")

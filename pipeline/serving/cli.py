@@ -178,6 +178,20 @@ def predict(args):
     return 1 if failed else 0
 
 
+READ_COLUMNS = ["file", "number", "sure", "digits", "boxes"]
+
+
+def reading_row(path, answer):
+    """A Reading.as_dict() answer as a CSV row under READ_COLUMNS."""
+    return [
+        str(path),
+        answer["number"],
+        answer["sure"],
+        " ".join(f"{d['digit']}:{d['confidence']}" for d in answer["digits"]),
+        ";".join(" ".join(map(str, d["box"])) for d in answer["digits"]),
+    ]
+
+
 def read(args):
     """Each image is one number: the string, whether it is sure, and each digit's box and answer."""
     from pipeline.core import reading
@@ -189,7 +203,7 @@ def read(args):
     failed, rows = 0, []
     writer = csv.writer(sys.stdout) if args.format == "csv" else None
     if writer:
-        writer.writerow(["file", "number", "sure", "digits", "boxes"])
+        writer.writerow(READ_COLUMNS)
     for path in paths:
         try:
             answer = reading.read(normalize.decode(path.read_bytes(), str(path)), predictor).as_dict()
@@ -204,15 +218,7 @@ def read(args):
         if args.format == "json":
             rows.append({"file": str(path), **answer})
         elif writer:
-            writer.writerow(
-                [
-                    path,
-                    answer["number"],
-                    answer["sure"],
-                    " ".join(f"{d['digit']}:{d['confidence']}" for d in answer["digits"]),
-                    ";".join(" ".join(map(str, d["box"])) for d in answer["digits"]),
-                ]
-            )
+            writer.writerow(reading_row(path, answer))
         else:
             each = "  ".join(
                 f"{'?' if d['not_a_digit'] else d['digit']} {d['confidence']:.1%}" for d in answer["digits"]
