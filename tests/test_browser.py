@@ -15,26 +15,25 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(model_file):
+def served(model):
+    """(url, predictor) of a server answering with `model`, stopped when the generator closes."""
     from bench.servers import serve_in_background
     from pipeline.serving.predictor import Predictor
 
-    predictor = Predictor(model_file)
+    predictor = Predictor(model)
     url, uvicorn_server = serve_in_background(predictor)
     yield url, predictor
     uvicorn_server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def server(model_file):
+    yield from served(model_file)
 
 
 @pytest.fixture(scope="module")
 def reading_server(reading_model_file):
-    from bench.servers import serve_in_background
-    from pipeline.serving.predictor import Predictor
-
-    predictor = Predictor(reading_model_file)
-    url, uvicorn_server = serve_in_background(predictor)
-    yield url, predictor
-    uvicorn_server.should_exit = True
+    yield from served(reading_model_file)
 
 
 def drawn_answer(url, strokes, mode="digit"):

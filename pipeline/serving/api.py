@@ -85,6 +85,16 @@ def form_schema(field, schema):
     return {"schema": {"type": "object", "required": [field], "properties": {field: schema}}}
 
 
+def file_or_pixels(pixels_body):
+    """OpenAPI for a route that takes one image file (field `file`) or JSON pixels."""
+    return request_body(
+        {
+            "multipart/form-data": form_schema("file", IMAGE_FILE_SCHEMA),
+            "application/json": {"schema": pixels_body.model_json_schema()},
+        }
+    )
+
+
 class Prediction(BaseModel):
     digit: int = Field(ge=0, le=9)
     confidence: float = Field(ge=0, le=1, description="the calibrated probability of `digit`")
@@ -298,12 +308,7 @@ def create_app(predictor: Predictor) -> FastAPI:
         "/predict",
         response_model=Prediction,
         responses=PROBLEMS,
-        openapi_extra=request_body(
-            {
-                "multipart/form-data": form_schema("file", IMAGE_FILE_SCHEMA),
-                "application/json": {"schema": PixelsBody.model_json_schema()},
-            }
-        ),
+        openapi_extra=file_or_pixels(PixelsBody),
     )
     async def predict(request: Request):
         """Predict one digit: upload an image file (any size, either polarity) or send 28x28 pixels
@@ -344,12 +349,7 @@ def create_app(predictor: Predictor) -> FastAPI:
         "/read",
         response_model=Reading,
         responses=PROBLEMS,
-        openapi_extra=request_body(
-            {
-                "multipart/form-data": form_schema("file", IMAGE_FILE_SCHEMA),
-                "application/json": {"schema": ReadPixelsBody.model_json_schema()},
-            }
-        ),
+        openapi_extra=file_or_pixels(ReadPixelsBody),
     )
     async def read_number(request: Request):
         """Read a whole number written on a line (a ZIP code, an amount; 1-10 digits): the string,
