@@ -40,6 +40,7 @@ def test_summary_per_variant_over_seeds_with_failures_counted():
         metrics = {
             "val_accuracy": accuracy,
             "val_corrupted_mean_accuracy": 0.9,
+            "val_corrupted_low_resolution_accuracy": 0.8,
             "val_not_sure_coverage": 0.95,
             "final": True,
         }

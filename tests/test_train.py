@@ -88,6 +88,26 @@ def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_t
     np.testing.assert_array_equal(first, again)  # same seed, same corruptions
 
 
+def test_low_resolution_share_shrinks_its_share_of_a_batch_and_scales_it_back():
+    import tensorflow as tf
+
+    from pipeline.core.augmentation import RandomCorruption, _resized
+
+    images = (tiny_images(600)[0] / 255.0).astype(np.float32)[..., None]
+    strength = dataclasses.replace(params.load().cnn.augment, corruption_share=0.0, low_resolution_share=0.3)
+    out = np.asarray(RandomCorruption(strength, seed=7)(images, training=True))
+    low, high = strength.low_resolution_sides
+    shrunk = [
+        np.asarray(_resized(images, tf.constant(side), align_corners))
+        for side in range(low, high + 1)
+        for align_corners in (True, False)
+    ]
+    matches = np.stack([np.abs(out - s).reshape(len(images), -1).max(axis=1) < 1e-5 for s in shrunk])
+    unchanged = np.abs(out - images).reshape(len(images), -1).max(axis=1) < 1e-6
+    assert (matches.any(axis=0) | unchanged).all()  # nothing else was done to any image
+    assert 0.2 < matches.any(axis=0).mean() < 0.4
+
+
 def test_each_corrupted_image_is_a_corruption_of_its_own_original():
     # The layer corrupts the images in groups, one per corruption, and puts them back in order:
     # an image must come back in its own place. Four of the eight corruptions have no randomness,

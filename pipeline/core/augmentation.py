@@ -82,20 +82,21 @@ class RandomAffine(keras.layers.Layer):
 
 class RandomCorruption(keras.layers.Layer):
     """Replaces a random share of a batch's images with a corrupted copy, one corruption each,
-    drawn uniformly; the rest pass unchanged, so clean digits stay most of what the model sees.
-    Each corruption is computed only for the images that drew it. `strength`: a model's
-    params.yaml `augment` section (corruption_share, noise_std, blur_sigmas, low_resolution_sides,
-    tilt_degrees: tilts beyond RandomAffine's, as a slanted hand writes them)."""
+    drawn uniformly, and a further share with a low-resolution copy; the rest pass unchanged, so
+    clean digits stay most of what the model sees. Each corruption is computed only for the images
+    that drew it. `strength`: a model's params.yaml `augment` section (corruption_share, noise_std,
+    blur_sigmas, low_resolution_sides, low_resolution_share, tilt_degrees: tilts beyond
+    RandomAffine's, as a slanted hand writes them)."""
 
     def __init__(self, strength, seed, **kwargs):
         super().__init__(**kwargs)
-        self.share = strength.corruption_share
+        self.share, self.low_resolution_share = strength.corruption_share, strength.low_resolution_share
         self.noise_std, self.sides, self.tilt = strength.noise_std, strength.low_resolution_sides, strength.tilt_degrees
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.blur_kernels = [_gaussian_kernel(sigma) for sigma in strength.blur_sigmas]
 
     def call(self, images, training=True):
-        if not training or not self.share:
+        if not training or not (self.share or self.low_resolution_share):
             return images
         batch = tf.shape(images)[0]
         std = keras.random.uniform([batch, 1, 1, 1], *self.noise_std, seed=self.seed_generator)
@@ -111,9 +112,13 @@ class RandomCorruption(keras.layers.Layer):
             lambda x, _: _tilted(x, self.seed_generator, self.tilt),
         ]
         kind = keras.random.randint([batch], 0, len(corruptions), seed=self.seed_generator)
-        chosen = keras.random.uniform([batch], seed=self.seed_generator) < self.share
+        draw = keras.random.uniform([batch], seed=self.seed_generator)
+        if self.low_resolution_share:
+            first_resize = 1 + len(self.blur_kernels)  # the two grid conventions, one of them each
+            resize = first_resize + keras.random.randint([batch], 0, 2, seed=self.seed_generator)
+            kind = tf.where(draw < self.share, kind, resize)
         # Group the images by what they get (the last group: unchanged), then put them back in order.
-        group = tf.where(chosen, kind, len(corruptions))
+        group = tf.where(draw < self.share + self.low_resolution_share, kind, len(corruptions))
         parts = len(corruptions) + 1
         positions = tf.dynamic_partition(tf.range(batch), group, parts)
         *to_corrupt, unchanged = tf.dynamic_partition(images, group, parts)

@@ -43,6 +43,7 @@ class AugmentParams:
     noise_std: tuple  # [low, high] of the added Gaussian noise's standard deviation
     blur_sigmas: tuple  # the Gaussian blurs drawn from, in pixels
     low_resolution_sides: tuple  # [low, high] side (pixels) a digit is shrunk to and scaled back from
+    low_resolution_share: float  # of each batch, besides corruption_share: shrunk to one of those sides and back
     tilt_degrees: tuple  # [low, high] rotation either way, beyond rotation_degrees
 
 
@@ -253,6 +254,7 @@ def _training(r, section):
             noise_std=r.float_range(f"{section}.augment.noise_std", 0.0, 1.0),
             blur_sigmas=r.float_list(f"{section}.augment.blur_sigmas", 0.1, 5.0),
             low_resolution_sides=r.float_range(f"{section}.augment.low_resolution_sides", 2, 27, kind=int),
+            low_resolution_share=r.get(f"{section}.augment.low_resolution_share", float, 0.0, 1.0),
             tilt_degrees=r.float_range(f"{section}.augment.tilt_degrees", 0.0, 90.0),
         ),
     )

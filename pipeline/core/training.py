@@ -44,7 +44,10 @@ def training_dataset(x, y, model_params, seed):
                     RandomAffine(strength.rotation_degrees, strength.shift_fraction, strength.zoom_fraction, seed=seed),
                     strength.rotation_degrees or strength.shift_fraction or strength.zoom_fraction,
                 ),
-                (RandomCorruption(strength, seed=seed + 3), strength.corruption_share),
+                (
+                    RandomCorruption(strength, seed=seed + 3),
+                    strength.corruption_share or strength.low_resolution_share,
+                ),
             ]
             if active
         ],

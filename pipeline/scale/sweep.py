@@ -35,7 +35,13 @@ from pipeline.core.layout import PROCESSED_DIR
 from pipeline.scale import cluster
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-FINAL_METRICS = ("val_accuracy", "val_corrupted_mean_accuracy", "val_not_sure_coverage", "train_seconds")
+FINAL_METRICS = (
+    "val_accuracy",
+    "val_corrupted_mean_accuracy",
+    "val_corrupted_low_resolution_accuracy",  # the hardest corruption, and the one scans bring most
+    "val_not_sure_coverage",
+    "train_seconds",
+)
 RUN_STATUS = {"complete": "FINISHED", "error": "FAILED"}  # and KILLED for what an interrupt leaves
 
 
@@ -145,6 +151,7 @@ def trial(config, tree, data, corrupted_val):
             "epoch": params.epochs,
             "val_accuracy": float(np.mean(probabilities.argmax(1) == labels)),
             "val_corrupted_mean_accuracy": float(np.mean(list(corrupted.values()))),
+            **{f"val_corrupted_{name}_accuracy": value for name, value in corrupted.items()},
             "val_not_sure_coverage": scores["val_not_sure_coverage"],
             "val_risk_coverage_area": scores["val_risk_coverage_area"],
             "train_seconds": seconds,
@@ -210,7 +217,11 @@ def mlflow_callback(client, experiment_id, parent_run_id, dataset_inputs, sweep_
                 client.set_tag(self.runs[trial.trial_id], "error", result["error"])
                 return
             now = int(time.time() * 1000)
-            keys = FINAL_METRICS + ("val_risk_coverage_area", "param_count") if result.get("final") else EPOCH_METRICS
+            if result.get("final"):
+                keys = [*FINAL_METRICS, "val_risk_coverage_area", "param_count"]
+                keys += [k for k in result if k.startswith("val_corrupted_") and k not in keys]
+            else:
+                keys = EPOCH_METRICS
             metrics = [Metric(k, float(result[k]), now, int(result["epoch"])) for k in keys if k in result]
             client.log_batch(self.runs[trial.trial_id], metrics=metrics)
             if result.get("final"):
