@@ -5,7 +5,10 @@ Label smoothing trains both models to be under-confident: the CNN says ~90 % whe
   1. fits one temperature on the validation images (temperature scaling: divide the logits by T
      before the softmax; T < 1 sharpens, and the predicted digit never changes), and
   2. picks the "not sure" threshold: the lowest calibrated confidence at which the answers kept
-     are still `calibrate.accepted_accuracy` (99.9 %) right on validation, and
+     are still `calibrate.accepted_accuracy` (99.9 %) right on validation, and still
+     `calibrate.accepted_accuracy_under_shift` right on each corrupted copy of the validation
+     images (pipeline.core.corruptions, the robustness section's strengths): a model is most
+     confidently wrong off MNIST (8x8 scans), and one threshold must serve both; and
   3. fits the "not a digit" gate (pipeline.core.gate) on training digits against generated non-digits
      (pipeline.core.nondigits, seeded by `seed`), flagging at most `calibrate.digit_flag_rate` of the
      validation digits.
@@ -15,47 +18,32 @@ Writes
                                    applies them
   models/<model>.gate.pkl          the fitted gate (scikit-learn, pickled: load only your own)
   reports/calibration.json         validation ECE, NLL and mean confidence before and after,
-                                   the threshold and its validation coverage (dvc metrics)
+                                   the threshold each copy asks for, and the coverage and accuracy
+                                   of sure answers on each at the one chosen (dvc metrics)
 and adds the same to the model's MLflow run (params, metrics, calibration.json, gate/, and
 `calibrated_model`: the model with its temperature built in, for anyone who loads it with MLflow
 alone) and its registered version (tags). The test split is not read here: evaluate measures the result on it.
 """
 
 import joblib
-import numpy as np
 
-from pipeline.core import confidence, gate, nondigits, tracking
+from pipeline.core import confidence, corruptions, gate, tracking
 from pipeline.core import params as params_module
 from pipeline.core.files import DataError, atomic_path, load_arrays, require, sha256, write_json
 from pipeline.core.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
 
-GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits; half as MNIST has them, half as uploads
+
+def not_sure_threshold(model, temperature, calibrated, labels, corrupted_val, params):
+    """The threshold that keeps both promises, and per copy (clean, each corruption) the threshold
+    it alone would ask for."""
+    wanted = {"clean": confidence.not_sure_threshold(calibrated, labels, params.calibrate.accepted_accuracy)}
+    for name, images in corrupted_val.items():
+        shifted = confidence.with_temperature(model.predict(images, batch_size=1000, verbose=0), temperature)
+        wanted[name] = confidence.not_sure_threshold(shifted, labels, params.calibrate.accepted_accuracy_under_shift)
+    return max(wanted.values()), wanted
 
 
-def both_forms(digits):
-    """Digits as MNIST has them, and as an upload of each reaches the model (normalize.to_mnist):
-    the non-digits go through to_mnist, so the digits must too, or the gate learns to flag what
-    normalisation does rather than what is not a digit."""
-    return np.concatenate([digits, gate.to_mnist_forms(list(digits[..., 0]))])
-
-
-def fit_gate(model, x_train, x_val, params):
-    """The "not a digit" gate for this model, and how many non-digits it learned from."""
-    rng = np.random.default_rng(params.seed)
-    chosen = rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)) // 2, replace=False)
-    digits = both_forms(x_train[chosen])
-    generated = nondigits.generate(params.calibrate.nondigits_per_kind, params.seed, x_train)
-    others = gate.to_mnist_forms([image for images in generated.values() for image in images])
-    features = gate.with_features(model)
-    digit_features = features.predict(digits, batch_size=1000, verbose=0)[1]
-    other_features = features.predict(others, batch_size=1000, verbose=0)[1]
-    fitted = gate.Gate(params.seed).fit(digit_features, digits, other_features, others)
-    val_digits = both_forms(x_val)
-    val_scores = fitted.scores(features.predict(val_digits, batch_size=1000, verbose=0)[1], val_digits)
-    return fitted.set_threshold(val_scores, params.calibrate.digit_flag_rate), len(others)
-
-
-def calibrate(model_path, data, labels, params):
+def calibrate(model_path, data, labels, corrupted_val, params):
     import keras
 
     model = keras.models.load_model(model_path, compile=False)
@@ -63,11 +51,15 @@ def calibrate(model_path, data, labels, params):
     raw = model.predict(x_val, batch_size=1000, verbose=0)
     temperature = confidence.fit_temperature(raw, labels)
     calibrated = confidence.with_temperature(raw, temperature)
-    threshold = confidence.not_sure_threshold(calibrated, labels, params.calibrate.accepted_accuracy)
-    fitted_gate, non_digit_count = fit_gate(model, data["x_train"], x_val, params)
+    threshold, wanted = not_sure_threshold(model, temperature, calibrated, labels, corrupted_val, params)
+    settings = params.calibrate
+    fitted_gate, non_digit_count = gate.fit(
+        model, data["x_train"], x_val, params.seed, settings.nondigits_per_kind, settings.digit_flag_rate
+    )
     scores = {
         "temperature": temperature,
         "not_sure_below": threshold,
+        "threshold_wanted_by": wanted,
         "before": confidence.calibration_scores(raw, labels),
         "after": confidence.calibration_scores(calibrated, labels),
         **confidence.selective_scores(calibrated, labels, threshold),
@@ -90,12 +82,13 @@ def calibrate_models(params):
     data = load_arrays(PROCESSED_DIR, ["x_train", "x_val", "y_val"])
     require(*(model_file(kind) for kind in params_module.MODELS))
     labels = data["y_val"].argmax(axis=1)
+    corrupted_val = corruptions.corrupted_copies(data["x_val"], params)
     tracking.use_experiment(params.mlflow.experiment)
 
     report = {}
     for kind in params_module.MODELS:
         run_file = tracking.read_run_file(kind)
-        file, scores, fitted_gate, calibrated_model = calibrate(model_file(kind), data, labels, params)
+        file, scores, fitted_gate, calibrated_model = calibrate(model_file(kind), data, labels, corrupted_val, params)
         with atomic_path(gate_file(kind)) as tmp:
             joblib.dump(fitted_gate, tmp)
         file["gate_sha256"] = sha256(gate_file(kind))
@@ -116,11 +109,12 @@ def calibrate_models(params):
             tracking.log_keras_model(calibrated_model, data["x_val"][:1], name="calibrated_model")
         tracking.tag_model_version(run_file, {key: file[key] for key in ("temperature", "not_sure_below")})
         before, after = scores["before"], scores["after"]
+        binding = max(scores["threshold_wanted_by"], key=scores["threshold_wanted_by"].get)
         print(
             f"calibrate {kind}: temperature {file['temperature']:.3f}; validation ECE {before['ece']:.2%} -> "
             f"{after['ece']:.2%}, NLL {before['nll']:.4f} -> {after['nll']:.4f}; not sure below "
-            f"{file['not_sure_below']:.2%} (keeps {scores['coverage']:.2%} of validation answers, "
-            f"{scores['accepted_accuracy']:.2%} right); not-a-digit gate fitted on "
+            f"{file['not_sure_below']:.2%}, as {binding} asks (keeps {scores['coverage']:.2%} of clean validation "
+            f"answers, {scores['accepted_accuracy']:.2%} right); not-a-digit gate fitted on "
             f"{scores['gate_training_non_digits']:,} generated non-digits",
             flush=True,
         )

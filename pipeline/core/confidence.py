@@ -102,6 +102,11 @@ def calibration_scores(probabilities, labels):
     }
 
 
+def is_not_sure(probabilities, not_a_digit, not_sure_below):
+    """Whether one answer is "not sure": not a digit at all, or less confident than the threshold."""
+    return bool(not_a_digit or np.max(probabilities) < not_sure_below)
+
+
 def read_calibration(path):
     """{"temperature": T, "not_sure_below": threshold, ...} as the calibrate stage wrote it."""
     calibration = json.loads(path.read_text())

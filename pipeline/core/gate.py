@@ -14,6 +14,8 @@ these features with boosted trees flagged 98 % (letters 94 %).
 
 import numpy as np
 
+from pipeline.core import nondigits
+
 PIXEL_COMPONENTS = 40
 
 
@@ -123,3 +125,31 @@ class Gate:
     def not_a_digit_from(self, tree_inputs):
         """not_a_digit() from tree_inputs() already computed (the serving graph's output)."""
         return self.trees.predict_proba(tree_inputs)[:, 1] > self.threshold
+
+
+GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits; half as MNIST has them, half as uploads
+
+
+def both_forms(digits):
+    """Digits as MNIST has them, and as an upload of each reaches the model (normalize.to_mnist):
+    the non-digits go through to_mnist, so the digits must too, or the gate learns to flag what
+    normalisation does rather than what is not a digit."""
+    return np.concatenate([digits, to_mnist_forms(list(digits[..., 0]))])
+
+
+def fit(model, x_train, x_val, seed, nondigits_per_kind, digit_flag_rate):
+    """The "not a digit" gate for this model, learned from training digits against generated
+    non-digits and thresholded to flag at most `digit_flag_rate` of the validation digits; and how
+    many non-digits it learned from. Used by the calibrate stage and by `digits finetune`."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)) // 2, replace=False)
+    digits = both_forms(x_train[chosen])
+    generated = nondigits.generate(nondigits_per_kind, seed, x_train)
+    others = to_mnist_forms([image for images in generated.values() for image in images])
+    features = with_features(model)
+    digit_features = features.predict(digits, batch_size=1000, verbose=0)[1]
+    other_features = features.predict(others, batch_size=1000, verbose=0)[1]
+    fitted = Gate(seed).fit(digit_features, digits, other_features, others)
+    val_digits = both_forms(x_val)
+    val_scores = fitted.scores(features.predict(val_digits, batch_size=1000, verbose=0)[1], val_digits)
+    return fitted.set_threshold(val_scores, digit_flag_rate), len(others)

@@ -1,8 +1,14 @@
 """The serving graph: a trained model with its calibration and what its "not a digit" gate reads,
-as one traced TensorFlow function. The export stage converts it to ONNX (what serving runs); the
-predictor's `--runtime tf` runs it as it is. One definition, so both answer alike."""
+as one traced TensorFlow function, and its conversion to the ONNX graph that serving runs
+(pipeline.core.onnx_graph). The predictor's `--runtime tf` runs the traced function as it is; the
+export stage and `digits finetune` convert it. One definition, so both runtimes answer alike."""
+
+from contextlib import contextmanager
+
+import numpy as np
 
 from pipeline.core import confidence, gate
+from pipeline.core.files import DataError, atomic_path, sha256
 
 
 def serving_function(model, temperature=1.0, fitted_gate=None):
@@ -30,3 +36,110 @@ def serving_function(model, temperature=1.0, fitted_gate=None):
         }
 
     return tf.function(serve, input_signature=signature)
+
+
+OPSET = 17  # the newest that tf2onnx 1.17 converts to; ONNX Runtime runs it everywhere
+ATOL = 1e-5  # largest difference in a probability allowed between ONNX Runtime and Keras
+# What the predictor reads from the graph's metadata (calibration.json's keys).
+METADATA_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a_digit_above", "model_sha256")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def to_onnx(serve, fitted_gate, metadata):
+    """One ONNX model: the traced serving function, then the gate's trees on its tree_inputs."""
+    import onnx
+    import tf2onnx
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    network, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
+    width = serve.get_concrete_function().structured_outputs["tree_inputs"].shape[1]
+    with _tree_flags_as_ints():
+        trees = convert_sklearn(
+            fitted_gate.trees,
+            initial_types=[("tree_inputs", FloatTensorType([None, width]))],
+            options={"zipmap": False},  # probabilities as one (n, 2) tensor, not a list of dicts
+            target_opset={"": OPSET, "ai.onnx.ml": 3},
+        )
+    trees = onnx.compose.add_prefix(trees, "gate_")
+    # merge_models wants one version of each operator set: the newer of the two (each converter
+    # declares the oldest that its own operators need).
+    versions = {}
+    for part in (network, trees):
+        for opset in part.opset_import:
+            versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    for part in (network, trees):
+        del part.opset_import[:]
+        part.opset_import.extend(onnx.helper.make_opsetid(domain, v) for domain, v in versions.items())
+    trees.ir_version = network.ir_version
+    joined = onnx.compose.merge_models(
+        network,
+        trees,
+        io_map=[("tree_inputs", "gate_tree_inputs")],
+        outputs=["probabilities", "gate_probabilities"],
+    )
+    onnx.helper.set_model_props(joined, {key: str(metadata[key]) for key in METADATA_KEYS})
+    onnx.checker.check_model(joined)
+    return joined
+
+
+@contextmanager
+def _tree_flags_as_ints():
+    """skl2onnx 1.20 gives a HistGradientBoosting tree's leaves the Python boolean False for the
+    integer attribute nodes_missing_value_tracks_true, which protobuf 7 refuses ("Expected an int,
+    got a boolean"). The same values as ints, for the duration of one conversion."""
+    from skl2onnx.common import tree_ensemble
+
+    add_node = tree_ensemble.add_node
+
+    def add_node_with_int_flag(*args, nodes_missing_value_tracks_true=0, **kwargs):
+        return add_node(*args, nodes_missing_value_tracks_true=int(nodes_missing_value_tracks_true), **kwargs)
+
+    tree_ensemble.add_node = add_node_with_int_flag
+    try:
+        yield
+    finally:
+        tree_ensemble.add_node = add_node
+
+
+def check(path, serve, fitted_gate, x_val):
+    """ONNX Runtime against Keras and scikit-learn on the validation images."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probabilities, gate_probabilities = session.run(None, {"images": x_val})
+    expected = {name: tensor.numpy() for name, tensor in serve(x_val).items()}
+    onnx_flags = gate_probabilities[:, 1] > fitted_gate.threshold
+    keras_flags = fitted_gate.not_a_digit_from(expected["tree_inputs"])
+    scores = {
+        "images": len(x_val),
+        "max_probability_difference": float(np.abs(probabilities - expected["probabilities"]).max()),
+        "same_digit": float(np.mean(probabilities.argmax(1) == expected["probabilities"].argmax(1))),
+        "same_not_a_digit": float(np.mean(onnx_flags == keras_flags)),
+        "file_bytes": path.stat().st_size,
+    }
+    if scores["max_probability_difference"] > ATOL or scores["same_digit"] < 1 or scores["same_not_a_digit"] < 1:
+        raise ExportError(f"{path} does not answer as Keras does on the validation images: {scores}")
+    return scores
+
+
+def export(model_path, calibration_path, gate_path, onnx_path, x_val):
+    """Write and check one model's ONNX graph; returns the check's numbers."""
+    import joblib
+    import keras
+
+    calibration = confidence.read_calibration(calibration_path)
+    model_sha256 = sha256(model_path)
+    if calibration["model_sha256"] != model_sha256:
+        raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro calibrate`")
+    model = keras.models.load_model(model_path, compile=False)
+    fitted_gate = joblib.load(gate_path)
+    serve = serving_function(model, calibration["temperature"], fitted_gate)
+    joined = to_onnx(serve, fitted_gate, {**calibration, "model_sha256": model_sha256})
+    with atomic_path(onnx_path) as tmp:
+        tmp.write_bytes(joined.SerializeToString())
+        scores = check(tmp, serve, fitted_gate, x_val)
+    return scores

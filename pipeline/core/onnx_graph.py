@@ -4,6 +4,8 @@ scikit-learn is imported. Serving's Predictor and the read_eval stage both answe
 
 import numpy as np
 
+from pipeline.core.confidence import is_not_sure
+
 CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a_digit_above")
 
 
@@ -28,5 +30,4 @@ class OnnxGraph:
         return probabilities, gate_probabilities[:, 1] > self.calibration["not_a_digit_above"]
 
     def not_sure(self, probabilities, not_a_digit):
-        """Whether one answer is "not sure": below the calibrated threshold, or not a digit at all."""
-        return bool(not_a_digit or np.max(probabilities) < self.calibration["not_sure_below"])
+        return is_not_sure(probabilities, not_a_digit, self.calibration["not_sure_below"])

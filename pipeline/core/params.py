@@ -91,6 +91,7 @@ class MLflowParams:
 @dataclass(frozen=True)
 class CalibrateParams:
     accepted_accuracy: float  # how often answers above the "not sure" threshold must be right
+    accepted_accuracy_under_shift: float  # the same on each corrupted copy of the validation images
     nondigits_per_kind: int  # generated non-digits of each kind the "not a digit" gate learns from
     digit_flag_rate: float  # the most validation digits the gate may flag
 
@@ -350,6 +351,7 @@ def from_tree(tree, path="params.yaml"):
         cnn=_cnn(r),
         calibrate=CalibrateParams(
             accepted_accuracy=r.get("calibrate.accepted_accuracy", float, 0.5, 1.0),
+            accepted_accuracy_under_shift=r.get("calibrate.accepted_accuracy_under_shift", float, 0.5, 1.0),
             nondigits_per_kind=r.get("calibrate.nondigits_per_kind", int, 10, 100000),
             digit_flag_rate=r.get("calibrate.digit_flag_rate", float, 0.0, 0.5),
         ),

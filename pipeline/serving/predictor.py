@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.confidence import read_calibration
+from pipeline.core.confidence import is_not_sure, read_calibration
 from pipeline.core.files import sha256
 from pipeline.core.onnx_graph import OnnxGraph
 
@@ -199,8 +199,7 @@ class Predictor:
         return self.predict(images)[0]
 
     def not_sure(self, probabilities, not_a_digit):
-        """Whether one answer is "not sure": below the calibrated threshold, or not a digit at all."""
-        return bool(not_a_digit or np.max(probabilities) < self.not_sure_below)
+        return is_not_sure(probabilities, not_a_digit, self.not_sure_below)
 
 
 def _load_gate(path):
