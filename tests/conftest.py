@@ -119,9 +119,9 @@ def mnist():
 
 
 @pytest.fixture(scope="session")
-def reading_model_file(tmp_path_factory, mnist):
-    """A CNN that reads digits well enough to test the number reader (98.95 % of its 2,000
-    validation digits, measured once on this machine): the default architecture trained for 2
+def trained_model_file(tmp_path_factory, mnist):
+    """A CNN that reads digits well enough to test the number reader and fine-tuning (98.95 % of
+    its 2,000 validation digits, measured once on this machine): the default architecture trained for 2
     epochs on 12,000 real MNIST training digits, calibrated by the calibrate stage's own code on
     the 2,000 others, and exported."""
     import joblib

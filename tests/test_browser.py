@@ -32,8 +32,8 @@ def server(model_file):
 
 
 @pytest.fixture(scope="module")
-def reading_server(reading_model_file):
-    yield from served(reading_model_file)
+def reading_server(trained_model_file):
+    yield from served(trained_model_file)
 
 
 def drawn_answer(url, strokes, mode="digit"):

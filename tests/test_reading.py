@@ -1,5 +1,5 @@
 """The number reader (pipeline/core/reading.py) on numbers written from real MNIST test digits, read
-by a briefly trained CNN (conftest.reading_model_file), and the same answers from `digits read`
+by a briefly trained CNN (conftest.trained_model_file), and the same answers from `digits read`
 and POST /read. What it measures at full size is the read_eval stage's job."""
 
 import json
@@ -16,10 +16,10 @@ from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
-def predictor(reading_model_file):
+def predictor(trained_model_file):
     from pipeline.serving.predictor import Predictor
 
-    return Predictor(reading_model_file)
+    return Predictor(trained_model_file)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_blank_and_cluttered_images_are_refused_with_a_reason(predictor):
         reading.read(strokes_image(dots, size=(420, 60)), predictor)
 
 
-def test_cli_api_and_reader_give_the_same_answer(written, predictor, reading_model_file, tmp_path):
+def test_cli_api_and_reader_give_the_same_answer(written, predictor, trained_model_file, tmp_path):
     from fastapi.testclient import TestClient
 
     from pipeline.serving.api import create_app
@@ -102,7 +102,7 @@ def test_cli_api_and_reader_give_the_same_answer(written, predictor, reading_mod
     expected = [{"file": str(p), **reading.read(normalize.decode(p.read_bytes()), predictor).as_dict()} for p in paths]
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "read", *map(str, paths), "--format", "json", "--model",
-         str(reading_model_file)],
+         str(trained_model_file)],
         capture_output=True, text=True, cwd=ROOT, check=True,
     )  # fmt: skip
     assert json.loads(done.stdout)["readings"] == expected

@@ -137,13 +137,14 @@ def both_forms(digits):
     return np.concatenate([digits, to_mnist_forms(list(digits[..., 0]))])
 
 
-def fit(model, x_train, x_val, seed, nondigits_per_kind, digit_flag_rate):
-    """The "not a digit" gate for this model, learned from training digits against generated
-    non-digits and thresholded to flag at most `digit_flag_rate` of the validation digits; and how
+def fit(model, x_train, x_val, seed, nondigits_per_kind, digit_flag_rate, own_digits=None):
+    """The "not a digit" gate for this model, learned from training digits (a sample of x_train,
+    and every one of `own_digits`: a user's images in `digits finetune`) against generated
+    non-digits, and thresholded to flag at most `digit_flag_rate` of the validation digits; and how
     many non-digits it learned from. Used by the calibrate stage and by `digits finetune`."""
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(x_train), min(GATE_TRAINING_DIGITS, len(x_train)) // 2, replace=False)
-    digits = both_forms(x_train[chosen])
+    digits = both_forms(x_train[chosen] if own_digits is None else np.concatenate([x_train[chosen], own_digits]))
     generated = nondigits.generate(nondigits_per_kind, seed, x_train)
     others = to_mnist_forms([image for images in generated.values() for image in images])
     features = with_features(model)

@@ -38,14 +38,14 @@ def crown_if_better(version):
     verdict, better = _judge(version, champion)
     if not better:
         return verdict
-    _set_champion(version)
+    set_champion(version)
     best = max(
         _contenders(version, since=int(champion.version) if champion else 0),
         key=lambda v: (float(v.tags["val_accuracy"]), -int(v.version)),
     )
     if best.version == version.version:
         return verdict
-    _set_champion(best)
+    set_champion(best)
     return (
         f"{verdict}, but v{best.version} of a parallel run is better (val accuracy "
         f"{float(best.tags['val_accuracy']):.4f}): champion is v{best.version}"
@@ -65,7 +65,7 @@ def _contenders(version, since):
     ]
 
 
-def _set_champion(version, attempts=3):
+def set_champion(version, attempts=3):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

@@ -92,6 +92,7 @@ class Predictor:
             raise FileNotFoundError(f"{self.source}: the tf runtime needs the .keras file beside it")
         if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
+        self.keras_path = path
         model_sha256 = sha256(path)
         if self.remote:
             self.identity = self.source

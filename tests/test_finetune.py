@@ -1,0 +1,128 @@
+"""`digits finetune` end to end, on a real domain shift: printed digits rendered from the fonts
+matplotlib ships (small type, as a scanner sees it), each font only in the fine-tuning share or only
+in the held-out one. It starts from a briefly trained CNN (conftest.trained_model_file), fine-tunes
+for a few epochs against a small slice of real MNIST, and registers a version in a real MLflow
+store. What it reaches at full size is bench/finetune.py's job."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.core import printed
+from pipeline.core.files import sha256
+
+
+@pytest.fixture
+def finetune_project(project, mnist, trained_model_file):
+    """A project folder with real MNIST splits (small), the trained CNN and its calibration."""
+    from pipeline import preprocess
+    from pipeline.core.files import save_arrays
+
+    project(calibrate__nondigits_per_kind=30)
+    x, y = preprocess.scale(mnist["x_train"][:4000]), preprocess.one_hot(mnist["y_train"][:4000])
+    x_test, y_test = preprocess.scale(mnist["x_test"][:2000]), preprocess.one_hot(mnist["y_test"][:2000])
+    save_arrays(
+        project.path / "data/processed",
+        {
+            "x_train": x[:3000],
+            "y_train": y[:3000],
+            "x_val": x[3000:],
+            "y_val": y[3000:],
+            "x_test": x_test,
+            "y_test": y_test,
+        },
+    )
+    models = project.path / "models"
+    models.mkdir()
+    for path in trained_model_file.parent.iterdir():
+        shutil.copy(path, models / path.name)
+    return project.path
+
+
+def registered_versions():
+    from mlflow import MlflowClient
+
+    from pipeline.core import tracking
+
+    return MlflowClient(tracking.tracking_uri()).search_model_versions()  # this test's own store
+
+
+def run(*argv):
+    from pipeline import cli
+
+    return cli.main(["finetune", *map(str, argv)])
+
+
+def test_fine_tuning_on_printed_digits_improves_them_and_registers_a_version_with_lineage(finetune_project, capsys):
+    from mlflow import MlflowClient
+
+    from pipeline.serving.predictor import Predictor
+
+    labels = printed.write_labelled_folder(finetune_project / "printed", printed.FONTS, 2, seed=1, sizes=printed.SMALL)
+    out = finetune_project / "models/finetuned.keras"
+    assert run(labels, "--epochs", 4, "--seed", 3) == 0
+    said = capsys.readouterr().out
+    assert "registered digits-cnn v1, the champion did not move" in said
+
+    (version,) = registered_versions()
+    client = MlflowClient()
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["after_held_out_accuracy"] >= metrics["before_held_out_accuracy"] + 0.03, metrics
+    assert metrics["after_held_out_accuracy"] >= 0.9, metrics
+    assert metrics["after_mnist_test_accuracy"] >= metrics["before_mnist_test_accuracy"] - 0.02, metrics
+    assert version.tags["parent_sha256"] == sha256(finetune_project / "models/cnn.keras")
+    assert version.tags["parent_model"] == "models/cnn.keras"
+    assert not client.get_registered_model("digits-cnn").aliases  # no champion unless asked
+
+    # The held-out share is whole fonts the fine-tuning never saw.
+    inputs = client.get_run(version.run_id).inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"finetune", "held-out"}
+    calibration = json.loads((finetune_project / "models/finetuned.calibration.json").read_text())
+    assert calibration["model_sha256"] == sha256(out)
+    predictor = Predictor(out)  # the ONNX graph beside it, as `digits predict --model` loads it
+    answer, _ = predictor.predict(np.stack([printed_digit(7)]))
+    assert answer.argmax() == 7
+
+
+def printed_digit(digit):
+    from pipeline.core import normalize
+
+    return normalize.to_mnist(printed.render(digit, "DejaVuSans", np.random.default_rng(0), printed.LARGE))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unreadable", "cannot read .*broken.png"),
+        ("label", r"labels.csv line \d+: label '12' of .* is not a digit 0-9"),
+        ("too_few", "3 images of the digit 4: at least 10 of each"),
+        ("no_calibration", "has no calibration"),
+        ("no_csv", "no such CSV file or folder"),
+    ],
+)
+def test_bad_input_is_refused_naming_it_and_nothing_is_registered(finetune_project, capsys, case, message):
+    labels = printed.write_labelled_folder(finetune_project / "printed", printed.FONTS[:2], 6, seed=0)
+    rows = labels.read_text().splitlines()
+    model = "models/cnn.keras"
+    if case == "unreadable":
+        (labels.parent / "broken.png").write_bytes(b"not an image")
+        rows.append("broken.png,3,x")
+    elif case == "label":
+        rows[5] = rows[5].replace(",0,", ",12,")
+    elif case == "too_few":
+        rows = [r for r in rows if ",4," not in r] + [r for r in rows if ",4," in r][:3]
+    elif case == "no_calibration":
+        (finetune_project / "bare").mkdir()
+        shutil.copy(finetune_project / model, finetune_project / "bare/cnn.keras")
+        model = "bare/cnn.keras"
+    elif case == "no_csv":
+        labels = labels.with_name("missing.csv")
+    if labels.exists():
+        labels.write_text("\n".join(rows) + "\n")
+    assert run(labels, "--model", model, "--epochs", 1) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not registered_versions()
+    assert not list((finetune_project / "models").glob("finetuned*"))
