@@ -88,3 +88,37 @@ def test_the_keras_form_of_temperature_scaling_matches_the_numpy_form_and_keeps_
     np.testing.assert_allclose(sharpened, confidence.with_temperature(raw, 0.45), atol=1e-5)
     assert not np.allclose(sharpened, raw, atol=1e-3)
     np.testing.assert_array_equal(same_features, features)
+
+
+def test_soft_images_get_their_own_temperature_so_every_copy_keeps_its_promise():
+    # Clean digits: solid ink, calibrated answers. A "low resolution" copy: faint ink, and 10 % of
+    # its answers confidently wrong, as models are on 8x8 scans. One temperature cannot keep the
+    # under-shift promise there without making clean digits "not sure"; a soft one can.
+    from pipeline import calibrate
+    from pipeline.core import params
+
+    settings = params.load(ROOT / "params.yaml")
+    rng = np.random.default_rng(0)
+    logits, labels = sampled(3000, sharpness=4.0)
+    sharp = np.zeros((3000, 28, 28, 1), np.float32)
+    sharp[:, 8:20, 12:16] = 1.0
+    soft = sharp * 0.3
+    wrong = rng.random(3000) < 0.1
+    blurred = logits.copy()
+    blurred[np.arange(3000), labels] += 4.0  # confident where right ...
+    blurred[np.arange(3000), (labels + 1) % 10] += np.where(wrong, 12.0, 0.0)  # ... and where wrong
+    raw = {"clean": softmax(logits), "low_resolution": softmax(blurred)}
+    images = {"clean": sharp, "low_resolution": soft}
+    temperature = confidence.fit_temperature(raw["clean"], labels)
+
+    rule, clean_threshold, _ = calibrate.best_shift_aware(raw, images, labels, temperature, settings)
+    calibration = {"temperature": temperature, **rule}
+    assert rule["soft_temperature"] > temperature
+    assert rule["not_sure_below"] == pytest.approx(clean_threshold)  # clean digits pay nothing
+    for name, target in (("clean", 0.999), ("low_resolution", 0.996)):
+        probabilities = confidence.with_temperature(
+            raw[name], np.asarray(confidence.temperatures(images[name], calibration))
+        )
+        assert confidence.selective_scores(probabilities, labels, rule["not_sure_below"])["accepted_accuracy"] >= target
+    one_temperature = confidence.with_temperature(raw["low_resolution"], temperature)
+    assert confidence.selective_scores(one_temperature, labels, clean_threshold)["accepted_accuracy"] < 0.996

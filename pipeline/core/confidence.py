@@ -13,13 +13,28 @@ ECE_BINS = 15
 
 
 def with_temperature(probabilities, temperature):
-    """Softmax outputs rescaled as if their logits had been divided by `temperature`. The log of a
-    softmax is the logits minus a per-row constant, which the softmax cancels, so this is exactly
-    temperature scaling (T > 1 softens, T < 1 sharpens)."""
-    logits = np.log(np.maximum(np.asarray(probabilities, np.float64), 1e-30)) / temperature
+    """Softmax outputs rescaled as if their logits had been divided by `temperature` (one, or one
+    per row). The log of a softmax is the logits minus a per-row constant, which the softmax
+    cancels, so this is exactly temperature scaling (T > 1 softens, T < 1 sharpens)."""
+    logits = np.log(np.maximum(np.asarray(probabilities, np.float64), 1e-30)) / np.reshape(temperature, (-1, 1))
     logits -= logits.max(axis=1, keepdims=True)
     scaled = np.exp(logits)
     return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def temperatures(images, calibration):
+    """Each image's temperature: `soft_temperature` for a soft image (a blurred or low-resolution
+    scan: at least `soft_from` of its ink faint, pipeline.core.gate.ink_shape), else `temperature`.
+    Models are most confidently wrong on such images, so calibrate fits them their own. In Keras
+    ops, so that the serving graph computes the same (NumPy in, a tensor out)."""
+    from keras import ops
+
+    from pipeline.core.gate import ink_shape
+
+    if "soft_from" not in calibration:  # calibrated before the soft rule, or by `digits finetune`
+        return ops.full((ops.shape(images)[0],), calibration["temperature"])
+    soft = ink_shape(images)[:, 2] >= calibration["soft_from"]
+    return ops.where(soft, calibration["soft_temperature"], calibration["temperature"])
 
 
 def with_temperature_layers(model, temperature):
@@ -112,6 +127,8 @@ def read_calibration(path):
     calibration = json.loads(path.read_text())
     if not calibration.get("temperature", 0) > 0 or not 0 <= calibration.get("not_sure_below", -1) <= 1:
         raise ValueError(f"{path}: expected a positive temperature and not_sure_below in [0, 1]")
+    if "soft_from" in calibration and not calibration.get("soft_temperature", 0) > 0:
+        raise ValueError(f"{path}: soft_from needs a positive soft_temperature")
     return calibration
 
 

@@ -9,33 +9,35 @@ import numpy as np
 
 from pipeline.core import confidence, gate
 from pipeline.core.files import DataError, atomic_path, sha256
+from pipeline.core.onnx_graph import SOFT_KEYS
 
 
-def serving_function(model, temperature=1.0, fitted_gate=None):
+def serving_function(model, calibration=None, fitted_gate=None):
     """images (n, 28, 28, 1) float32 -> {"probabilities": (n, 10) calibrated, and with a gate
-    "tree_inputs": (n, k), the features its trees score}, for any batch size.
+    "tree_inputs": (n, k), the features its trees score}, for any batch size. `calibration`: the
+    calibrate stage's temperatures (confidence.temperatures; none: the model's own softmax).
 
     A plain `model(batch)` runs every Keras layer's Python code on each call (~10 ms for one image
     on two cores); the traced graph answers one image in well under a millisecond, with the same
     numbers."""
+    import keras
     import tensorflow as tf
 
-    network = confidence.with_temperature_layers(model, temperature) if temperature != 1.0 else model
-    signature = [tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")]
-    if fitted_gate is None:
-        return tf.function(lambda images: {"probabilities": network(images, training=False)}, input_signature=signature)
-
-    network = gate.with_features(network)
-    pca_mean, pca_components = fitted_gate.pca_constants()
+    # The model up to its logits (its last layer split into logits -> softmax), and its features.
+    split = confidence.with_temperature_layers(model, 1.0)
+    network = gate.with_features(keras.Model(split.inputs, split.get_layer("digit_logits").output))
+    pca_mean, pca_components = fitted_gate.pca_constants() if fitted_gate else (None, None)
 
     def serve(images):
-        probabilities, penultimate = network(images, training=False)
-        return {
-            "probabilities": probabilities,
-            "tree_inputs": gate.tree_inputs(penultimate, images, pca_mean, pca_components),
-        }
+        logits, penultimate = network(images, training=False)
+        if calibration:
+            logits = logits / confidence.temperatures(images, calibration)[:, None]
+        answers = {"probabilities": tf.nn.softmax(logits)}
+        if fitted_gate:
+            answers["tree_inputs"] = gate.tree_inputs(penultimate, images, pca_mean, pca_components)
+        return answers
 
-    return tf.function(serve, input_signature=signature)
+    return tf.function(serve, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")])
 
 
 OPSET = 17  # the newest that tf2onnx 1.17 converts to; ONNX Runtime runs it everywhere
@@ -81,7 +83,8 @@ def to_onnx(serve, fitted_gate, metadata):
         io_map=[("tree_inputs", "gate_tree_inputs")],
         outputs=["probabilities", "gate_probabilities"],
     )
-    onnx.helper.set_model_props(joined, {key: str(metadata[key]) for key in METADATA_KEYS})
+    keys = METADATA_KEYS + tuple(key for key in SOFT_KEYS if key in metadata)
+    onnx.helper.set_model_props(joined, {key: str(metadata[key]) for key in keys})
     onnx.checker.check_model(joined)
     return joined
 
@@ -137,7 +140,7 @@ def export(model_path, calibration_path, gate_path, onnx_path, x_val):
         raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro calibrate`")
     model = keras.models.load_model(model_path, compile=False)
     fitted_gate = joblib.load(gate_path)
-    serve = serving_function(model, calibration["temperature"], fitted_gate)
+    serve = serving_function(model, calibration, fitted_gate)
     joined = to_onnx(serve, fitted_gate, {**calibration, "model_sha256": model_sha256})
     with atomic_path(onnx_path) as tmp:
         tmp.write_bytes(joined.SerializeToString())

@@ -7,6 +7,7 @@ import numpy as np
 from pipeline.core.confidence import is_not_sure
 
 CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a_digit_above")
+SOFT_KEYS = ("soft_from", "soft_temperature")  # only in graphs whose calibration has the soft rule
 
 
 class OnnxGraph:
@@ -20,7 +21,7 @@ class OnnxGraph:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.model_sha256 = metadata["model_sha256"]  # of the .keras file it was exported from
-        self.calibration = {key: float(metadata[key]) for key in CALIBRATION_KEYS}
+        self.calibration = {key: float(metadata[key]) for key in CALIBRATION_KEYS + SOFT_KEYS if key in metadata}
 
     def predict(self, images):
         """(n, 28, 28) float32 in MNIST form -> (n, 10) calibrated probabilities, and (n,) whether

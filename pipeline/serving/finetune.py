@@ -163,7 +163,7 @@ def fine_tune(model, x, y, mnist_x, mnist_y, args):
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
         metrics=["accuracy"],
     )
-    model.fit(batches, epochs=args.epochs, verbose=2)
+    model.fit(batches, epochs=args.epochs, shuffle=False, verbose=2)  # the dataset shuffles
 
 
 def recalibrate(model, held, mnist, accepted_accuracy):

@@ -104,8 +104,7 @@ class Predictor:
         if self.calibration is None:
             print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
         self.gate = _load_gate(gate_path) if gate_path else None
-        temperature = self.calibration["temperature"] if self.calibration else 1.0
-        self._serve = serving_function(keras.models.load_model(path, compile=False), temperature, self.gate)
+        self._serve = serving_function(keras.models.load_model(path, compile=False), self.calibration, self.gate)
 
     @staticmethod
     def _calibration_beside(files, model_sha256):
