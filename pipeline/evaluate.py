@@ -86,9 +86,9 @@ def score(probabilities, labels):
     return summary, report, predicted
 
 
-def trust_scores(raw, labels, calibration):
+def trust_scores(raw, images, labels, calibration):
     """How far the calibrated confidences can be trusted on the test images."""
-    calibrated = confidence.with_temperature(raw, calibration["temperature"])
+    calibrated = confidence.with_temperature(raw, np.asarray(confidence.temperatures(images, calibration)))
     before, after = confidence.calibration_scores(raw, labels), confidence.calibration_scores(calibrated, labels)
     return calibrated, {
         "calibration": {
@@ -158,7 +158,7 @@ def evaluate_models(params):
         summary, report, predicted = score(raw, labels)
         summary["images_per_second"] = round(images_per_second, 1)
         calibration = confidence.read_calibration(calibration_file(kind))
-        calibrated, trust = trust_scores(raw, labels, calibration)
+        calibrated, trust = trust_scores(raw, x_test, labels, calibration)
         trust["not_a_digit"] = gate_scores(model, joblib.load(gate_file(kind)), x_test, non_digits)
         metrics[kind] = {"test": {**summary, **trust}}
 

@@ -7,7 +7,7 @@ the same for the same seed. Like evaluate, this stage only measures: nothing her
 anything. Writes
   reports/robustness.json  per model: clean test accuracy, accuracy under each corruption and
                            their mean (dvc metrics: `cnn.corrupted.mean_accuracy` ...); and with
-                           the calibrate stage's temperature and "not sure" threshold, on the
+                           the calibrate stage's temperatures and "not sure" threshold, on the
                            clean and each corrupted copy, the share of answers that are sure and
                            how many of those are right (`cnn.sure.low_resolution.accepted_accuracy`)
 and adds the same to each model's MLflow training run.
@@ -37,7 +37,8 @@ def measure(params):
         calibration = confidence.read_calibration(calibration_file(kind))
         probabilities = {
             name: confidence.with_temperature(
-                model.predict(images, batch_size=1000, verbose=0), calibration["temperature"]
+                model.predict(images, batch_size=1000, verbose=0),
+                np.asarray(confidence.temperatures(images, calibration)),
             )
             for name, images in {"clean": x_test, **copies}.items()
         }
