@@ -93,6 +93,7 @@ def trust_scores(raw, images, labels, calibration):
     return calibrated, {
         "calibration": {
             "temperature": calibration["temperature"],
+            "soft_temperature": calibration.get("soft_temperature", calibration["temperature"]),
             **{f"{name}_before": v for name, v in before.items()},
             **{f"{name}_after": v for name, v in after.items()},
         },
