@@ -127,7 +127,7 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
             "test_not_a_digit_non_digits_flagged",
             "test_corrupted_mean_accuracy",
         } <= set(r.data.metrics)
-        assert float(r.data.params["temperature"]) > 0
+        assert r.data.metrics["calibration_temperature"] > 0
         figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
         assert f"figures/confusion_{r.data.tags['model']}.png" in figures
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -238,7 +238,7 @@ def test_a_model_served_from_the_registry_by_alias(repo, monkeypatch):
     # The champion's training run carries the calibrate stage's temperature and threshold.
     champion_run = MlflowClient().get_model_version_by_alias("digits-cnn", "champion").run_id
     assert health["calibration"]["temperature"] == pytest.approx(
-        float(MlflowClient().get_run(champion_run).data.params["temperature"]), rel=1e-3
+        MlflowClient().get_run(champion_run).data.metrics["calibration_temperature"], rel=1e-3
     )
 
     image = repo / "seven.png"
