@@ -134,7 +134,7 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
         assert {"evaluation", "figures", "model_summary.txt", "calibration.json", "gate", "onnx"} <= artifacts
 
 
-def test_model_logged_by_calibrate_answers_calibrated_probabilities_with_mlflow_alone(repo, monkeypatch):
+def test_model_logged_by_calibrate_answers_calibrated_probabilities_with_mlflow_alone(repo):
     import keras
     import mlflow
 
@@ -145,8 +145,13 @@ def test_model_logged_by_calibrate_answers_calibrated_probabilities_with_mlflow_
     run_id = json.loads((repo / "models/cnn.run.json").read_text())["run_id"]
     temperature = json.loads((repo / "models/cnn.calibration.json").read_text())["temperature"]
     raw = np.asarray(keras.models.load_model(repo / "models/cnn.keras", compile=False)(x_val, training=False))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
-    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/calibrated_model")
+    # Set, not only in the environment: an earlier test in this process may have set another.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/calibrated_model")
+    finally:
+        mlflow.set_tracking_uri(previous)
     np.testing.assert_allclose(np.asarray(logged.predict(x_val)), with_temperature(raw, temperature), atol=1e-5)
 
 
