@@ -1,13 +1,15 @@
 """Benchmark of the scale-out wing, in one run on this machine (JSON: reports/benchmark_ray.json):
 
     ./dev run python -m bench.ray [--sweeps 1:1,2 default:1] [--images 10000]
+    ./dev run python -m bench.ray --sweeps --images 100000 --out reports/benchmark_ray_100k.json
 
 1. A sweep through Ray (`digits sweep`, local Ray, one trial at a time with every CPU) against the
    same trials trained in this process, one after another: the time ratio (Ray's overhead). Both
    sides count everything a user waits for: start-up, data, training and the final metrics. Sizes
    are EPOCHS:SEEDS; `default` is params.yaml's epochs (the default recipe's size).
 2. Batch scoring of the MNIST test images as PNG files: `digits score` (Ray Data, one node) against
-   `digits predict`, both as a user runs them (process start and model load included).
+   `digits predict`, both as a user runs them (process start and model load included). More
+   images than the test set's 10,000 repeat them, to see Ray's fixed costs spread over a larger job.
 3. `digits score` on one Ray node against two nodes on this same machine. Both share its cores, so
    this measures the cost of a second node's processes, not a speed-up.
 
@@ -82,9 +84,9 @@ def ray_sweep(epochs, seeds, cpus):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.ray", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--sweeps", nargs="+", default=["1:1,2", "default:1"], help="EPOCHS:SEEDS (default 1:1,2 default:1)"
+        "--sweeps", nargs="*", default=["1:1,2", "default:1"], help="EPOCHS:SEEDS (default 1:1,2 default:1; none: skip)"
     )
-    parser.add_argument("--images", type=int, default=10000, help="test PNGs to score (default 10000)")
+    parser.add_argument("--images", type=int, default=10000, help="PNGs to score (default 10000, the test set)")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
     cpus = os.cpu_count()
@@ -112,7 +114,8 @@ def main(argv=None):
 
         folder = Path(tempfile.mkdtemp(prefix="bench-pngs-"))
         try:
-            write_pngs(np.load("data/processed/x_test.npy")[: args.images], folder)
+            test = np.load("data/processed/x_test.npy")
+            write_pngs(np.resize(test, (args.images, *test.shape[1:])), folder)
             model = ["--model", "models/cnn.keras"]
             cli = timed([BIN / "digits", "predict", folder, "--format", "csv", *model])
             one = timed([BIN / "digits", "score", folder, "--out", "/tmp/bench-score.csv", *model])

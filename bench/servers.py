@@ -154,8 +154,8 @@ def wait_for_ray_nodes(address, env, count, nodes=(), timeout=120):
 
 
 def write_pngs(images, folder):
-    """MNIST-form images (n, 28, 28[, 1]) as PNG files 00000.png, 00001.png, ... in `folder`."""
+    """MNIST-form images (n, 28, 28[, 1]) as PNG files 000000.png, 000001.png, ... in `folder`."""
     from PIL import Image
 
     for i, image in enumerate(images.reshape(-1, 28, 28)):
-        Image.fromarray((255 * image).astype(np.uint8)).save(folder / f"{i:05d}.png")
+        Image.fromarray((255 * image).astype(np.uint8)).save(folder / f"{i:06d}.png")
