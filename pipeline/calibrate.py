@@ -6,11 +6,11 @@ Label smoothing trains both models to be under-confident: the CNN says ~90 % whe
      before the softmax; T < 1 sharpens, and the predicted digit never changes), and
   2. makes the "not sure" promise hold off MNIST too, on corrupted copies of the validation
      images (pipeline.core.corruptions, the robustness section's strengths): the threshold is the
-     lowest calibrated confidence at which the answers kept are still `calibrate.accepted_accuracy`
-     (99.9 %) right on clean digits and `calibrate.accepted_accuracy_under_shift` right on each
-     copy, among sharp images; soft images (blurred or low-resolution scans, where models are
-     most confidently wrong) get a second, higher temperature, the lowest at which their sure
-     answers keep the same promises (see shift_aware); and
+     lowest calibrated confidence at which clean answers kept are still
+     `calibrate.accepted_accuracy` (99.9 %) right; soft images (blurred or low-resolution scans,
+     where models are most confidently wrong) get a second, higher temperature, the lowest at which
+     every corrupted copy's sure answers are `calibrate.accepted_accuracy_under_shift` right; only
+     if none is, the threshold rises (see shift_aware); and
   3. fits the "not a digit" gate (pipeline.core.gate) on training digits against generated non-digits
      (pipeline.core.nondigits, seeded by `seed`), flagging at most `calibrate.digit_flag_rate` of the
      validation digits.
@@ -19,9 +19,10 @@ Writes
                                    gate files they belong to; the predictor (CLI, API, page)
                                    applies them
   models/<model>.gate.pkl          the fitted gate (scikit-learn, pickled: load only your own)
-  reports/calibration.json         validation ECE, NLL and mean confidence before and after,
-                                   the threshold each copy asks for, and the coverage and accuracy
-                                   of sure answers on each at the one chosen (dvc metrics)
+  reports/calibration.json         validation ECE, NLL and mean confidence before and after, the
+                                   threshold clean digits alone ask for, the coverage each soft
+                                   share tried keeps, and the coverage and accuracy of sure answers
+                                   on each validation copy (dvc metrics)
 and adds the same to the model's MLflow run (params, metrics, calibration.json, gate/, and
 `calibrated_model`: the model with its sharp images' temperature built in, for anyone who loads it with MLflow
 alone) and its registered version (tags). The test split is not read here: evaluate measures the result on it.
@@ -61,12 +62,12 @@ def shift_aware(raw, images, labels, temperature, params, soft_share):
         confidence.with_temperature(raw["clean"], temperature), labels, target["clean"]
     )
 
+    def sure(name, threshold, soft_temperature):
+        calibrated = confidence.with_temperature(raw[name], np.where(soft[name], soft_temperature, temperature))
+        return confidence.selective_scores(calibrated, labels, threshold)
+
     def promise_kept(threshold, soft_temperature):
-        for name in raw:
-            calibrated = confidence.with_temperature(raw[name], np.where(soft[name], soft_temperature, temperature))
-            if confidence.selective_scores(calibrated, labels, threshold)["accepted_accuracy"] < target[name]:
-                return False
-        return True
+        return all(sure(name, threshold, soft_temperature)["accepted_accuracy"] >= target[name] for name in raw)
 
     soft_temperatures = temperature * np.geomspace(1.0, 20.0, SOFT_TEMPERATURES)
     thresholds = 1 - (1 - clean_threshold) * 0.5 ** (np.arange(THRESHOLDS) / 10)
@@ -78,14 +79,7 @@ def shift_aware(raw, images, labels, temperature, params, soft_share):
         (float(clean_threshold), float(soft_temperatures[-1])),
     )
     rule = {"not_sure_below": threshold, "soft_from": soft_from, "soft_temperature": soft_temperature}
-    kept = {
-        name: confidence.selective_scores(
-            confidence.with_temperature(raw[name], np.where(soft[name], soft_temperature, temperature)),
-            labels,
-            threshold,
-        )["coverage"]
-        for name in raw
-    }
+    kept = {name: sure(name, threshold, soft_temperature)["coverage"] for name in raw}
     return rule, clean_threshold, kept
 
 
@@ -119,10 +113,7 @@ def calibrate(model_path, data, labels, corrupted_val, params):
     fitted_gate, non_digit_count = gate.fit(
         model, data["x_train"], data["x_val"], params.seed, settings.nondigits_per_kind, settings.digit_flag_rate
     )
-    calibrated = {
-        name: confidence.with_temperature(raw[name], np.asarray(confidence.temperatures(x, calibration)))
-        for name, x in images.items()
-    }
+    calibrated = {name: confidence.calibrated(raw[name], x, calibration) for name, x in images.items()}
     scores = {
         **calibration,
         "clean_digits_alone_ask": clean_threshold,

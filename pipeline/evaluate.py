@@ -88,7 +88,7 @@ def score(probabilities, labels):
 
 def trust_scores(raw, images, labels, calibration):
     """How far the calibrated confidences can be trusted on the test images."""
-    calibrated = confidence.with_temperature(raw, np.asarray(confidence.temperatures(images, calibration)))
+    calibrated = confidence.calibrated(raw, images, calibration)
     before, after = confidence.calibration_scores(raw, labels), confidence.calibration_scores(calibrated, labels)
     return calibrated, {
         "calibration": {

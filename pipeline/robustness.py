@@ -36,10 +36,7 @@ def measure(params):
         model = keras.models.load_model(model_file(kind), compile=False)
         calibration = confidence.read_calibration(calibration_file(kind))
         probabilities = {
-            name: confidence.with_temperature(
-                model.predict(images, batch_size=1000, verbose=0),
-                np.asarray(confidence.temperatures(images, calibration)),
-            )
+            name: confidence.calibrated(model.predict(images, batch_size=1000, verbose=0), images, calibration)
             for name, images in {"clean": x_test, **copies}.items()
         }
         accuracy = {name: float(np.mean(p.argmax(axis=1) == labels)) for name, p in probabilities.items()}

@@ -37,6 +37,11 @@ def temperatures(images, calibration):
     return ops.where(soft, calibration["soft_temperature"], calibration["temperature"])
 
 
+def calibrated(probabilities, images, calibration):
+    """with_temperature at each image's temperature (temperatures): what the served graph answers."""
+    return with_temperature(probabilities, np.asarray(temperatures(images, calibration)))
+
+
 def with_temperature_layers(model, temperature):
     """with_temperature as part of a Keras model: its output layer split into logits -> divide by T
     -> softmax, from Keras' own layers, so the model loads anywhere (safe mode, MLflow alone)."""

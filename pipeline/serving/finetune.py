@@ -200,14 +200,14 @@ def finetune(args):
     require(PROCESSED_DIR)
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val", "x_test", "y_test"])
     parent, lineage = parent_model(args.model)
-    kind = keras.models.load_model(parent.keras_path, compile=False).name
+    model = keras.models.load_model(parent.keras_path, compile=False)
+    kind = model.name
     print(
         f"finetune: {len(x)} images read; fine-tuning on {len(train)}, holding out {len(hold)}"
         f"{f' ({len(set(groups[hold]))} groups)' if len(set(groups)) < len(groups) else ''}; from {args.model}",
         flush=True,
     )
 
-    model = keras.models.load_model(parent.keras_path, compile=False)
     mnist_val, mnist_test = (data["x_val"], data["y_val"].argmax(1)), (data["x_test"], data["y_test"].argmax(1))
     before = {"held_out": accuracy(model, x[hold], labels[hold]), "mnist_test": accuracy(model, *mnist_test)}
     keras.utils.set_random_seed(args.seed)
