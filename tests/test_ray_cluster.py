@@ -175,6 +175,7 @@ def test_batch_scoring_over_both_nodes_answers_as_the_cli(world):
     scored = digits(["score", "scans", "--out", "answers.csv", *args], repo, world["cluster_env"])
     assert scored.returncode == 1, scored.stderr[-3000:]  # 1: one file could not be read
     assert "broken.png" in scored.stderr
+    assert "2 model copies on 2 nodes" in scored.stderr  # each node answered part of the job
     assert [row[0] for row in csv.reader(open(repo / "answers.csv.errors.csv"))][1:] == ["scans/broken.png"]
 
     local = digits(
@@ -201,6 +202,7 @@ def test_batch_reading_of_numbers_answers_as_the_cli(world):
     args = ["--read", "--actors", "2", "--cpus-per-actor", "1.5", "--model", "models/cnn.keras"]
     scored = digits(["score", "forms", "--out", "numbers.csv", *args], repo, world["cluster_env"])
     assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "2 model copies on 2 nodes" in scored.stderr
     local = digits(["read", "forms", "--format", "csv", "--model", "models/cnn.keras"], repo, world["env"])
     cli_rows = list(csv.reader(local.stdout.splitlines()))
     assert cli_rows[0] == ["file", "number", "sure", "digits", "boxes"] and len(cli_rows) == 7

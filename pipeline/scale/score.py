@@ -5,11 +5,12 @@
     digits score forms/ --read --out numbers.csv                   # each image a whole number
     RAY_ADDRESS=HEAD:6379 digits score ...                         # spread over a cluster
 
-Ray Data reads and normalises the images in parallel tasks; a pool of actors runs the model, each
-loaded once (an .onnx or .keras file, or a models:/ URI) with its calibration and gate. The output has the
-columns of `digits predict --format csv` (with --read, of `digits read --format csv`), in input
-order, and the same answers. Files that cannot
-be read are named on stderr and in OUT.errors.csv, and the exit code is 1.
+Ray Data splits the list of files (or the Parquet file) into blocks and streams them through a pool
+of actors, one per CPU by default. Each actor loads the model once (an .onnx or .keras file, or a
+models:/ URI) with its calibration and gate, then reads, normalises and answers its blocks. The
+output has the columns of `digits predict --format csv` (with --read, of `digits read --format
+csv`), in input order, and the same answers. Files that cannot be read are named on stderr and in
+OUT.errors.csv, and the exit code is 1.
 """
 
 import csv
@@ -23,8 +24,13 @@ from pipeline.scale import cluster
 from pipeline.serving import cli as serving_cli
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
 
-BATCH_SIZE = serving_cli.BATCH_SIZE  # the CLI's batches, so that both make the same model calls
-DECODE_CPUS = 0.25  # decoding is light beside the model: it fits next to the actors on a node
+# Rows per block and per actor call. The answers do not depend on it (ONNX Runtime answers an image
+# alike in any batch); 512 gave two actors their first block soonest on 10,000 files (docs/scaling.md).
+BLOCK_ROWS = 512
+# Blocks queued at each copy (Ray Data's default, stated because a small job is cut to fill them:
+# a copy takes blocks until its queue is full, those on its own node first).
+BLOCKS_IN_FLIGHT = 4
+ACTORS_START_SECONDS = 600  # a models:/ URI is downloaded by every actor as it starts
 
 
 def decode(batch):
@@ -41,17 +47,34 @@ def decode(batch):
     return {"file": np.asarray(batch["file"]), "image": np.stack(images), "error": np.asarray(errors)}
 
 
-class Scorer:
-    """One model copy per actor, loaded once; answers rows as `digits predict` does."""
+class ModelActor:
+    """One model copy per actor, loaded once. Each answer also names the node that gave it, so that
+    the driver can say how far the job spread."""
 
-    def __init__(self, source, runtime, top_k):
+    def __init__(self, source, runtime):
+        import ray
+
         from pipeline.serving.predictor import Predictor
 
         # Ray does not enforce CPU limits: the model's threads follow the CPUs Ray gave the actor.
-        self.predictor, self.top_k = Predictor(source, runtime, threads=cluster.assigned_cpus()), top_k
+        self.predictor = Predictor(source, runtime, threads=cluster.assigned_cpus())
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def answer(self, columns, errors):
+        return {**columns, "error": np.asarray(errors), "node": np.full(len(errors), self.node)}
+
+
+class Scorer(ModelActor):
+    """Reads and answers rows as `digits predict` does. The actor decodes its own rows: a separate
+    decoding stage cost more in moving images between processes than it gained (docs/scaling.md)."""
+
+    def __init__(self, source, runtime, top_k):
+        super().__init__(source, runtime)
+        self.top_k = top_k
 
     def __call__(self, batch):
         """Every row comes back: an unreadable file with its error and no answer."""
+        batch = decode(batch)
         readable = batch["error"] == ""
         answers = {}
         if readable.any():
@@ -61,21 +84,13 @@ class Scorer:
                 answers[name] = serving_cli.csv_row(serving_cli.ranked(name, p, flag, self.top_k, self.predictor))
         unanswered = ["", -1, float("nan"), False, False, *[""] * self.top_k]
         rows = [answers.get(name, [name, *unanswered[1:]]) for name in batch["file"]]
-        out = {
-            column: np.asarray(values)
-            for column, values in zip(serving_cli.csv_columns(self.top_k), zip(*rows, strict=True), strict=True)
-        }
-        return {**out, "error": batch["error"]}
+        columns = zip(serving_cli.csv_columns(self.top_k), zip(*rows, strict=True), strict=True)
+        return self.answer({column: np.asarray(values) for column, values in columns}, batch["error"])
 
 
-class NumberReader:
-    """One model copy per actor; each image read as a whole number, as `digits read` does. The
-    reader needs the image at its own size, so the actor decodes it too."""
-
-    def __init__(self, source, runtime):
-        from pipeline.serving.predictor import Predictor
-
-        self.predictor = Predictor(source, runtime, threads=cluster.assigned_cpus())
+class NumberReader(ModelActor):
+    """Each image read as a whole number, as `digits read` does. The reader needs the image at its
+    own size, so it decodes the file itself."""
 
     def __call__(self, batch):
         from pipeline.core import reading
@@ -94,11 +109,11 @@ class NumberReader:
                 errors.append(why if name in why else f"{name}: {why}")
         # As text, as the CLI's CSV has them: every batch then has the same Parquet schema.
         columns = zip(serving_cli.READ_COLUMNS, zip(*rows, strict=True), strict=True)
-        out = {column: np.asarray([str(v) for v in values]) for column, values in columns}
-        return {**out, "error": np.asarray(errors)}
+        return self.answer({column: np.asarray([str(v) for v in values]) for column, values in columns}, errors)
 
 
 def score(args):
+    import pyarrow as pa
     import ray
 
     address = cluster.address(args.address)
@@ -112,56 +127,57 @@ def score(args):
         raise ValueError(f"{args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)")
     model = args.model if ":/" in args.model else str(Path(args.model).resolve())
     cluster.connect(address, args.cpus)
-    needed, total = args.actors * args.cpus_per_actor + DECODE_CPUS, ray.cluster_resources().get("CPU", 0)
-    if needed > total:
+    total = ray.cluster_resources().get("CPU", 0)
+    actors = args.actors or int(total // args.cpus_per_actor)
+    if actors < 1 or actors * args.cpus_per_actor > total:
         raise ValueError(
-            f"{args.actors} actors of {args.cpus_per_actor} CPUs and the decoding ({DECODE_CPUS}) need "
-            f"{needed:g} CPUs; Ray has {total:g}: lower --actors or --cpus-per-actor"
+            f"{actors} actors of {args.cpus_per_actor:g} CPUs need {actors * args.cpus_per_actor:g} CPUs; "
+            f"Ray has {total:g}: lower --actors or --cpus-per-actor"
         )
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows come out in input order
+    # Every model copy is loaded before the first block goes out: otherwise the copy that starts
+    # first, on the node holding the blocks, takes a small job's blocks all.
+    context.wait_for_min_actors_s = ACTORS_START_SECONDS
     context.enable_progress_bars = sys.stderr.isatty()
+    rows = BLOCK_ROWS
     if args.parquet:
         source = ray.data.read_parquet(str(Path(args.parquet).resolve()), columns=["file", "image"])
     else:
         # Workers run in other folders, and on other machines: they read by absolute path (a shared
         # file system on a cluster; or --parquet), and the answers name files as given.
-        source = ray.data.from_items([{"file": p, "path": str(Path(p).resolve())} for p in paths])
-    if args.read:
-        answers = source.map_batches(
-            NumberReader,
-            fn_constructor_kwargs={"source": model, "runtime": args.runtime},
-            batch_size=BATCH_SIZE,
-            concurrency=args.actors,
-            num_cpus=args.cpus_per_actor,
-        )
-    else:
-        answers = source.map_batches(decode, batch_size=BATCH_SIZE, num_cpus=DECODE_CPUS).map_batches(
-            Scorer,
-            fn_constructor_kwargs={"source": model, "runtime": args.runtime, "top_k": args.top_k},
-            batch_size=BATCH_SIZE,
-            concurrency=args.actors,
-            num_cpus=args.cpus_per_actor,
-        )
+        files = pa.table({"file": paths, "path": [str(Path(p).resolve()) for p in paths]})
+        rows = min(rows, -(-len(paths) // (actors * BLOCKS_IN_FLIGHT)))  # a small job still reaches every copy
+        source = ray.data.from_arrow([files.slice(start, rows) for start in range(0, len(paths), rows)])
+    answer, arguments = (NumberReader, {}) if args.read else (Scorer, {"top_k": args.top_k})
+    answers = source.map_batches(
+        answer,
+        fn_constructor_kwargs={"source": model, "runtime": args.runtime, **arguments},
+        batch_size=rows,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=BLOCKS_IN_FLIGHT),
+        num_cpus=args.cpus_per_actor,
+    )
     columns = serving_cli.READ_COLUMNS if args.read else serving_cli.csv_columns(args.top_k)
-    count, failed = write(answers, args.out, columns)
+    count, failed, nodes = write(answers, args.out, columns)
     for _, error in failed:
         print(f"digits: {error}", file=sys.stderr)
     if failed:
         with open(f"{args.out}.errors.csv", "w", newline="") as f:
             csv.writer(f).writerows([("file", "error"), *failed])
-    print(f"digits score: {count} answers in {args.out}; {len(failed)} unreadable", file=sys.stderr)
+    spread = f"{actors} model cop{'y' if actors == 1 else 'ies'} on {len(nodes)} node{'s' * (len(nodes) != 1)}"
+    print(f"digits score: {count} answers in {args.out}; {len(failed)} unreadable; {spread}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def write(answers, out, names):
     """Stream the answers into one CSV or Parquet file (via a temporary file, so a failure leaves
-    no half file); returns how many answers, and (file, error) of every unreadable one."""
+    no half file); returns how many answers, (file, error) of every unreadable one, and the nodes
+    that answered."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    count, failed = 0, []
+    count, failed, nodes = 0, [], set()
     tmp = Path(f"{out}.part")
     parquet = str(out).endswith(".parquet")
     with open(tmp, "w", newline="") as f:
@@ -169,7 +185,8 @@ def write(answers, out, names):
         if writer:
             writer.writerow(names)
         sink = None
-        for batch in answers.iter_batches(batch_size=BATCH_SIZE, batch_format="pyarrow"):
+        for batch in answers.iter_batches(batch_size=None, batch_format="pyarrow"):  # as the actors made them
+            nodes.update(pc.unique(batch.column("node")).to_pylist())
             bad = pc.not_equal(batch.column("error"), "")
             unreadable = batch.filter(bad)
             failed += zip(unreadable.column("file").to_pylist(), unreadable.column("error").to_pylist(), strict=True)
@@ -183,7 +200,7 @@ def write(answers, out, names):
         if parquet:
             (sink or pq.ParquetWriter(tmp, pa.schema([(c, pa.string()) for c in names]))).close()
     tmp.replace(out)
-    return count, failed
+    return count, failed, nodes
 
 
 def main(args):
@@ -204,7 +221,7 @@ def add_arguments(parser):
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help="onnx (default) or tf, as `digits predict`")
     parser.add_argument("--top-k", type=int, default=1, choices=range(1, 11), metavar="K")
     parser.add_argument("--read", action="store_true", help="read each image as a whole number, as `digits read`")
-    parser.add_argument("--actors", type=int, default=1, help="model copies (default 1)")
+    parser.add_argument("--actors", type=int, help="model copies (default: one per CPU of the cluster)")
     parser.add_argument("--cpus-per-actor", type=float, default=1)
     parser.add_argument("--address", help="a Ray cluster to join (default RAY_ADDRESS; none: start Ray here)")
     parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
