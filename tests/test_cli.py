@@ -94,3 +94,13 @@ def test_a_large_folder_is_decoded_in_parallel_in_order_with_bad_files_named(mod
     expected = [str(p) for p in sorted(folder.iterdir()) if p.name != "0100.png"]
     assert files == expected
     assert f"{folder / '0100.png'}: not an image" in err
+
+
+def test_score_refuses_bad_actor_flags_before_starting_ray(tmp_path, capsys):
+    for flags, message in [
+        (["--actors", "0"], "--actors 0: expected 1 or more"),
+        (["--cpus-per-actor", "0"], "--cpus-per-actor 0: expected more than 0"),
+    ]:
+        assert cli.main(["score", str(tmp_path), "--out", str(tmp_path / "answers.csv"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "answers.csv").exists()

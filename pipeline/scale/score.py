@@ -117,6 +117,10 @@ def score(args):
     import ray
 
     address = cluster.address(args.address)
+    if args.actors is not None and args.actors < 1:
+        raise ValueError(f"--actors {args.actors}: expected 1 or more")
+    if args.cpus_per_actor <= 0:
+        raise ValueError(f"--cpus-per-actor {args.cpus_per_actor:g}: expected more than 0")
     if bool(args.parquet) == bool(args.images):
         raise ValueError("give image files or folders, or --parquet FILE (one of the two)")
     if not args.parquet:
@@ -128,8 +132,8 @@ def score(args):
     model = args.model if ":/" in args.model else str(Path(args.model).resolve())
     cluster.connect(address, args.cpus)
     total = ray.cluster_resources().get("CPU", 0)
-    actors = args.actors or int(total // args.cpus_per_actor)
-    if actors < 1 or actors * args.cpus_per_actor > total:
+    actors = args.actors or max(1, int(total // args.cpus_per_actor))
+    if actors * args.cpus_per_actor > total:
         raise ValueError(
             f"{actors} actors of {args.cpus_per_actor:g} CPUs need {actors * args.cpus_per_actor:g} CPUs; "
             f"Ray has {total:g}: lower --actors or --cpus-per-actor"
