@@ -28,10 +28,13 @@ import yaml
 
 import pipeline  # noqa: F401  (quiets TensorFlow before it loads)
 from pipeline import evaluate
-from pipeline.core import confidence, corruptions, graph, training
 from pipeline.core import params as params_module
+from pipeline.core import training
 from pipeline.core.files import load_arrays, write_json
+from pipeline.core.graph import convert
 from pipeline.core.layout import PROCESSED_DIR
+from pipeline.core.shifts import corruptions
+from pipeline.core.trust import confidence
 
 OUT = "reports/benchmark.json"
 API_OUT = "reports/benchmark_api.json"
@@ -69,7 +72,7 @@ def ours(kind, params, data):
     model_params = params.model(kind)
     training.seed_everything(params.seed)
     model = training.compiled_model(model_params, params.epochs, len(data["x_train"]))
-    rows, seconds = training.fit(model, model_params, params, data, to_mlflow=False)
+    rows, seconds = training.fit(model, model_params, data, params.epochs, params.seed, to_mlflow=False)
     return model, seconds, len(rows)
 
 
@@ -95,7 +98,7 @@ def timed_ms(call, count):
 def single_image_latency(model, x_test):
     """Milliseconds to answer one image through the traced graph (the model alone; `--api` measures
     what serving runs)."""
-    infer = graph.serving_function(model)
+    infer = convert.serving_function(model)
     timings = timed_ms(lambda i: infer(x_test[i : i + 1])["probabilities"].numpy(), LATENCY_SAMPLES)
     return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
 

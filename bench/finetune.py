@@ -3,7 +3,7 @@ reports/finetune.json:
 
     ./dev run python -m bench.finetune [--seeds 0 1 2] [--per-digit 3]
 
-Printed digits from the 21 fonts matplotlib ships (pipeline/core/printed.py), in two type sizes:
+Printed digits from the 21 fonts matplotlib ships (bench/printed.py), in two type sizes:
 large print, and small print as a scanner sees it. Per seed, `--per-digit` images of each digit in
 each font; `digits finetune` holds out whole fonts (its default share, 0.2: 5 of 21 fonts), so the
 held-out accuracy is on type it never fine-tuned on, and fine-tunes on the rest (16 fonts x 10
@@ -22,8 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from bench import printed
 from bench.__main__ import machine
-from pipeline.core import printed
 from pipeline.core.files import write_json
 from pipeline.serving import finetune
 

@@ -55,7 +55,9 @@ def in_process_trials(epochs, seeds):
 import time
 import numpy as np
 import pipeline
-from pipeline.core import confidence, corruptions, training
+from pipeline.core import training
+from pipeline.core.trust import confidence
+from pipeline.core.shifts import corruptions
 from pipeline.core import params as params_module
 from pipeline.core.files import load_arrays
 from pipeline.core.layout import PROCESSED_DIR
@@ -66,7 +68,7 @@ for seed in {seeds}:
     params = params_module.load(overrides={{"epochs": {epochs}, "seed": seed}})
     training.seed_everything(seed)
     model = training.compiled_model(params.cnn, params.epochs, len(data["x_train"]))
-    training.fit(model, params.cnn, params, data, to_mlflow=False, verbose=0)
+    training.fit(model, params.cnn, data, params.epochs, seed, to_mlflow=False, verbose=0)
     labels = data["y_val"].argmax(1)
     probabilities = model.predict(data["x_val"], batch_size=1000, verbose=0)
     confidence.not_sure_on_validation(probabilities, labels, params.calibrate.accepted_accuracy)

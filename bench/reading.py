@@ -1,10 +1,10 @@
-"""How the number reader's method was chosen: variants of pipeline/core/reading.py compared on
+"""How the number reader's method was chosen: variants of pipeline/core/reading/segment.py compared on
 numbers written from *training* digits (the read_eval stage measures on test digits), one run,
 JSON in reports/reading_choice.json:
 
     ./dev run python -m bench.reading [--numbers 200] [--variant NAME KEY=VALUE ...]
 
-Each variant overrides some of the reader's constants (reading.SPLIT_COST=0.5 ...). The rule,
+Each variant overrides some of the reader's constants (segment.SPLIT_COST=0.5 ...). The rule,
 written before the runs: the variant with the highest string accuracy averaged over the four
 spacing kinds wins, unless its sure readings are less often right than the current one's.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.__main__ import machine
-from pipeline.core import numbers, reading
 from pipeline.core.files import load_arrays
+from pipeline.core.graph.runtime import OnnxGraph
 from pipeline.core.layout import PROCESSED_DIR, onnx_file
-from pipeline.core.onnx_graph import OnnxGraph
+from pipeline.core.reading import numbers, segment
 
 OUT = "reports/reading_choice.json"
 VARIANTS = {
@@ -38,7 +38,7 @@ VARIANTS = {
 def measure(sets, graph):
     by_kind, sure, sure_right = {}, 0, 0
     for kind, samples in sets.items():
-        readings = [(text, reading.read(image, graph)) for image, text, _ in samples]
+        readings = [(text, segment.read(image, graph)) for image, text, _ in samples]
         by_kind[kind] = float(np.mean([r.text == text for text, r in readings]))
         sure += sum(r.sure for _, r in readings)
         sure_right += sum(r.sure and r.text == text for text, r in readings)
@@ -64,11 +64,11 @@ def main(argv=None):
     x, y = data["x_train"], data["y_train"]
     sets = {kind: numbers.sample(x, y, [5], kind, args.numbers, rng) for kind in numbers.KINDS}
     graph = OnnxGraph(onnx_file("cnn"))
-    defaults = {key: getattr(reading, key) for settings in variants.values() for key in settings}
+    defaults = {key: getattr(segment, key) for settings in variants.values() for key in settings}
     report = {"date": date.today().isoformat(), "machine": machine(), "numbers_per_kind": args.numbers, "variants": {}}
     for name, settings in variants.items():
         for key, value in {**defaults, **settings}.items():
-            setattr(reading, key, value)
+            setattr(segment, key, value)
         start = time.perf_counter()
         scores = measure(sets, graph)
         scores["settings"], scores["seconds"] = settings, round(time.perf_counter() - start, 1)

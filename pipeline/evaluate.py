@@ -6,7 +6,7 @@ Writes
                                        and NLL before and after the calibrate stage's temperature;
                                        coverage and accuracy of the answers above its "not sure"
                                        threshold; the share of test digits and of generated
-                                       non-digits (pipeline.core.nondigits, a seed and fonts the gate
+                                       non-digits (pipeline.core.trust.nondigits, a seed and fonts the gate
                                        was not fitted on) that the "not a digit" gate flags
                                        (dvc metrics: `cnn.test.accuracy` ...)
   reports/eval/<model>_report.json     per-class P/R/F1, confusion matrix, most confused pairs
@@ -26,16 +26,17 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from pipeline.core import confidence, gate, nondigits, tracking
 from pipeline.core import params as params_module
+from pipeline.core import tracking
 from pipeline.core.files import DataError, load_arrays, require, write_json, write_text
 from pipeline.core.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
+from pipeline.core.trust import confidence, gate, nondigits
 
 
 def predict_timed(model, x, batch_size, passes=3):
     """Probabilities for x, and the throughput of the fastest of `passes` timed passes made after
     a warm-up. The fastest, as timeit reports it: other load on a shared machine only ever slows a
-    pass down (measured here: 7,300 and 13,000 images/s in back-to-back passes of the same model)."""
+    pass down."""
     model.predict(x[:batch_size], batch_size=batch_size, verbose=0)
     best = 0.0
     for _ in range(passes):
@@ -105,19 +106,19 @@ def trust_scores(raw, images, labels, calibration):
 
 
 def gate_scores(model, fitted_gate, x_test, non_digits):
-    """Share of the test digits the "not a digit" gate flags, and of each kind of non-digit."""
+    """Share of the test digits the "not a digit" gate flags, and of each model_name of non-digit."""
     features = gate.with_features(model)
 
     def flagged(images):
         return fitted_gate.not_a_digit(features.predict(images, batch_size=1000, verbose=0)[1], images)
 
-    per_kind = {kind: float(flagged(images).mean()) for kind, images in non_digits.items()}
+    per_kind = {model_name: float(flagged(images).mean()) for model_name, images in non_digits.items()}
     return {
         "digits_flagged": float(flagged(x_test).mean()),
         # The same digits as an upload of each reaches the model: through normalize.to_mnist.
         "uploaded_digits_flagged": float(flagged(gate.to_mnist_forms(list(x_test[..., 0]))).mean()),
         "non_digits_flagged": float(np.mean(list(per_kind.values()))),
-        **{f"{kind}_flagged": share for kind, share in per_kind.items()},
+        **{f"{model_name}_flagged": share for model_name, share in per_kind.items()},
     }
 
 
@@ -150,20 +151,23 @@ def evaluate_models(params):
     tracking.use_experiment(params.mlflow.experiment)
     # Another seed than calibrate's, test digits in the strips, and fonts the gate never saw.
     generated = nondigits.generate(params.evaluate.nondigits_per_kind, params.seed + 1, x_test, nondigits.EVAL_FONTS)
-    non_digits = {kind: gate.to_mnist_forms(images) for kind, images in generated.items()}
+    non_digits = {model_name: gate.to_mnist_forms(images) for model_name, images in generated.items()}
 
     metrics = {}
-    for kind in params_module.MODELS:
-        model, run_file = keras.models.load_model(model_file(kind)), tracking.read_run_file(kind)
+    for model_name in params_module.MODELS:
+        model, run_file = keras.models.load_model(model_file(model_name)), tracking.read_run_file(model_name)
         raw, images_per_second = predict_timed(model, x_test, params.evaluate.batch_size)
         summary, report, predicted = score(raw, labels)
         summary["images_per_second"] = round(images_per_second, 1)
-        calibration = confidence.read_calibration(calibration_file(kind))
+        calibration = confidence.read_calibration(calibration_file(model_name))
         calibrated, trust = trust_scores(raw, x_test, labels, calibration)
-        trust["not_a_digit"] = gate_scores(model, joblib.load(gate_file(kind)), x_test, non_digits)
-        metrics[kind] = {"test": {**summary, **trust}}
+        trust["not_a_digit"] = gate_scores(model, joblib.load(gate_file(model_name)), x_test, non_digits)
+        metrics[model_name] = {"test": {**summary, **trust}}
 
-        report_path, predictions_path = EVAL_DIR / f"{kind}_report.json", EVAL_DIR / f"{kind}_predictions.csv"
+        report_path, predictions_path = (
+            EVAL_DIR / f"{model_name}_report.json",
+            EVAL_DIR / f"{model_name}_predictions.csv",
+        )
         write_json(report_path, report)
         write_text(predictions_path, predictions_csv(labels, predicted, calibrated, raw, calibration["not_sure_below"]))
         with tracking.run(run_id=run_file["run_id"]):
@@ -176,11 +180,12 @@ def evaluate_models(params):
         tracking.tag_model_version(run_file, {"test_accuracy": summary["accuracy"]})
         pairs = ", ".join(f"{c['actual']}->{c['predicted']} x{c['count']}" for c in report["most_confused"][:3])
         print(
-            f"evaluate {kind}: test accuracy {summary['accuracy']:.4f} (95 % CI {summary['accuracy_ci95_low']:.4f}-"
+            f"evaluate {model_name}: test accuracy {summary['accuracy']:.4f} "
+            f"(95 % CI {summary['accuracy_ci95_low']:.4f}-"
             f"{summary['accuracy_ci95_high']:.4f}; {summary['errors']} errors in "
             f"{len(labels):,}), loss {summary['loss']:.4f}, {images_per_second:,.0f} images/s; "
             f"most confused {pairs or 'none'}\n"
-            f"evaluate {kind}: calibration error {trust['calibration']['ece_before']:.2%} -> "
+            f"evaluate {model_name}: calibration error {trust['calibration']['ece_before']:.2%} -> "
             f"{trust['calibration']['ece_after']:.2%}; {trust['not_sure']['coverage']:.2%} of answers are sure "
             f'and {trust["not_sure"]["accepted_accuracy"]:.2%} of those are right; "not a digit" for '
             f"{trust['not_a_digit']['non_digits_flagged']:.1%} of generated non-digits and "

@@ -2,7 +2,7 @@
 serving runs on ONNX Runtime without importing TensorFlow or scikit-learn.
 
 For each model this stage
-  1. traces the serving graph (pipeline.core.graph: the model with its temperature, and the
+  1. traces the serving graph (pipeline.core.graph.convert: the model with its temperature, and the
      features the gate's trees read) and converts it with tf2onnx. (tf2onnx's `from_keras` fails
      on Keras 3 models; a traced function with an input signature converts.)
   2. converts the gate's trees with skl2onnx and joins them to the same graph, so one session run
@@ -22,27 +22,27 @@ so that `models:/digits-cnn@champion` serves it too. The test split is not read 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
 from pipeline.core.files import DataError, load_arrays, require, write_json
-from pipeline.core.graph import ExportError, export
+from pipeline.core.graph.convert import ExportError, export
 from pipeline.core.layout import EXPORT_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file, onnx_file
 
 
 def export_models(params):
     import mlflow
 
-    require(*(path(kind) for kind in params_module.MODELS for path in (model_file, calibration_file, gate_file)))
+    require(*(path(model) for model in params_module.MODELS for path in (model_file, calibration_file, gate_file)))
     x_val = load_arrays(PROCESSED_DIR, ["x_val"])["x_val"]
     tracking.use_experiment(params.mlflow.experiment)
     report = {}
-    for kind in params_module.MODELS:
-        paths = model_file(kind), calibration_file(kind), gate_file(kind), onnx_file(kind)
-        scores = report[kind] = export(*paths, x_val)
-        run_file = tracking.read_run_file(kind)
+    for model in params_module.MODELS:
+        paths = model_file(model), calibration_file(model), gate_file(model), onnx_file(model)
+        scores = report[model] = export(*paths, x_val)
+        run_file = tracking.read_run_file(model)
         with tracking.run(run_id=run_file["run_id"]):
-            mlflow.log_artifact(str(onnx_file(kind)), "onnx")
+            mlflow.log_artifact(str(onnx_file(model)), "onnx")
             mlflow.log_metrics({f"onnx_{k}": v for k, v in scores.items()})
-        tracking.tag_model_version(run_file, {"onnx": f"onnx/{onnx_file(kind).name}"})
+        tracking.tag_model_version(run_file, {"onnx": f"onnx/{onnx_file(model).name}"})
         print(
-            f"export {kind}: {onnx_file(kind)} ({scores['file_bytes'] / 1e6:.1f} MB); on {scores['images']:,} "
+            f"export {model}: {onnx_file(model)} ({scores['file_bytes'] / 1e6:.1f} MB); on {scores['images']:,} "
             f"validation images it answers as Keras does (largest probability difference "
             f'{scores["max_probability_difference"]:.1e}, same digit and same "not a digit" for every image)',
             flush=True,

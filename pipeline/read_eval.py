@@ -1,6 +1,6 @@
-"""Stage read_eval: how well the served CNN reads whole numbers (pipeline/core/reading.py).
+"""Stage read_eval: how well the served CNN reads whole numbers (pipeline/core/reading/segment.py).
 
-Numbers are written from *test* digits (pipeline/core/numbers.py; the reader's method was chosen
+Numbers are written from *test* digits (pipeline/core/reading/numbers.py; the reader's method was chosen
 on numbers from training digits, bench/reading.py): 5-digit strings in each spacing kind, and
 strings with clear gaps of every length from 1 to 10. Each is read through models/cnn.onnx, the
 graph `digits serve` answers with. Like evaluate, this stage only measures. Writes
@@ -15,11 +15,11 @@ import json
 
 import numpy as np
 
-from pipeline.core import numbers, reading
 from pipeline.core import params as params_module
 from pipeline.core.files import DataError, atomic_path, load_arrays, require, save_arrays, write_json
+from pipeline.core.graph.runtime import OnnxGraph
 from pipeline.core.layout import PROCESSED_DIR, READING_EXAMPLES_DIR, READING_FILE, onnx_file
-from pipeline.core.onnx_graph import OnnxGraph
+from pipeline.core.reading import numbers, segment
 
 LENGTHS = range(1, 11)
 SPACED_LENGTH = 5  # the strings of each spacing kind
@@ -48,7 +48,7 @@ def scores(readings):
 def read_all(samples, graph, progress):
     readings = []
     for image, text, _ in samples:
-        readings.append((text, reading.read(image, graph)))
+        readings.append((text, segment.read(image, graph)))
         progress.update()
     return readings
 

@@ -39,29 +39,29 @@ def summary_text(model):
     return "\n".join(lines) + "\n"
 
 
-def train(kind, params):
+def train(model_name, params):
     import keras
     import mlflow
     import tensorflow as tf
 
-    model_params = params.model(kind)
+    model_params = params.model(model_name)
     data = load_data()
     x_train, x_val = data["x_train"], data["x_val"]
     training.seed_everything(params.seed)
     model = training.compiled_model(model_params, params.epochs, len(x_train))
     print(
-        f"train {kind}: {model.count_params():,} parameters, {len(x_train):,} training and "
+        f"train {model_name}: {model.count_params():,} parameters, {len(x_train):,} training and "
         f"{len(x_val):,} validation images, {params.epochs} epochs",
         flush=True,
     )
 
     experiment = tracking.use_experiment(params.mlflow.experiment)
     tracking.end_orphaned_runs(experiment.experiment_id)
-    tags = tracking.run_tags(kind, f"train_{kind}")
-    with tracking.run(run_name=tracking.run_name(kind), tags=tags) as run:
+    tags = tracking.run_tags(model_name, f"train_{model_name}")
+    with tracking.run(run_name=tracking.run_name(model_name), tags=tags) as run:
         mlflow.log_params(
             {
-                "model": kind,
+                "model": model_name,
                 "epochs": params.epochs,
                 "seed": params.seed,
                 **model_params.flat(),
@@ -75,7 +75,7 @@ def train(kind, params):
         datasets = {context: dataset for dataset, context in tracking.training_datasets(data)}
         for context, dataset in datasets.items():
             mlflow.log_input(dataset, context=context)
-        rows, seconds = training.fit(model, model_params, params, data)
+        rows, seconds = training.fit(model, model_params, data, params.epochs, params.seed)
         best = max(rows, key=lambda r: r["val_accuracy"])
         summary = {
             "val_accuracy": rows[-1]["val_accuracy"],
@@ -89,16 +89,16 @@ def train(kind, params):
         }
         mlflow.log_metrics({"train_seconds": seconds, "best_val_accuracy": best["val_accuracy"]})
 
-        with atomic_path(model_file(kind)) as tmp:
+        with atomic_path(model_file(model_name)) as tmp:
             model.save(tmp)
-        write_text(TRAIN_REPORTS_DIR / f"{kind}_history.csv", training.history_csv(rows))
-        write_json(TRAIN_REPORTS_DIR / f"{kind}.json", {kind: summary})
-        mlflow.log_artifact(str(TRAIN_REPORTS_DIR / f"{kind}_history.csv"))
+        write_text(TRAIN_REPORTS_DIR / f"{model_name}_history.csv", training.history_csv(rows))
+        write_json(TRAIN_REPORTS_DIR / f"{model_name}.json", {model_name: summary})
+        mlflow.log_artifact(str(TRAIN_REPORTS_DIR / f"{model_name}_history.csv"))
         mlflow.log_text(summary_text(model), "model_summary.txt")
 
         logged = tracking.log_keras_model(model, x_val[:5])
         version = registry.register(
-            kind,
+            model_name,
             logged.model_uri,
             {
                 "git_commit": tracking.git_commit() or "none",
@@ -108,12 +108,12 @@ def train(kind, params):
                 "val_digest": datasets["validation"].digest,
             },
         )
-        tracking.write_run_file(kind, run.info, version.version)
+        tracking.write_run_file(model_name, run.info, version.version)
         verdict = registry.crown_if_better(version)
     print(
-        f"train {kind}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
+        f"train {model_name}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
         f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}\n"
-        f"train {kind}: registered {version.name} v{version.version}; {verdict}",
+        f"train {model_name}: registered {version.name} v{version.version}; {verdict}",
         flush=True,
     )
     return summary

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from pipeline.core import confidence, corruptions, tracking
 from pipeline.core import params as params_module
+from pipeline.core import tracking
 from pipeline.core.files import DataError, atomic_path, load_arrays, require
 from pipeline.core.layout import (
     DATA_STATS_FILE,
@@ -40,6 +40,8 @@ from pipeline.core.layout import (
     ROBUSTNESS_FILE,
     TRAIN_REPORTS_DIR,
 )
+from pipeline.core.shifts import corruptions
+from pipeline.core.trust import confidence
 
 NAMES = MODELS  # what figures call each model
 
@@ -55,11 +57,18 @@ def save(fig, name):
 def training_curves(histories):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, label in [(axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")]:
-        for (kind, history), color in zip(histories.items(), ("tab:blue", "tab:orange"), strict=True):
+        for (model, history), color in zip(histories.items(), ("tab:blue", "tab:orange"), strict=True):
             ax.plot(
-                history.epoch, history[metric], color=color, linestyle="--", marker=".", label=f"{NAMES[kind]} training"
+                history.epoch,
+                history[metric],
+                color=color,
+                linestyle="--",
+                marker=".",
+                label=f"{NAMES[model]} training",
             )
-            ax.plot(history.epoch, history[f"val_{metric}"], color=color, marker="o", label=f"{NAMES[kind]} validation")
+            ax.plot(
+                history.epoch, history[f"val_{metric}"], color=color, marker="o", label=f"{NAMES[model]} validation"
+            )
         ax.set(title=f"{label} per epoch", xlabel="Epoch", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -67,7 +76,7 @@ def training_curves(histories):
     return fig
 
 
-def confusion(kind, matrix):
+def confusion(model, matrix):
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     matrix = np.asarray(matrix)
     # Log colour scale: the diagonal holds ~1,000 per class, mistakes a handful, and both should show.
@@ -83,7 +92,7 @@ def confusion(kind, matrix):
     )
     errors = int(matrix.sum() - np.trace(matrix))
     ax.set(
-        title=f"{NAMES[kind]} confusion matrix on the test set ({errors} errors)",
+        title=f"{NAMES[model]} confusion matrix on the test set ({errors} errors)",
         xlabel="Predicted digit",
         ylabel="Actual digit",
     )
@@ -103,25 +112,25 @@ def image_grid(images, titles, colors, suptitle, columns=5):
     return fig
 
 
-def prediction_grid(kind, x_test, predictions, count, seed):
+def prediction_grid(model, x_test, predictions, count, seed):
     chosen = np.sort(np.random.default_rng(seed).choice(len(predictions), size=count, replace=False))
     rows = predictions.iloc[chosen]
     return image_grid(
         x_test[chosen],
         [f"pred {r.predicted} / true {r.actual}" for r in rows.itertuples()],
         ["black" if r.predicted == r.actual else "red" for r in rows.itertuples()],
-        f"{NAMES[kind]}: random test images (mistakes in red)",
+        f"{NAMES[model]}: random test images (mistakes in red)",
     )
 
 
-def confident_mistakes(kind, x_test, predictions, count):
+def confident_mistakes(model, x_test, predictions, count):
     mistakes = predictions[predictions.predicted != predictions.actual]
     worst = mistakes.sort_values("confidence", ascending=False).head(count)
     return image_grid(
         x_test[worst.index.to_numpy()],
         [f"pred {r.predicted} ({r.confidence:.0%})\ntrue {r.actual}" for r in worst.itertuples()],
         ["red"] * len(worst),
-        f"{NAMES[kind]}: most confident mistakes ({len(mistakes)} in all)",
+        f"{NAMES[model]}: most confident mistakes ({len(mistakes)} in all)",
     )
 
 
@@ -129,7 +138,7 @@ def reliability(predictions, bins=15):
     """Calibrated confidences lie on the diagonal: of the answers given with 80 % confidence, 80 % are right."""
     fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), 5), squeeze=False)
     edges = np.linspace(0, 1, bins + 1)
-    for ax, (kind, frame) in zip(axes[0], predictions.items(), strict=True):
+    for ax, (model, frame) in zip(axes[0], predictions.items(), strict=True):
         correct = (frame.predicted == frame.actual).to_numpy()
         for column, label, color in [("raw_confidence", "model", "tab:gray"), ("confidence", "calibrated", "tab:blue")]:
             which = np.clip(np.digitize(frame[column], edges) - 1, 0, bins - 1)
@@ -143,7 +152,7 @@ def reliability(predictions, bins=15):
             )
         ax.plot([0, 1], [0, 1], linestyle=":", color="black", label="perfect calibration")
         ax.set(
-            title=f"{NAMES[kind]} on the test set",
+            title=f"{NAMES[model]} on the test set",
             xlabel="Confidence (mean per bin)",
             ylabel="Accuracy in the bin",
             xlim=(0, 1.01),
@@ -159,16 +168,16 @@ def risk_coverage(predictions):
     """Refusing the least confident answers: how many are kept, and how many of those are wrong."""
     fig, ax = plt.subplots(figsize=(7.5, 5))
     lowest_coverage = 1.0
-    for (kind, frame), color in zip(predictions.items(), ("tab:blue", "tab:orange"), strict=True):
+    for (model, frame), color in zip(predictions.items(), ("tab:blue", "tab:orange"), strict=True):
         _, accuracy_of_top = confidence.most_confident_first(
             frame.confidence.to_numpy(), (frame.predicted == frame.actual).to_numpy()
         )
         kept = np.arange(1, len(frame) + 1) / len(frame)
-        ax.plot(kept, 1 - accuracy_of_top, color=color, label=NAMES[kind])
+        ax.plot(kept, 1 - accuracy_of_top, color=color, label=NAMES[model])
         sure = ~frame.not_sure.to_numpy(bool)
         lowest_coverage = min(lowest_coverage, sure.mean())
         sure_errors = np.mean(frame.predicted[sure] != frame.actual[sure]) if sure.any() else 0.0
-        ax.plot([sure.mean()], [sure_errors], marker="o", color=color, label=f'{NAMES[kind]} "not sure" threshold')
+        ax.plot([sure.mean()], [sure_errors], marker="o", color=color, label=f'{NAMES[model]} "not sure" threshold')
     ax.set(
         title="Risk-coverage on the test set",
         xlabel="Coverage (share of answers kept, most confident first)",
@@ -200,12 +209,12 @@ def robustness(report, x_test, params, examples=4):
     bars = fig.add_subplot(grid[examples + 1 :, :])
     accuracy = pd.DataFrame(
         {
-            NAMES[kind]: [
+            NAMES[model]: [
                 scores["clean_accuracy"],
                 *(scores["corrupted"][n] for n in names),
                 scores["corrupted"]["mean_accuracy"],
             ]
-            for kind, scores in report.items()
+            for model, scores in report.items()
         },
         index=["clean", *(n.replace("_", " ") for n in names), "mean corrupted"],
     )
@@ -213,7 +222,7 @@ def robustness(report, x_test, params, examples=4):
     bars.set(ylabel="Test accuracy", ylim=(0, 1))
     bars.axhline(0.98, linestyle=":", color="black", label="98 %")
     bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle("Corrupted copies of the test images (pipeline/core/corruptions.py, params.yaml robustness)")
+    fig.suptitle("Corrupted copies of the test images (pipeline/core/shifts/corruptions.py, params.yaml robustness)")
     return fig
 
 
@@ -228,7 +237,7 @@ def sure_under_shift(report, accepted_accuracy, accepted_accuracy_under_shift):
         ("accepted_accuracy", right, "Sure answers that are right"),
     ]:
         frame = pd.DataFrame(
-            {NAMES[kind]: [scores["sure"][name][key] for name in copies] for kind, scores in report.items()},
+            {NAMES[model]: [scores["sure"][name][key] for name in copies] for model, scores in report.items()},
             index=labels,
         )
         frame.plot.bar(ax=ax, rot=30)
@@ -306,12 +315,16 @@ def visualize(params):
         DATA_STATS_FILE,
         ROBUSTNESS_FILE,
         READING_EXAMPLES_DIR / "readings.json",
-        *(TRAIN_REPORTS_DIR / f"{kind}_history.csv" for kind in params_module.MODELS),
-        *(EVAL_DIR / f"{kind}_{what}" for kind in params_module.MODELS for what in ("predictions.csv", "report.json")),
+        *(TRAIN_REPORTS_DIR / f"{model}_history.csv" for model in params_module.MODELS),
+        *(
+            EVAL_DIR / f"{model}_{what}"
+            for model in params_module.MODELS
+            for what in ("predictions.csv", "report.json")
+        ),
     )
-    histories = {kind: pd.read_csv(TRAIN_REPORTS_DIR / f"{kind}_history.csv") for kind in params_module.MODELS}
-    predictions = {kind: pd.read_csv(EVAL_DIR / f"{kind}_predictions.csv") for kind in params_module.MODELS}
-    reports = {kind: json.loads((EVAL_DIR / f"{kind}_report.json").read_text()) for kind in params_module.MODELS}
+    histories = {model: pd.read_csv(TRAIN_REPORTS_DIR / f"{model}_history.csv") for model in params_module.MODELS}
+    predictions = {model: pd.read_csv(EVAL_DIR / f"{model}_predictions.csv") for model in params_module.MODELS}
+    reports = {model: json.loads((EVAL_DIR / f"{model}_report.json").read_text()) for model in params_module.MODELS}
     stats = json.loads(DATA_STATS_FILE.read_text())
     count = min(params.visualize.grid_images, len(x_test))
 
@@ -338,18 +351,18 @@ def visualize(params):
         ),
     ]
     figures = {
-        kind: shared
+        model: shared
         + [
-            save(confusion(kind, reports[kind]["confusion_matrix"]), f"confusion_{kind}.png"),
-            save(prediction_grid(kind, x_test, predictions[kind], count, params.seed), f"predictions_{kind}.png"),
-            save(confident_mistakes(kind, x_test, predictions[kind], min(count, 15)), f"mistakes_{kind}.png"),
+            save(confusion(model, reports[model]["confusion_matrix"]), f"confusion_{model}.png"),
+            save(prediction_grid(model, x_test, predictions[model], count, params.seed), f"predictions_{model}.png"),
+            save(confident_mistakes(model, x_test, predictions[model], min(count, 15)), f"mistakes_{model}.png"),
         ]
-        for kind in params_module.MODELS
+        for model in params_module.MODELS
     }
 
     tracking.use_experiment(params.mlflow.experiment)
-    for kind, paths in figures.items():
-        with tracking.run(run_id=tracking.read_run_id(kind)):
+    for model, paths in figures.items():
+        with tracking.run(run_id=tracking.read_run_id(model)):
             for path in paths:
                 mlflow.log_artifact(str(path), "figures")
     print(f"visualize: wrote {len(set(sum(figures.values(), [])))} figures to {FIGURES_DIR}/", flush=True)

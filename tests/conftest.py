@@ -81,8 +81,9 @@ def model_file(tmp_path_factory):
     import joblib
     import keras
 
-    from pipeline.core import gate, models, nondigits, normalize, params
-    from pipeline.core.graph import export
+    from pipeline.core import models, normalize, params
+    from pipeline.core.graph.convert import export
+    from pipeline.core.trust import gate, nondigits
 
     keras.utils.set_random_seed(0)
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
@@ -128,7 +129,7 @@ def trained_model_file(tmp_path_factory, mnist):
 
     from pipeline import calibrate, preprocess
     from pipeline.core import params, training
-    from pipeline.core.graph import export
+    from pipeline.core.graph.convert import export
 
     x, y = preprocess.scale(mnist["x_train"][:14000]), preprocess.one_hot(mnist["y_train"][:14000])
     data = {"x_train": x[:12000], "y_train": y[:12000], "x_val": x[12000:], "y_val": y[12000:]}
@@ -140,7 +141,7 @@ def trained_model_file(tmp_path_factory, mnist):
     path = tmp_path_factory.mktemp("reading-model") / "cnn.keras"
     training.seed_everything(settings.seed)
     model = training.compiled_model(settings.cnn, settings.epochs, 12000)
-    training.fit(model, settings.cnn, settings, data, to_mlflow=False, verbose=0)
+    training.fit(model, settings.cnn, data, settings.epochs, settings.seed, to_mlflow=False, verbose=0)
     model.save(path)
     # No corrupted copies: the threshold from clean validation digits alone (the reader's tests need
     # a model that reads, not the promise under shift).

@@ -64,7 +64,7 @@ def test_upload_answers_digit_probabilities_and_model(client, predictor, fmt, in
 def test_answers_carry_the_models_calibration_and_say_when_not_sure(client, predictor, model_file):
     import keras
 
-    from pipeline.core.confidence import with_temperature
+    from pipeline.core.trust.confidence import with_temperature
     from tests.conftest import CALIBRATION_TEMPERATURE
 
     pixels = normalize.to_mnist(draw_digit_seven())
@@ -142,7 +142,7 @@ def test_threads_come_from_the_environment_and_a_bad_value_is_named(model_file, 
 def test_onnx_runtime_answers_as_tensorflow_does(model_file):
     """Digits and "not a digit" the same, probabilities within 1e-5, on drawn sevens and on
     generated non-digits (which the gate flags)."""
-    from pipeline.core import gate, nondigits
+    from pipeline.core.trust import gate, nondigits
     from tests.conftest import varied_sevens
 
     sevens = [normalize.to_mnist(image) for image in varied_sevens(50, seed=7)]

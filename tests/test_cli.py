@@ -8,7 +8,7 @@ import sys
 from PIL import Image
 
 from pipeline import cli
-from pipeline.serving import cli as serving_cli
+from pipeline.serving import images
 from tests.helpers import draw_digit_seven
 
 
@@ -85,7 +85,7 @@ def test_tensorflow_start_up_notices_and_python_warnings_are_held_back():
 def test_a_large_folder_is_decoded_in_parallel_in_order_with_bad_files_named(model_file, tmp_path, capsys):
     folder = tmp_path / "many"
     folder.mkdir()
-    for i in range(serving_cli.PARALLEL_FROM + 10):
+    for i in range(images.PARALLEL_FROM + 10):
         draw_digit_seven(120, 100, offset=(10 + i % 20, 10)).save(folder / f"{i:04d}.png")
     (folder / "0100.png").write_bytes(b"not a png")
     assert cli.main(["predict", str(folder), "--model", str(model_file)]) == 1

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.core import confidence
+from pipeline.core.trust import confidence
 from tests.helpers import ROOT
 
 
@@ -77,7 +77,8 @@ def test_a_broken_calibration_file_is_named(tmp_path):
 def test_the_keras_form_of_temperature_scaling_matches_the_numpy_form_and_keeps_the_gate_features():
     import keras
 
-    from pipeline.core import gate, models, params
+    from pipeline.core import models, params
+    from pipeline.core.trust import gate
 
     keras.utils.set_random_seed(0)
     model = models.build(params.load(ROOT / "params.yaml").mlp)
@@ -94,8 +95,8 @@ def test_soft_images_get_their_own_temperature_so_every_copy_keeps_its_promise()
     # Clean digits: solid ink, calibrated answers. A "low resolution" copy: faint ink, and 10 % of
     # its answers confidently wrong, as models are on 8x8 scans. One temperature cannot keep the
     # under-shift promise there without making clean digits "not sure"; a soft one can.
-    from pipeline import calibrate
     from pipeline.core import params
+    from pipeline.core.trust import calibration as search
 
     settings = params.load(ROOT / "params.yaml")
     rng = np.random.default_rng(0)
@@ -109,10 +110,10 @@ def test_soft_images_get_their_own_temperature_so_every_copy_keeps_its_promise()
     blurred[np.arange(3000), (labels + 1) % 10] += np.where(wrong, 12.0, 0.0)  # ... and where wrong
     raw = {"clean": softmax(logits), "low_resolution": softmax(blurred)}
     images = {"clean": sharp, "low_resolution": soft}
-    temperature = confidence.fit_temperature(raw["clean"], labels)
+    copies = {name: search.Copy(raw[name], images[name], labels, name == "clean") for name in raw}
 
-    rule, clean_threshold, _ = calibrate.best_shift_aware(raw, images, labels, temperature, settings)
-    calibration = {"temperature": temperature, **rule}
+    calibration, record = search.search(copies, settings.calibrate)
+    temperature, rule, clean_threshold = calibration["temperature"], calibration, record["clean_digits_alone_ask"]
     assert rule["soft_temperature"] > temperature
     assert rule["not_sure_below"] == pytest.approx(clean_threshold)  # clean digits pay nothing
     for name, target in (("clean", 0.999), ("low_resolution", 0.996)):

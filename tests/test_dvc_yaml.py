@@ -1,4 +1,5 @@
-"""dvc.yaml's rule: each stage lists as deps exactly the pipeline modules its code runs."""
+"""dvc.yaml's rule: each stage lists as deps exactly the pipeline modules its code runs (a folder
+standing for all of its modules)."""
 
 import ast
 
@@ -42,9 +43,25 @@ def code_run_by(module):
     return files
 
 
+def modules_in(dep):
+    """A dep's Python modules: the file, or every module in the folder (DVC hashes the whole folder;
+    .dvcignore keeps __pycache__ out of it)."""
+    path = ROOT / dep
+    return {str(p.relative_to(ROOT)) for p in path.rglob("*.py")} if path.is_dir() else {dep}
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_deps_list_every_module_it_imports(name):
     stage = STAGES[name]
     module = stage["cmd"].split()[2]  # python -m pipeline.<stage>
-    declared = {d for d in stage["deps"] if d.startswith("pipeline/")}
-    assert declared == code_run_by(module)
+    declared = [modules_in(d) for d in stage["deps"] if d.startswith("pipeline/")]
+    assert set().union(*declared) == code_run_by(module)
+    assert stage["deps"][0] == module.replace(".", "/") + ".py", "the stage's own module comes first"
+
+
+def test_a_folder_dep_is_exact():
+    """A folder in a stage's deps reruns it when any module in the folder changes, so every module
+    in it must be one the stage runs: pipeline/core/trust for calibrate, say."""
+    calibrate = code_run_by("pipeline.calibrate")
+    assert modules_in("pipeline/core/trust") <= calibrate
+    assert not modules_in("pipeline/core/trust") <= code_run_by("pipeline.evaluate")  # no calibration search

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.core import printed
+from bench import printed
 from pipeline.core.files import sha256
 
 

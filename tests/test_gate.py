@@ -4,7 +4,8 @@ style corruptions of the robustness stage, on images made here."""
 import numpy as np
 import pytest
 
-from pipeline.core import corruptions, gate, nondigits
+from pipeline.core.shifts import corruptions
+from pipeline.core.trust import gate, nondigits
 from tests.helpers import tiny_images
 
 

@@ -138,7 +138,7 @@ def test_model_logged_by_calibrate_answers_calibrated_probabilities_with_mlflow_
     import keras
     import mlflow
 
-    from pipeline.core.confidence import with_temperature
+    from pipeline.core.trust.confidence import with_temperature
 
     repo, _, _ = repo
     x_val = np.load(repo / "data/processed/x_val.npy")[:50]
@@ -288,7 +288,7 @@ def test_serving_graph_answers_as_the_keras_model(repo, runtime):
     with the calibrate stage's temperature, on real test images."""
     import keras
 
-    from pipeline.core.confidence import with_temperature
+    from pipeline.core.trust.confidence import with_temperature
     from pipeline.serving.predictor import Predictor
 
     repo, _, _ = repo

@@ -191,7 +191,7 @@ def test_batch_reading_of_numbers_answers_as_the_cli(world):
     """`digits score --read`: each image a whole number, the same rows as `digits read`."""
     from PIL import Image
 
-    from pipeline.core import numbers
+    from pipeline.core.reading import numbers
 
     repo = world["repo"]
     folder = repo / "forms"

@@ -1,4 +1,4 @@
-"""The number reader (pipeline/core/reading.py) on numbers written from real MNIST test digits, read
+"""The number reader (pipeline/core/reading/segment.py) on numbers written from real MNIST test digits, read
 by a briefly trained CNN (conftest.trained_model_file), and the same answers from `digits read`
 and POST /read. What it measures at full size is the read_eval stage's job."""
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.core import normalize, numbers, reading
+from pipeline.core import normalize
+from pipeline.core.reading import numbers, segment
 from pipeline.read_eval import scores
 from tests.helpers import ROOT
 
@@ -31,7 +32,7 @@ def written(mnist):
 
 
 def test_clear_numbers_are_cut_into_their_digits_and_read(written, predictor):
-    readings = [(text, boxes, reading.read(image, predictor)) for image, text, boxes in written["clear"]]
+    readings = [(text, boxes, segment.read(image, predictor)) for image, text, boxes in written["clear"]]
     assert sum(len(r.digits) == 5 for _, _, r in readings) >= 18
     # Digits read right, matched in order as read_eval matches them (an extra digit shifts none).
     assert scores([(text, r) for text, _, r in readings])["digit_accuracy"] >= 0.9
@@ -45,13 +46,13 @@ def test_clear_numbers_are_cut_into_their_digits_and_read(written, predictor):
 
 def test_touching_digits_are_split(written, predictor):
     """Every one of these numbers has a pair of digits whose ink touches: one connected piece."""
-    readings = [(text, reading.read(image, predictor)) for image, text, _ in written["touching"]]
+    readings = [(text, segment.read(image, predictor)) for image, text, _ in written["touching"]]
     assert sum(len(r.digits) == len(text) for text, r in readings) >= 14
 
 
 def test_a_number_is_sure_only_when_every_digit_is(written, predictor):
     """(How often sure readings are right with the real model: reports/reading.json.)"""
-    readings = [reading.read(image, predictor) for kind in written.values() for image, _, _ in kind]
+    readings = [segment.read(image, predictor) for kind in written.values() for image, _, _ in kind]
     assert all(r.sure == all(not d.not_sure for d in r.digits) for r in readings)
     assert {r.sure for r in readings} == {True, False}
     # A mark that is not a digit is "?" in the number, never a guessed digit.
@@ -73,7 +74,7 @@ def test_a_digit_written_in_separate_strokes_is_one_piece():
     five = [[(84, 38), (80, 58), (100, 58), (104, 74), (96, 84), (80, 82)], [(88, 22), (112, 22)]]
     one = [[(150, 20), (150, 85)]]
     ink = normalize.to_ink(normalize.to_gray(strokes_image(four + five + one)))
-    pieces = reading.ink_pieces(ink)
+    pieces = segment.ink_pieces(ink)
     spans = [(left, right) for (_, _, left, right), _ in pieces]
     assert len(spans) == 3
     for (left, right), strokes in zip(spans, [four, five, one], strict=True):
@@ -83,10 +84,10 @@ def test_a_digit_written_in_separate_strokes_is_one_piece():
 
 def test_blank_and_cluttered_images_are_refused_with_a_reason(predictor):
     with pytest.raises(normalize.ImageError, match="blank"):
-        reading.read(np.full((60, 200), 255, np.uint8), predictor)
+        segment.read(np.full((60, 200), 255, np.uint8), predictor)
     dots = [[(x, 30), (x + 2, 30)] for x in range(10, 400, 12)]
-    with pytest.raises(reading.TooManyPieces, match=f"at most {reading.MAX_PIECES}"):
-        reading.read(strokes_image(dots, size=(420, 60)), predictor)
+    with pytest.raises(segment.TooManyPieces, match=f"at most {segment.MAX_PIECES}"):
+        segment.read(strokes_image(dots, size=(420, 60)), predictor)
 
 
 def test_cli_api_and_reader_give_the_same_answer(written, predictor, trained_model_file, tmp_path):
@@ -99,7 +100,7 @@ def test_cli_api_and_reader_give_the_same_answer(written, predictor, trained_mod
     for i, image in enumerate(images):
         paths.append(tmp_path / f"number{i}.png")
         Image.fromarray(image).save(paths[-1])
-    expected = [{"file": str(p), **reading.read(normalize.decode(p.read_bytes()), predictor).as_dict()} for p in paths]
+    expected = [{"file": str(p), **segment.read(normalize.decode(p.read_bytes()), predictor).as_dict()} for p in paths]
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "read", *map(str, paths), "--format", "json", "--model",
          str(trained_model_file)],

@@ -68,7 +68,7 @@ def test_training_batches_each_get_their_own_augmentation_and_repeat_the_same_wa
 
 
 def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_training():
-    from pipeline.core.augmentation import RandomCorruption
+    from pipeline.core.shifts.augmentation import RandomCorruption
 
     images = (tiny_images(1000)[0] / 255.0).astype(np.float32)[..., None]
 
@@ -91,7 +91,7 @@ def test_corruption_augmentation_changes_only_its_share_of_a_batch_and_only_in_t
 def test_low_resolution_share_shrinks_its_share_of_a_batch_and_scales_it_back():
     import tensorflow as tf
 
-    from pipeline.core.augmentation import RandomCorruption, _resized
+    from pipeline.core.shifts.augmentation import RandomCorruption, _resized
 
     images = (tiny_images(600)[0] / 255.0).astype(np.float32)[..., None]
     strength = dataclasses.replace(params.load().cnn.augment, corruption_share=0.0, low_resolution_share=0.3)
@@ -114,7 +114,7 @@ def test_each_corrupted_image_is_a_corruption_of_its_own_original():
     # so they can be recomputed here.
     import tensorflow as tf
 
-    from pipeline.core.augmentation import RandomCorruption, _gaussian_kernel
+    from pipeline.core.shifts.augmentation import RandomCorruption, _gaussian_kernel
 
     strength = dataclasses.replace(params.load().cnn.augment, corruption_share=1.0)
     images = (tiny_images(700)[0] / 255.0).astype(np.float32)[..., None]
@@ -150,7 +150,7 @@ def moments(batch):
 def test_affine_augmentation_keeps_each_image_within_its_ranges_in_one_resampling():
     import keras
 
-    from pipeline.core.augmentation import RandomAffine
+    from pipeline.core.shifts.augmentation import RandomAffine
 
     images = upright_bars(400)
     ink0, y0, x0, _ = moments(images)
@@ -188,7 +188,7 @@ def test_affine_augmentation_keeps_each_image_within_its_ranges_in_one_resamplin
 def test_wide_tilts_turn_each_image_by_their_range_either_way_about_its_centre():
     import keras
 
-    from pipeline.core.augmentation import _tilted
+    from pipeline.core.shifts.augmentation import _tilted
 
     low, high = params.load().cnn.augment.tilt_degrees
     images = upright_bars(400)

@@ -27,21 +27,38 @@ NUM_CLASSES = 10
 DIGITS = tuple(range(NUM_CLASSES))
 
 
+# The files of one model, side by side: models/cnn.keras, models/cnn.run.json, ... (train writes the
+# first two, calibrate the next two, export the last; `digits finetune` writes all but the run).
+SIDE_FILES = {
+    "keras": ".keras",
+    "run": ".run.json",
+    "calibration": ".calibration.json",
+    "gate": ".gate.pkl",
+    "onnx": ".onnx",
+}
+
+
+def beside(model_path, part):
+    """The file `part` (a key of SIDE_FILES) of the model whose file is `model_path`."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + SIDE_FILES[part])
+
+
 def model_file(model):
     return MODELS_DIR / f"{model}.keras"
 
 
 def run_file(model):
-    return MODELS_DIR / f"{model}.run.json"
+    return beside(model_file(model), "run")
 
 
 def calibration_file(model):
-    return MODELS_DIR / f"{model}.calibration.json"
+    return beside(model_file(model), "calibration")
 
 
 def gate_file(model):
-    return MODELS_DIR / f"{model}.gate.pkl"
+    return beside(model_file(model), "gate")
 
 
 def onnx_file(model):
-    return MODELS_DIR / f"{model}.onnx"
+    return beside(model_file(model), "onnx")

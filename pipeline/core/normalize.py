@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_BYTES = 10 * 1024 * 1024  # an upload larger than this is refused before decoding
 MAX_PIXELS = 40_000_000  # refuse decompression bombs: a small file that decodes huge
-INK_THRESHOLD = 0.1  # after scaling, pixels above this count as ink when cropping
+INK_THRESHOLD = 0.1  # after scaling to 0-1, pixels above this are ink: for cropping, and for every rule that counts ink
 
 
 class ImageError(ValueError):

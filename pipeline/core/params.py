@@ -106,7 +106,7 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class RobustnessParams:
     seed: int
-    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/core/corruptions.py
+    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/core/shifts/corruptions.py
 
 
 @dataclass(frozen=True)
@@ -226,13 +226,7 @@ def _corruptions(r):
     for name in CORRUPTIONS:
         key = f"robustness.{name}"
         if name in RANGES:
-            lo, hi = RANGES[name]
-            value = r.get(key, list)
-            if value is not None:
-                ok = len(value) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-                if not ok or not lo <= value[0] <= value[1] <= hi:
-                    r.errors.append(f"{key}: got {value!r}, expected [low, high] with {lo} <= low <= high <= {hi}")
-                strengths[name] = tuple(value)
+            strengths[name] = r.float_range(key, *RANGES[name])
         else:
             limits = {"thickness": (int, 1, 5), "noise": (float, 0.0, 1.0), "low_resolution": (int, 2, 27)}[name]
             strengths[name] = r.get(key, *limits)

@@ -10,11 +10,12 @@ def registered_name(model):
     return f"digits-{model}"
 
 
-def register(model, model_uri, tags):
-    """Register a logged model as a new version of digits-<model>; returns the version."""
+def register(model, model_uri, tags, name=None):
+    """Register a logged model as a new version of `name` (default digits-<model>); returns the version."""
     import mlflow
 
-    return mlflow.register_model(model_uri, registered_name(model), tags={k: str(v) for k, v in tags.items()})
+    name = name or registered_name(model)
+    return mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
 
 
 def champion_of(name):
@@ -77,6 +78,20 @@ def set_champion(version, attempts=3):
             if attempt == attempts - 1:
                 raise
             time.sleep(1)
+
+
+def promote(name, version):
+    """Move `name`'s champion alias to `version` by hand: (the champion before, the version now)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.core import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    chosen = MlflowClient().get_model_version(name, str(version))
+    before = champion_of(name)
+    set_champion(chosen)
+    return before, chosen
 
 
 def _judge(version, champion):

@@ -26,14 +26,14 @@ def steps_per_epoch(train_size, model_params):
 
 
 def training_dataset(x, y, model_params, seed):
-    """Shuffled batches with on-the-fly augmentation (pipeline/core/augmentation.py: small rotations,
+    """Shuffled batches with on-the-fly augmentation (pipeline/core/shifts/augmentation.py: small rotations,
     shifts and zooms in one resampling, then corruptions, `augment.corruption_share`), run in the tf.data
     pipeline so the saved model stays a plain inference model. Endless: one epoch is
     steps_per_epoch() batches, reshuffled each time round."""
     import keras
     import tensorflow as tf
 
-    from pipeline.core.augmentation import RandomAffine, RandomCorruption
+    from pipeline.core.shifts.augmentation import RandomAffine, RandomCorruption
 
     strength = model_params.augment
     augment = keras.Sequential(
@@ -54,8 +54,8 @@ def training_dataset(x, y, model_params, seed):
         name="augment",
     )
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    # One iterator for the whole run: fit() starting a new one each epoch stalled the epoch's first
-    # step by 10-17 s in 10 of 28 epochs measured on two cores.
+    # One iterator for the whole run: fit() starting a new one each epoch stalls the epoch's first
+    # step (docs/experiments.md, "Measurements behind the code").
     ds = ds.batch(model_params.batch_size).repeat()
     if augment.layers:
         # One call at a time: the layers draw from seed generators, and parallel calls race for
@@ -104,7 +104,7 @@ class EpochLog:
                 self.start = time.perf_counter()
 
             def on_epoch_end(self, epoch, logs=None):
-                row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:5]}}
+                row = {"epoch": epoch + 1, **{k: float(logs.get(k, "nan")) for k in HISTORY_COLUMNS[1:5]}}
                 row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
                 row["seconds"] = round(time.perf_counter() - self.start, 3)
                 self.rows.append(row)
@@ -115,9 +115,15 @@ class EpochLog:
 
 
 def compiled_model(model_params, epochs, train_size):
+    """A new model of `model_params`' architecture, compiled with its recipe."""
+    return compile_with_recipe(models.build(model_params), model_params, epochs, train_size)
+
+
+def compile_with_recipe(model, model_params, epochs, train_size):
+    """`model` (new, or trained already and to be fine-tuned) compiled with `model_params`' optimiser,
+    learning-rate schedule and loss."""
     import keras
 
-    model = models.build(model_params)
     model.compile(
         # weight_decay is decoupled from the gradient (AdamW): each step shrinks every weight by
         # learning_rate * weight_decay, so the decay follows the schedule to zero.
@@ -134,16 +140,17 @@ def compiled_model(model_params, epochs, train_size):
     return model
 
 
-def fit(model, model_params, params, data, to_mlflow=True, callbacks=(), verbose=None):
-    """Train in place; returns the per-epoch rows and the training seconds. `callbacks` see each
-    epoch after the row is logged (a sweep reports it to Ray Tune)."""
+def fit(model, model_params, data, epochs, seed, to_mlflow=True, callbacks=(), verbose=None):
+    """Train in place on data's x_train and y_train (validated on x_val and y_val, where given);
+    returns the per-epoch rows and the training seconds. `callbacks` see each epoch after the row
+    is logged (a sweep reports it to Ray Tune)."""
     epoch_log = EpochLog.create(to_mlflow)
     start = time.perf_counter()
     model.fit(
-        training_dataset(data["x_train"], data["y_train"], model_params, params.seed),
-        epochs=params.epochs,
+        training_dataset(data["x_train"], data["y_train"], model_params, seed),
+        epochs=epochs,
         steps_per_epoch=steps_per_epoch(len(data["x_train"]), model_params),
-        validation_data=(data["x_val"], data["y_val"]),
+        validation_data=(data["x_val"], data["y_val"]) if "x_val" in data else None,
         callbacks=[epoch_log, *callbacks],
         shuffle=False,  # the dataset shuffles; Keras warns that it cannot
         verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose,

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core import normalize
 from pipeline.scale import cluster
-from pipeline.serving import cli as serving_cli
-from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
+from pipeline.serving import answers, images
+from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES, check_source
 
 # Rows per block and per actor call. The answers do not depend on it (ONNX Runtime answers an image
 # alike in any batch); 512 gave two actors their first block soonest on 10,000 files (docs/scaling.md).
@@ -39,9 +38,9 @@ def decode(batch):
     contents = batch.get("image")
     for i, name in enumerate(batch["file"]):
         if contents is None:  # read by absolute path, named as the user gave it
-            _, image, error = serving_cli.read_image(Path(batch["path"][i]), name)
+            _, image, error = images.read_image(Path(batch["path"][i]), name)
         else:
-            image, error = serving_cli.decode_image(contents[i], name)
+            image, error = images.decode_image(contents[i], name)
         images.append(np.zeros((28, 28), np.float32) if image is None else image)
         errors.append(error or "")
     return {"file": np.asarray(batch["file"]), "image": np.stack(images), "error": np.asarray(errors)}
@@ -81,10 +80,10 @@ class Scorer(ModelActor):
             probabilities, not_a_digit = self.predictor.predict(list(batch["image"][readable]))
             names = batch["file"][readable]
             for name, p, flag in zip(names, probabilities, not_a_digit, strict=True):
-                answers[name] = serving_cli.csv_row(serving_cli.ranked(name, p, flag, self.top_k, self.predictor))
+                answers[name] = answers.csv_row(answers.ranked(name, p, flag, self.top_k, self.predictor))
         unanswered = ["", -1, float("nan"), False, False, *[""] * self.top_k]
         rows = [answers.get(name, [name, *unanswered[1:]]) for name in batch["file"]]
-        columns = zip(serving_cli.csv_columns(self.top_k), zip(*rows, strict=True), strict=True)
+        columns = zip(answers.csv_columns(self.top_k), zip(*rows, strict=True), strict=True)
         return self.answer({column: np.asarray(values) for column, values in columns}, batch["error"])
 
 
@@ -93,22 +92,20 @@ class NumberReader(ModelActor):
     own size, so it decodes the file itself."""
 
     def __call__(self, batch):
-        from pipeline.core import reading
+        from pipeline.core.reading import segment
 
         rows, errors = [], []
         contents = batch.get("image")
         for i, name in enumerate(batch["file"]):
-            try:
-                data = Path(batch["path"][i]).read_bytes() if contents is None else contents[i]
-                found = reading.read(normalize.decode(data, name), self.predictor).as_dict()
-                rows.append(serving_cli.reading_row(name, found))
-                errors.append("")
-            except (OSError, normalize.ImageError) as e:
-                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            data, error = images.read_bytes(batch["path"][i], name) if contents is None else (contents[i], None)
+            image, error = (None, error) if error else images.decode_raw(data, name)
+            if error:
                 rows.append([name, "", "", "", ""])
-                errors.append(why if name in why else f"{name}: {why}")
+            else:
+                rows.append(answers.reading_row({"file": name, **segment.read(image, self.predictor).as_dict()}))
+            errors.append(error or "")
         # As text, as the CLI's CSV has them: every batch then has the same Parquet schema.
-        columns = zip(serving_cli.READ_COLUMNS, zip(*rows, strict=True), strict=True)
+        columns = zip(answers.READ_COLUMNS, zip(*rows, strict=True), strict=True)
         return self.answer({column: np.asarray([str(v) for v in values]) for column, values in columns}, errors)
 
 
@@ -124,11 +121,10 @@ def score(args):
     if bool(args.parquet) == bool(args.images):
         raise ValueError("give image files or folders, or --parquet FILE (one of the two)")
     if not args.parquet:
-        paths = [str(p) for p in serving_cli.image_paths(args.images)]
+        paths = [str(p) for p in images.image_paths(args.images)]
         if not paths:
             raise ValueError(f"{' '.join(args.images)}: no images found")
-    if not ("://" in args.model or args.model.startswith(("runs:/", "models:/")) or Path(args.model).exists()):
-        raise ValueError(f"{args.model}: no such model file (train one with `./dev repro`, or `dvc pull`)")
+    check_source(args.model)
     model = args.model if ":/" in args.model else str(Path(args.model).resolve())
     cluster.connect(address, args.cpus)
     total = ray.cluster_resources().get("CPU", 0)
@@ -161,7 +157,7 @@ def score(args):
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=BLOCKS_IN_FLIGHT),
         num_cpus=args.cpus_per_actor,
     )
-    columns = serving_cli.READ_COLUMNS if args.read else serving_cli.csv_columns(args.top_k)
+    columns = answers.READ_COLUMNS if args.read else answers.csv_columns(args.top_k)
     count, failed, nodes = write(answers, args.out, columns)
     for _, error in failed:
         print(f"digits: {error}", file=sys.stderr)
@@ -210,7 +206,7 @@ def write(answers, out, names):
 def main(args):
     try:
         return score(args)
-    except (ValueError, cluster.ClusterError) as e:
+    except (ValueError, FileNotFoundError, cluster.ClusterError) as e:
         print(f"digits score: {e}", file=sys.stderr)
         return 2
 

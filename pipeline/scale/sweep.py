@@ -56,17 +56,17 @@ def search_space(grid, sampled, space_file):
             if isinstance(spec, list):
                 space[key] = tune.grid_search(spec)
             elif isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS:
-                kind, values = next(iter(spec.items()))
-                space[key] = SAMPLERS[kind](values)
+                sampler, values = next(iter(spec.items()))
+                space[key] = SAMPLERS[sampler](values)
             else:
                 raise ValueError(f"{space_file}: {key}: expected a list (grid) or one of {sorted(SAMPLERS)}")
-    for kind, items in [("grid", grid), *sampled]:
+    for sampler, items in [("grid", grid), *sampled]:
         for item in items:
             key, sep, values = item.partition("=")
             if not sep or not values:
-                raise ValueError(f"--{kind} {item}: expected KEY=VALUE,VALUE...")
+                raise ValueError(f"--{sampler} {item}: expected KEY=VALUE,VALUE...")
             values = [yaml.safe_load(v) for v in _split_values(values)]
-            space[key] = tune.grid_search(values) if kind == "grid" else SAMPLERS[kind](values)
+            space[key] = tune.grid_search(values) if sampler == "grid" else SAMPLERS[sampler](values)
     return space
 
 
@@ -123,7 +123,8 @@ def trial(config, tree, data, corrupted_val):
     import tensorflow as tf
     from ray import tune
 
-    from pipeline.core import confidence, training  # here: `digits predict` starts without TensorFlow
+    from pipeline.core import training
+    from pipeline.core.trust import confidence  # here: `digits predict` starts without TensorFlow
 
     cpus = cluster.limit_tensorflow_threads()
     keras.backend.clear_session()  # the actor may have run an earlier trial: free its model
@@ -137,7 +138,9 @@ def trial(config, tree, data, corrupted_val):
 
     training.seed_everything(params.seed)
     model = training.compiled_model(model_params, params.epochs, len(data["x_train"]))
-    _, seconds = training.fit(model, model_params, params, data, to_mlflow=False, callbacks=[ReportEpoch()], verbose=0)
+    _, seconds = training.fit(
+        model, model_params, data, params.epochs, params.seed, to_mlflow=False, callbacks=[ReportEpoch()], verbose=0
+    )
 
     labels = data["y_val"].argmax(1)
     probabilities = model.predict(data["x_val"], batch_size=params.evaluate.batch_size, verbose=0)
@@ -304,18 +307,11 @@ def dataset_inputs(data):
     ]
 
 
-def sweep(args):
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
+def param_space(args, base):
+    """Tune's param_space from the command line: the models, the fixed overrides, the searched keys
+    and the seeds; and the epochs each trial runs."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.core import corruptions
-
-    address = cluster.address(args.address)
-    uri = cluster.check_tracking_for(address)
-    tree = params_module.read_tree(args.params)
-    base = params_module.from_tree(tree, args.params)  # a broken params.yaml stops here, not in every trial
     space = search_space(
         args.grid, [("choice", args.choice), ("uniform", args.uniform), ("loguniform", args.loguniform)], args.space
     )
@@ -325,55 +321,44 @@ def sweep(args):
         fixed[key] = yaml.safe_load(value)
     if "epochs" in space and args.asha:
         raise ValueError("--asha stops trials by epoch: keep epochs fixed")
-    epochs = fixed.get("epochs", base.epochs)
     if args.search == "optuna":
         if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
             raise ValueError("--search optuna samples every key: use --choice, not --grid or a list")
         seeds = {"seed": tune.choice(args.seeds)} if len(args.seeds) > 1 else {"seed": args.seeds[0]}
     else:
         seeds = {"seed": tune.grid_search(args.seeds)}
-    param_space = {
-        "model": tune.grid_search(args.models) if len(args.models) > 1 else args.models[0],
-        **fixed,
-        **space,
-        **seeds,
-    }
+    models = tune.grid_search(args.models) if len(args.models) > 1 else args.models[0]
+    return {"model": models, **fixed, **space, **seeds}, fixed.get("epochs", base.epochs)
 
-    data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])  # never the test split
-    corrupted_val = corruptions.corrupted_copies(data["x_val"], base)
-    cluster.connect(address, args.cpus)
-    experiment = tracking.use_experiment(base.mlflow.experiment)
-    client = MlflowClient(uri)
-    sweep_name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+
+def start_parent_run(client, experiment, sweep_name):
     parent = client.create_run(
         experiment.experiment_id, run_name=sweep_name, tags={**tracking.run_tags("sweep", "sweep"), "sweep": sweep_name}
     )
     parent_id = parent.info.run_id
     client.log_param(parent_id, "command", " ".join(sys.argv[1:])[:6000] or "sweep")
-    client.log_param(parent_id, "search", args.search)
-    client.log_param(parent_id, "seeds", str(args.seeds))
-    callback = mlflow_callback(client, experiment.experiment_id, parent_id, dataset_inputs(data), sweep_name, tree)
-    print(f"sweep {sweep_name}: MLflow run {parent_id} in {uri}", flush=True)
+    return parent_id
+
+
+def tuner_for(args, space, epochs, trainable, callback, sweep_name):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
 
     search_alg = None
     if args.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(metric="val_accuracy", mode="max", seed=args.seeds[0])
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, tree=tree, data=data, corrupted_val=corrupted_val), {"cpu": args.cpus_per_trial}
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
+    asha = ASHAScheduler(max_t=epochs + 1, grace_period=args.asha_grace, time_attr="epoch") if args.asha else None
+    return tune.Tuner(
+        tune.with_resources(trainable, {"cpu": args.cpus_per_trial}),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric="val_accuracy",
             mode="max",
             num_samples=args.samples,
             search_alg=search_alg,
-            scheduler=ASHAScheduler(max_t=epochs + 1, grace_period=args.asha_grace, time_attr="epoch")
-            if args.asha
-            else None,
+            scheduler=asha,
             max_concurrent_trials=args.max_concurrent,
             # A trial's actor runs the next trial: no new process, TensorFlow import or data copy.
             reuse_actors=True,
@@ -386,29 +371,32 @@ def sweep(args):
             verbose=1,
         ),
     )
+
+
+def run_tuner(tuner, callback, client, parent_id):
+    """The trials' results; an interrupt marks the sweep's run and its open trials KILLED."""
     # Ctrl-C ends the sweep at once, as KeyboardInterrupt here (Tune's own handler would wind it
     # down and return as if finished); Ray then stops the trials this driver owns.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us ignoring it
     status = "KILLED"
     try:
-        grid = tuner.fit()
         results = [
-            {
-                "config": r.config,
-                "metrics": r.metrics or {},
-                "status": "FAILED" if r.error else "FINISHED",
-            }
-            for r in grid
+            {"config": r.config, "metrics": r.metrics or {}, "status": "FAILED" if r.error else "FINISHED"}
+            for r in tuner.fit()
         ]
         status = "FINISHED"
     finally:
         callback.kill_open()
         if status != "FINISHED":
             client.set_terminated(parent_id, "KILLED")
-    rows = summarize(results)
-    table = summary_table(rows)
-    write_text(args.out, table)
+    return results
+
+
+def log_summary(client, parent_id, rows, table):
+    """The summary table on the sweep's run, with each variant's mean and sd as metrics v<i>.*."""
+    from mlflow.entities import Metric, RunTag
+
     client.log_text(parent_id, table, "summary.csv")
     now = int(time.time() * 1000)
     client.log_batch(
@@ -423,7 +411,10 @@ def sweep(args):
         tags=[RunTag(f"v{i}", row["variant"]) for i, row in enumerate(rows)],
     )
     client.set_terminated(parent_id, "FINISHED")
-    print(table, end="")
+
+
+def report_best(sweep_name, results, rows):
+    """The exit code, after naming the failed trials and the best variant as a `dvc exp run` line."""
     failed = sum(r["status"] == "FAILED" for r in results)
     if failed:
         print(f"sweep {sweep_name}: {failed} of {len(results)} trials FAILED (see their MLflow runs' `error` tag)")
@@ -439,6 +430,41 @@ def sweep(args):
         f"  to make it an experiment: {exp_run_line(overrides)}"
     )
     return 1 if failed else 0
+
+
+def sweep(args):
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from pipeline.core.shifts import corruptions
+
+    address = cluster.address(args.address)
+    uri = cluster.check_tracking_for(address)
+    tree = params_module.read_tree(args.params)
+    base = params_module.from_tree(tree, args.params)  # a broken params.yaml stops here, not in every trial
+    space, epochs = param_space(args, base)
+
+    data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])  # never the test split
+    corrupted_val = corruptions.corrupted_copies(data["x_val"], base)
+    cluster.connect(address, args.cpus)
+    experiment = tracking.use_experiment(base.mlflow.experiment)
+    client = MlflowClient(uri)
+    sweep_name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    parent_id = start_parent_run(client, experiment, sweep_name)
+    client.log_param(parent_id, "search", args.search)
+    client.log_param(parent_id, "seeds", str(args.seeds))
+    callback = mlflow_callback(client, experiment.experiment_id, parent_id, dataset_inputs(data), sweep_name, tree)
+    print(f"sweep {sweep_name}: MLflow run {parent_id} in {uri}", flush=True)
+
+    trainable = tune.with_parameters(run_trial, tree=tree, data=data, corrupted_val=corrupted_val)
+    tuner = tuner_for(args, space, epochs, trainable, callback, sweep_name)
+    results = run_tuner(tuner, callback, client, parent_id)
+    rows = summarize(results)
+    table = summary_table(rows)
+    write_text(args.out, table)
+    log_summary(client, parent_id, rows, table)
+    print(table, end="")
+    return report_best(sweep_name, results, rows)
 
 
 def main(args):

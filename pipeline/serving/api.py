@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from pipeline.core import normalize, reading
+from pipeline.core import normalize
+from pipeline.core.reading import segment
+from pipeline.serving import answers
 from pipeline.serving.batcher import MicroBatcher
 from pipeline.serving.limits import (
     MAX_BATCH,
@@ -154,10 +156,7 @@ PROBLEMS = {
 
 def answer(probabilities, not_a_digit, predictor, name=None):
     result = {
-        "digit": int(np.argmax(probabilities)),
-        "confidence": float(np.max(probabilities)),
-        "not_sure": predictor.not_sure(probabilities, not_a_digit),
-        "not_a_digit": bool(not_a_digit),
+        **answers.digit_answer(probabilities, not_a_digit, predictor),
         "probabilities": [round(float(p), 6) for p in probabilities],
         "model": predictor.identity,
     }
@@ -224,11 +223,13 @@ async def uploaded_images(request, field, prepare=normalize.to_mnist):
     return images, names
 
 
-def create_app(predictor: Predictor) -> FastAPI:
+def model_metrics(predictor):
+    """The app's own Prometheus registry (tests and benchmarks create several apps in one process),
+    with the model's batch sizes and seconds per call, and which model answers. Returns the
+    registry and the function the batcher calls after each model call."""
     from prometheus_client import CollectorRegistry, Gauge, Histogram
-    from prometheus_fastapi_instrumentator import Instrumentator
 
-    registry = CollectorRegistry()  # one per app: tests and benchmarks create several in one process
+    registry = CollectorRegistry()
     batch_sizes = Histogram(
         "digits_model_batch_size",
         "Images per model call",
@@ -254,33 +255,17 @@ def create_app(predictor: Predictor) -> FastAPI:
         batch_sizes.observe(size)
         batch_seconds.observe(seconds)
 
-    batcher = MicroBatcher(predictor.predict, record)
-    state = {"ready": False}
+    return registry, record
 
-    @asynccontextmanager
-    async def lifespan(app):
-        task = asyncio.create_task(batcher.run())
-        await batcher(np.zeros((1, 28, 28), np.float32))  # the first call through the whole path
-        state["ready"] = True
-        yield
-        state["ready"] = False
-        task.cancel()
 
-    # FastAPIOffline: /docs served with Swagger UI's files from the package, not from a CDN.
-    app = FastAPIOffline(
-        title="MNIST digits", description="Recognise handwritten digits with the pipeline's CNN.", lifespan=lifespan
-    )
-    app.add_middleware(BodyLimit)
-    # Request counts by route and status, and a latency histogram; a client's abort is not a 5xx.
-    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app).expose(
-        app, include_in_schema=False
-    )
+def health_routes(predictor, state):
+    router = APIRouter()
 
-    @app.get("/", include_in_schema=False)
+    @router.get("/", include_in_schema=False)
     def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/health")
+    @router.get("/health")
     def health():
         return {
             "status": "ok",
@@ -292,24 +277,25 @@ def create_app(predictor: Predictor) -> FastAPI:
             and {key: predictor.calibration[key] for key in ("temperature", "not_sure_below", "accepted_accuracy")},
         }
 
-    @app.get("/health/live")
+    @router.get("/health/live")
     def live():
         """The process answers."""
         return {"status": "ok"}
 
-    @app.get("/health/ready", responses={503: {"model": Problem, "description": "not ready: starting or stopping"}})
+    @router.get("/health/ready", responses={503: {"model": Problem, "description": "not ready: starting or stopping"}})
     def ready():
         """Ready for traffic: the model is loaded and has answered its warm-up call."""
         if not state["ready"]:
             raise HTTPException(503, "the model is not ready")
         return {"status": "ready", "model": predictor.identity}
 
-    @app.post(
-        "/predict",
-        response_model=Prediction,
-        responses=PROBLEMS,
-        openapi_extra=file_or_pixels(PixelsBody),
-    )
+    return router
+
+
+def digit_routes(predictor, batcher):
+    router = APIRouter()
+
+    @router.post("/predict", response_model=Prediction, responses=PROBLEMS, openapi_extra=file_or_pixels(PixelsBody))
     async def predict(request: Request):
         """Predict one digit: upload an image file (any size, either polarity) or send 28x28 pixels
         (0-1 or 0-255, white ink on black, as MNIST)."""
@@ -321,7 +307,7 @@ def create_app(predictor: Predictor) -> FastAPI:
         probabilities, not_a_digit = await batcher([image])
         return answer(probabilities[0], not_a_digit[0], predictor)
 
-    @app.post(
+    @router.post(
         "/predict/batch",
         response_model=BatchPredictions,
         responses=PROBLEMS,
@@ -345,12 +331,13 @@ def create_app(predictor: Predictor) -> FastAPI:
             ]
         }
 
-    @app.post(
-        "/read",
-        response_model=Reading,
-        responses=PROBLEMS,
-        openapi_extra=file_or_pixels(ReadPixelsBody),
-    )
+    return router
+
+
+def number_routes(predictor):
+    router = APIRouter()
+
+    @router.post("/read", response_model=Reading, responses=PROBLEMS, openapi_extra=file_or_pixels(ReadPixelsBody))
     async def read_number(request: Request):
         """Read a whole number written on a line (a ZIP code, an amount; 1-10 digits): the string,
         and each digit's box, answer and flags. The number is sure only when every digit is."""
@@ -365,11 +352,41 @@ def create_app(predictor: Predictor) -> FastAPI:
             images, _ = await uploaded_images(request, "file", prepare=lambda image: image)
             image = images[0]
         try:
-            found = await run_in_threadpool(reading.read, image, predictor)
+            found = await run_in_threadpool(segment.read, image, predictor)
         except normalize.ImageError as e:
             raise HTTPException(422, str(e)) from None
         return {**found.as_dict(), "model": predictor.identity}
 
+    return router
+
+
+def create_app(predictor: Predictor) -> FastAPI:
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    registry, record = model_metrics(predictor)
+    batcher = MicroBatcher(predictor.predict, record)
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        await batcher(np.zeros((1, 28, 28), np.float32))  # the first call through the whole path
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        task.cancel()
+
+    # FastAPIOffline: /docs served with Swagger UI's files from the package, not from a CDN.
+    app = FastAPIOffline(
+        title="MNIST digits", description="Recognise handwritten digits with the pipeline's CNN.", lifespan=lifespan
+    )
+    app.add_middleware(BodyLimit)
+    # Request counts by route and status, and a latency histogram; a client's abort is not a 5xx.
+    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app).expose(
+        app, include_in_schema=False
+    )
+    for router in (health_routes(predictor, state), digit_routes(predictor, batcher), number_routes(predictor)):
+        app.include_router(router)
     return app
 
 

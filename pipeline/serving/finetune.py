@@ -10,8 +10,10 @@ or as a folder with one sub-folder per digit (0/ ... 9/). Each is read as an upl
   1. the model (a .keras file or an MLflow URI, with its calibration) is fine-tuned on the rest,
      mixed with as many MNIST training digits so that it keeps reading handwriting, with small
      random rotations, shifts and zooms; every layer learns, or only the dense head (--train head);
-  2. it is calibrated again: one temperature, the "not sure" threshold that holds on the held-out
-     share and on MNIST's validation split alike, and a "not a digit" gate that knows these images;
+  2. it is calibrated again by the calibrate stage's rule (pipeline.core.trust.calibration): the
+     temperatures and "not sure" threshold that keep the promise on the held-out share and on
+     MNIST's validation split alike, and under shift on corrupted copies of the validation split;
+     and a "not a digit" gate that knows these images;
   3. OUT.keras, .calibration.json, .gate.pkl and .onnx are written (all or none), so that
      `digits predict --model OUT.keras` serves it;
   4. an MLflow run records it: the parent model as lineage, accuracy before and after on the
@@ -23,21 +25,22 @@ Needs MNIST's splits in data/processed (`dvc pull`, or `./dev repro preprocess`)
 """
 
 import csv
+import dataclasses
 import json
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core import params as params_module
-from pipeline.core.files import DataError, load_arrays, require, sha256
-from pipeline.core.layout import DIGITS, NUM_CLASSES, PROCESSED_DIR
+from pipeline.core.files import DataError, load_arrays, require, sha256, write_json
+from pipeline.core.layout import DIGITS, NUM_CLASSES, PROCESSED_DIR, beside
+from pipeline.serving import images
 
 MIN_PER_DIGIT = 10  # images of each digit, so that both shares hold some
 REPEATS = 4  # each epoch sees every fine-tuning image this often (augmented), and as many MNIST digits
-BATCH_SIZE = 64
-LABEL_SMOOTHING = 0.1  # as the models were trained; calibration undoes its under-confidence
 
 
 class FinetuneError(ValueError):
@@ -46,8 +49,6 @@ class FinetuneError(ValueError):
 
 def labelled_files(source):
     """[(path, label, group or None)] from a CSV or a folder of digit sub-folders."""
-    from pipeline.serving.cli import IMAGE_SUFFIXES
-
     source = Path(source)
     if source.is_dir():
         wrong = sorted(p.name for p in source.iterdir() if p.is_dir() and p.name not in map(str, DIGITS))
@@ -57,7 +58,7 @@ def labelled_files(source):
             (path, int(folder.name), None)
             for folder in sorted(p for p in source.iterdir() if p.is_dir())
             for path in sorted(folder.iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES
+            if path.suffix.lower() in images.IMAGE_SUFFIXES
         ]
     if not source.is_file():
         raise FinetuneError(f"{source}: no such CSV file or folder")
@@ -76,13 +77,11 @@ def labelled_files(source):
 
 def read_labelled(source):
     """Images in MNIST form (n, 28, 28, 1), labels (n,) and groups (n,) of a labelled set, checked."""
-    from pipeline.serving.cli import read_image
-
     files = labelled_files(source)
-    images, errors = [], []
+    read, errors = [], []
     for path, _, _ in files:
-        _, image, error = read_image(path)
-        errors.append(error) if error else images.append(image)
+        _, image, error = images.read_image(path)
+        errors.append(error) if error else read.append(image)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise FinetuneError(f"cannot read {errors[0]}{more}")
@@ -92,7 +91,7 @@ def read_labelled(source):
         digit = int(counts.argmin())
         raise FinetuneError(f"{source}: {counts[digit]} images of the digit {digit}: at least {MIN_PER_DIGIT} of each")
     groups = np.array([group or f"{path}" for path, _, group in files])
-    return np.stack(images)[..., None], labels, groups
+    return np.stack(read)[..., None], labels, groups
 
 
 def held_out(labels, groups, share, seed):
@@ -124,20 +123,44 @@ def parent_model(source):
     if parent.registered:
         lineage.update(parent_registered_model=parent.registered["name"], parent_version=parent.registered["version"])
     else:
-        run_file = parent.keras_path.with_name(f"{parent.keras_path.stem}.run.json")
-        if run_file.exists():  # a pipeline model: its training run and registered version
-            known = json.loads(run_file.read_text())
+        training_run = beside(parent.keras_path, "run")
+        if training_run.exists():  # a pipeline model: its training run and registered version
+            known = json.loads(training_run.read_text())
             lineage.update(parent_run_id=known["run_id"], parent_registered_model=known["registered_model"])
             if known.get("model_version"):
                 lineage["parent_version"] = known["model_version"]
     return parent, {key: str(value) for key, value in lineage.items()}
 
 
-def fine_tune(model, x, y, mnist_x, mnist_y, args):
-    import keras
-    import tensorflow as tf
+def recipe(model_params, args):
+    """How fine-tuning trains: the model's own recipe (params.yaml), with these changes. A small
+    constant rate (--learning-rate, decaying to zero) and no weight decay, so that it adapts rather
+    than relearns; small random rotations, shifts and zooms, and no corruptions."""
+    augment = dataclasses.replace(
+        model_params.augment,
+        rotation_degrees=10,
+        shift_fraction=0.1,
+        zoom_fraction=0.1,
+        corruption_share=0.0,
+        low_resolution_share=0.0,
+    )
+    return dataclasses.replace(
+        model_params,
+        batch_size=64,
+        learning_rate=args.learning_rate,
+        weight_decay=0.0,
+        warmup_epochs=0,
+        ema_momentum=0.0,
+        augment=augment,
+    )
 
-    from pipeline.core.augmentation import RandomAffine
+
+def fine_tune(model, model_params, x, y, mnist_x, mnist_y, args):
+    """Train every layer (or the dense head only) on the user's images mixed with as many MNIST
+    training digits, by the shared training loop (pipeline.core.training)."""
+    import keras
+
+    from pipeline.core import training
 
     if args.train == "head":  # the layers after the convolutions' features are flattened
         flatten = max(i for i, layer in enumerate(model.layers) if isinstance(layer, keras.layers.Flatten))
@@ -145,54 +168,111 @@ def fine_tune(model, x, y, mnist_x, mnist_y, args):
             layer.trainable = False
     rng = np.random.default_rng(args.seed)
     mnist = rng.choice(len(mnist_x), min(len(mnist_x), REPEATS * len(x)), replace=False)
-    images = np.concatenate([np.repeat(x, REPEATS, axis=0), mnist_x[mnist]])
-    targets = np.concatenate([np.repeat(keras.utils.to_categorical(y, NUM_CLASSES), REPEATS, axis=0), mnist_y[mnist]])
-    augment = RandomAffine(rotation_degrees=10, shift_fraction=0.1, zoom_fraction=0.1, seed=args.seed)
-    steps = int(np.ceil(len(images) / BATCH_SIZE))
-    batches = (
-        tf.data.Dataset.from_tensor_slices((images, targets))
-        .shuffle(len(images), seed=args.seed)
-        .batch(BATCH_SIZE)
-        .map(lambda a, b: (augment(a, training=True), b))
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(
-            keras.optimizers.schedules.CosineDecay(args.learning_rate, args.epochs * steps)
+    data = {
+        "x_train": np.concatenate([np.repeat(x, REPEATS, axis=0), mnist_x[mnist]]),
+        "y_train": np.concatenate(
+            [np.repeat(keras.utils.to_categorical(y, NUM_CLASSES), REPEATS, axis=0), mnist_y[mnist]]
         ),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
-        metrics=["accuracy"],
-    )
-    model.fit(batches, epochs=args.epochs, shuffle=False, verbose=2)  # the dataset shuffles
+    }
+    settings = recipe(model_params, args)
+    training.compile_with_recipe(model, settings, args.epochs, len(data["x_train"]))
+    training.fit(model, settings, data, args.epochs, args.seed, to_mlflow=False, verbose=2)
 
 
-def recalibrate(model, held, mnist, accepted_accuracy):
-    """Temperature and "not sure" threshold: both fitted so the promise holds on the held-out share
-    and on MNIST's validation digits alike (the threshold is the higher of the two they ask for)."""
-    from pipeline.core import confidence
+def recalibrate(model, held, data, params):
+    """The calibration search of the calibrate stage on the held-out share and MNIST's validation
+    digits (promised `calibrate.accepted_accuracy`) and corrupted copies of them (promised
+    `calibrate.accepted_accuracy_under_shift`): (calibration, the sure answers on the held-out share)."""
+    from pipeline.core.shifts import corruptions
+    from pipeline.core.trust import calibration, confidence
 
-    raw = {name: model.predict(x, batch_size=1000, verbose=0) for name, (x, _) in (("held", held), ("mnist", mnist))}
-    temperature = confidence.fit_temperature(
-        np.concatenate([raw["held"], raw["mnist"]]), np.concatenate([held[1], mnist[1]])
-    )
-    threshold = max(
-        confidence.not_sure_threshold(confidence.with_temperature(raw[name], temperature), labels, accepted_accuracy)
-        for name, (_, labels) in (("held", held), ("mnist", mnist))
-    )
-    return temperature, threshold
+    mnist = (data["x_val"], data["y_val"].argmax(1))
+    shifted = corruptions.corrupted_copies(mnist[0], params)
+    sets = {"clean": mnist, "held_out": held, **{name: (x, mnist[1]) for name, x in shifted.items()}}
+    copies = calibration.copies_of(model, sets, clean={"clean", "held_out"})
+    fitted, _ = calibration.search(copies, params.calibrate)
+    held_answers = confidence.calibrated(copies["held_out"].raw, held[0], fitted)
+    return fitted, confidence.selective_scores(held_answers, held[1], fitted["not_sure_below"])
 
 
 def accuracy(model, x, labels):
     return float(np.mean(model.predict(x, batch_size=1000, verbose=0).argmax(1) == labels))
 
 
-def finetune(args):
+@contextmanager
+def write_files(out, model, fitted_gate, calibration, x_check):
+    """OUT.keras, .calibration.json, .gate.pkl and .onnx, all or none: each is made and checked in a
+    scratch folder, and moved beside the others (one file system: each appears whole) only when the
+    block that logs them ends without an error. Gives the staged files and the calibration written."""
     import joblib
-    import keras
+
+    from pipeline.core.graph import convert
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".finetune-") as folder:
+        staged = {part: beside(Path(folder) / out.name, part) for part in ("keras", "calibration", "gate", "onnx")}
+        model.save(staged["keras"])
+        joblib.dump(fitted_gate, staged["gate"])
+        calibration = {
+            **calibration,
+            "model_sha256": sha256(staged["keras"]),
+            "gate_sha256": sha256(staged["gate"]),
+        }
+        write_json(staged["calibration"], calibration)
+        convert.export(staged["keras"], staged["calibration"], staged["gate"], staged["onnx"], x_check)
+        yield staged, calibration
+        for part, path in staged.items():
+            path.replace(beside(out, part))
+
+
+def log_and_register(model, model_name, staged, calibration, lineage, record, args):
+    """An MLflow run with the lineage, params, datasets, accuracies before and after and the files;
+    the model registered as a new version of its parent's registered model. Returns the version."""
     import mlflow
 
-    from pipeline.core import confidence, gate, graph, registry, tracking
-    from pipeline.core.files import write_json
+    from pipeline.core import registry, tracking
+
+    x, labels, train, hold = record["images"]
+    with tracking.run(run_name=f"{model_name}-finetune", tags={**tracking.run_tags(model_name, "finetune"), **lineage}):
+        mlflow.log_params(
+            {
+                "parent_model": args.model,
+                "train": args.train,
+                "epochs": args.epochs,
+                "learning_rate": args.learning_rate,
+                "holdout": args.holdout,
+                "seed": args.seed,
+                "finetune_images": len(train),
+                "held_out_images": len(hold),
+            }
+        )
+        mlflow.log_input(mlflow.data.from_numpy(x[train], targets=labels[train], name="finetune"), context="training")
+        mlflow.log_input(mlflow.data.from_numpy(x[hold], targets=labels[hold], name="held-out"), context="validation")
+        mlflow.log_metrics(
+            {
+                **{f"before_{k}_accuracy": v for k, v in record["before"].items()},
+                **{f"after_{k}_accuracy": v for k, v in record["after"].items()},
+                **{f"calibration_{k}": calibration[k] for k in ("temperature", "soft_temperature", "not_sure_below")},
+                "held_out_coverage": record["sure"]["coverage"],
+                "held_out_sure_accuracy": record["sure"]["accepted_accuracy"],
+            }
+        )
+        info = tracking.log_keras_model(model, x[:1], name="model")
+        mlflow.log_dict(calibration, "calibration.json")
+        mlflow.log_artifact(str(staged["gate"]), "gate")
+        mlflow.log_artifact(str(staged["onnx"]), "onnx")
+        name = lineage.get("parent_registered_model", registry.registered_name(model_name))
+        version = registry.register(model_name, info.model_uri, {**lineage, "finetuned": "true"}, name=name)
+        if args.champion:
+            registry.set_champion(version)
+    return version
+
+
+def finetune(args):
+    import keras
+
+    from pipeline.core import tracking
+    from pipeline.core.trust import gate
 
     params = params_module.load(args.params)
     x, labels, groups = read_labelled(args.images)
@@ -201,116 +281,68 @@ def finetune(args):
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val", "x_test", "y_test"])
     parent, lineage = parent_model(args.model)
     model = keras.models.load_model(parent.keras_path, compile=False)
-    kind = model.name
+    grouped = f" ({len(set(groups[hold]))} groups)" if len(set(groups)) < len(groups) else ""
     print(
-        f"finetune: {len(x)} images read; fine-tuning on {len(train)}, holding out {len(hold)}"
-        f"{f' ({len(set(groups[hold]))} groups)' if len(set(groups)) < len(groups) else ''}; from {args.model}",
+        f"finetune: {len(x)} images read; fine-tuning on {len(train)}, holding out {len(hold)}{grouped}; "
+        f"from {args.model}",
         flush=True,
     )
 
-    mnist_val, mnist_test = (data["x_val"], data["y_val"].argmax(1)), (data["x_test"], data["y_test"].argmax(1))
-    before = {"held_out": accuracy(model, x[hold], labels[hold]), "mnist_test": accuracy(model, *mnist_test)}
+    def scores():
+        mnist_test = (data["x_test"], data["y_test"].argmax(1))
+        return {"held_out": accuracy(model, x[hold], labels[hold]), "mnist_test": accuracy(model, *mnist_test)}
+
+    record = {"images": (x, labels, train, hold), "before": scores()}
     keras.utils.set_random_seed(args.seed)
-    fine_tune(model, x[train], labels[train], data["x_train"], data["y_train"], args)
-    after = {"held_out": accuracy(model, x[hold], labels[hold]), "mnist_test": accuracy(model, *mnist_test)}
-    after["mnist_val"] = accuracy(model, *mnist_val)
+    fine_tune(model, params.model(model.name), x[train], labels[train], data["x_train"], data["y_train"], args)
+    record["after"] = {**scores(), "mnist_val": accuracy(model, data["x_val"], data["y_val"].argmax(1))}
 
     print('finetune: calibrating again, and fitting the "not a digit" gate', flush=True)
-    temperature, threshold = recalibrate(model, (x[hold], labels[hold]), mnist_val, params.calibrate.accepted_accuracy)
+    calibration, record["sure"] = recalibrate(model, (x[hold], labels[hold]), data, params)
+    settings = params.calibrate
     fitted_gate, _ = gate.fit(
         model,
         data["x_train"],
         np.concatenate([data["x_val"], x[hold]]),
         args.seed,
-        params.calibrate.nondigits_per_kind,
-        params.calibrate.digit_flag_rate,
+        settings.nondigits_per_kind,
+        settings.digit_flag_rate,
         own_digits=x[train],
     )
-    held_probabilities = confidence.with_temperature(model.predict(x[hold], verbose=0), temperature)
-    sure = confidence.selective_scores(held_probabilities, labels[hold], threshold)
-
+    calibration = {
+        **calibration,
+        "accepted_accuracy": settings.accepted_accuracy,
+        "not_a_digit_above": fitted_gate.threshold,
+    }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".finetune-") as folder:
-        # All four files are made and checked in a scratch folder, then moved beside each other.
-        staged = {
-            suffix: Path(folder) / f"{out.stem}{suffix}"
-            for suffix in (".keras", ".calibration.json", ".gate.pkl", ".onnx")
-        }
-        model.save(staged[".keras"])
-        joblib.dump(fitted_gate, staged[".gate.pkl"])
-        calibration = {
-            "temperature": temperature,
-            "not_sure_below": threshold,
-            "accepted_accuracy": params.calibrate.accepted_accuracy,
-            "not_a_digit_above": fitted_gate.threshold,
-            "model_sha256": sha256(staged[".keras"]),
-            "gate_sha256": sha256(staged[".gate.pkl"]),
-        }
-        write_json(staged[".calibration.json"], calibration)
-        graph.export(staged[".keras"], staged[".calibration.json"], staged[".gate.pkl"], staged[".onnx"], x[hold])
+    tracking.use_experiment(params.mlflow.experiment)
+    with write_files(out, model, fitted_gate, calibration, x[hold]) as (staged, written):
+        version = log_and_register(model, model.name, staged, written, lineage, record, args)
+    report(record, out, version, args.champion)
+    return {
+        "finetune_images": len(train),
+        "held_out_images": len(hold),
+        "before": record["before"],
+        "after": record["after"],
+        "held_out_sure": record["sure"],
+        "registered": f"{version.name} v{version.version}",
+    }
 
-        tracking.use_experiment(params.mlflow.experiment)
-        with tracking.run(run_name=f"{kind}-finetune", tags={**tracking.run_tags(kind, "finetune"), **lineage}):
-            mlflow.log_params(
-                {
-                    "parent_model": args.model,
-                    "train": args.train,
-                    "epochs": args.epochs,
-                    "learning_rate": args.learning_rate,
-                    "holdout": args.holdout,
-                    "seed": args.seed,
-                    "finetune_images": len(train),
-                    "held_out_images": len(hold),
-                    "temperature": round(temperature, 4),
-                    "not_sure_below": threshold,
-                }
-            )
-            mlflow.log_input(
-                mlflow.data.from_numpy(x[train], targets=labels[train], name="finetune"), context="training"
-            )
-            mlflow.log_input(
-                mlflow.data.from_numpy(x[hold], targets=labels[hold], name="held-out"), context="validation"
-            )
-            mlflow.log_metrics(
-                {
-                    **{f"before_{k}_accuracy": v for k, v in before.items()},
-                    **{f"after_{k}_accuracy": v for k, v in after.items()},
-                    "held_out_coverage": sure["coverage"],
-                    "held_out_sure_accuracy": sure["accepted_accuracy"],
-                }
-            )
-            info = tracking.log_keras_model(model, x[:1], name="model")
-            mlflow.log_dict(calibration, "calibration.json")
-            mlflow.log_artifact(str(staged[".gate.pkl"]), "gate")
-            mlflow.log_artifact(str(staged[".onnx"]), "onnx")
-            name = lineage.get("parent_registered_model", registry.registered_name(kind))
-            version = mlflow.register_model(info.model_uri, name, tags={**lineage, "finetuned": "true"})
-            if args.champion:
-                registry.set_champion(version)
-        for suffix, path in staged.items():
-            path.replace(out.with_name(out.stem + suffix))  # one file system: each appears whole
 
-    champion = (
+def report(record, out, version, champion):
+    before, after, sure = record["before"], record["after"], record["sure"]
+    moved = (
         "now the champion"
-        if args.champion
-        else f"the champion did not move (`digits promote {name} {version.version}`)"
+        if champion
+        else f"the champion did not move (`digits promote {version.name} {version.version}`)"
     )
     print(
         f"finetune: held-out accuracy {before['held_out']:.2%} -> {after['held_out']:.2%} "
         f"({sure['coverage']:.1%} of it sure, {sure['accepted_accuracy']:.2%} of those right); MNIST test "
         f"{before['mnist_test']:.2%} -> {after['mnist_test']:.2%}. Wrote {out} (+ .calibration.json, .gate.pkl, "
-        f".onnx); registered {name} v{version.version}, {champion}",
+        f".onnx); registered {version.name} v{version.version}, {moved}",
         flush=True,
     )
-    return {
-        "finetune_images": len(train),
-        "held_out_images": len(hold),
-        "before": before,
-        "after": after,
-        "held_out_sure": sure,
-        "registered": f"{name} v{version.version}",
-    }
 
 
 def main(args):

@@ -11,13 +11,25 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.confidence import is_not_sure, read_calibration
 from pipeline.core.files import sha256
-from pipeline.core.onnx_graph import OnnxGraph
+from pipeline.core.graph.runtime import OnnxGraph
+from pipeline.core.layout import beside
+from pipeline.core.trust.confidence import is_not_sure, read_calibration
 
 DEFAULT_MODEL = "models/cnn.keras"
 RUNTIMES = ("onnx", "tf")
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def is_remote(source):
+    """Whether a model source is an MLflow URI (runs:/, models:/, or any scheme://), not a file."""
+    return "://" in str(source) or str(source).startswith(("runs:/", "models:/"))
+
+
+def check_source(source):
+    """Refuses a model file that does not exist, before any worker or actor tries to load it."""
+    if not (is_remote(source) or Path(source).exists()):
+        raise FileNotFoundError(f"{source}: no such model file (train one with `./dev repro`, or `dvc pull`)")
 
 
 def threads_from_environment():
@@ -41,7 +53,7 @@ class Predictor:
         self.source, self.runtime = str(source), runtime
         self.registered = None  # name, version and alias when the model comes from the Model Registry
         threads = threads or threads_from_environment()
-        self.remote = "://" in self.source or self.source.startswith(("runs:/", "models:/"))
+        self.remote = is_remote(self.source)
         if self.remote:
             files = self._download(self.source)
         else:
@@ -57,16 +69,11 @@ class Predictor:
 
     def _local(self, path):
         """The files of a local model: models/cnn.keras or models/cnn.onnx, and beside it the rest."""
-        keras_path = path.with_suffix(".keras")
         if not path.exists():
             hint = "run `dvc repro export`, or use --runtime tf" if path.suffix == ".onnx" else "train one"
             raise FileNotFoundError(f"{path}: no such model file ({hint}; or `./dev repro`, or `dvc pull`)")
-        return {
-            "keras": keras_path if keras_path.exists() else None,
-            "onnx": path.with_suffix(".onnx"),
-            "calibration": path.with_name(f"{path.stem}.calibration.json"),
-            "gate": path.with_name(f"{path.stem}.gate.pkl"),
-        }
+        files = {part: beside(path, part) for part in ("keras", "onnx", "calibration", "gate")}
+        return {**files, "keras": files["keras"] if files["keras"].exists() else None}
 
     def _load_onnx(self, files, threads):
         path = files["onnx"]
@@ -85,7 +92,7 @@ class Predictor:
         import keras
         import tensorflow as tf
 
-        from pipeline.core.graph import serving_function
+        from pipeline.core.graph.convert import serving_function
 
         path = files["keras"]
         if path is None:

@@ -4,7 +4,7 @@
 - RandomCorruption: the ways real handwriting and scans differ from MNIST in ink, resolution and
   slant (noise, blur, low resolution, thicker or thinner strokes, tilts beyond RandomAffine's).
 The robustness stage measures the same families on corrupted test copies
-(pipeline/core/corruptions.py); the strengths were chosen on corrupted validation copies."""
+(pipeline/core/shifts/corruptions.py); the strengths were chosen on corrupted validation copies."""
 
 import keras
 import numpy as np

@@ -15,6 +15,8 @@ scan: the reader must undo that as it does for uploads.
 import numpy as np
 from PIL import Image
 
+from pipeline.core.normalize import INK_THRESHOLD
+
 KINDS = ("clear", "tight", "touching", "overlapping")
 CLEAR_GAP = (4, 8)  # pixels between neighbours' ink
 TIGHT_GAP = (1, 2)
@@ -23,13 +25,12 @@ MAX_REACH = 4  # columns a digit may be pushed past its neighbour's ink box to t
 SCALE = (0.85, 1.15)  # of each digit's 28x28 size
 BASELINE_JITTER = 2  # pixels up or down
 MARGIN = 6  # paper around the number
-INK = 0.1  # a pixel above this is ink when cropping and when testing contact
 THICKEN_SHARE = 0.25  # of numbers written with a thicker pen
 NOISE_STD = (0.0, 0.06)  # paper noise, as a share of the ink's contrast
 
 
 def _crop(digit):
-    rows, cols = np.nonzero(digit > INK)
+    rows, cols = np.nonzero(digit > INK_THRESHOLD)
     return digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
 
@@ -61,8 +62,8 @@ def _contact_offset(left, right, top_left, top_right):
         start = left.shape[1] - offset
         a = np.zeros((height, start + right.shape[1]), bool)
         b = np.zeros_like(a)
-        a[top_left : top_left + left.shape[0], : left.shape[1]] = left > INK
-        b[top_right : top_right + right.shape[0], start:] = right > INK
+        a[top_left : top_left + left.shape[0], : left.shape[1]] = left > INK_THRESHOLD
+        b[top_right : top_right + right.shape[0], start:] = right > INK_THRESHOLD
         if (_grown(a) & b).any():
             return offset
     return min(left.shape[1], right.shape[1])

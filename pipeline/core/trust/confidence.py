@@ -24,12 +24,12 @@ def with_temperature(probabilities, temperature):
 
 def temperatures(images, calibration):
     """Each image's temperature: `soft_temperature` for a soft image (a blurred or low-resolution
-    scan: at least `soft_from` of its ink faint, pipeline.core.gate.ink_shape), else `temperature`.
+    scan: at least `soft_from` of its ink faint, pipeline.core.trust.gate.ink_shape), else `temperature`.
     Models are most confidently wrong on such images, so calibrate fits them their own. In Keras
     ops, so that the serving graph computes the same (NumPy in, a tensor out)."""
     from keras import ops
 
-    from pipeline.core.gate import ink_shape
+    from pipeline.core.trust.gate import ink_shape
 
     if "soft_from" not in calibration:  # calibrated before the soft rule, or by `digits finetune`
         return ops.full((ops.shape(images)[0],), calibration["temperature"])

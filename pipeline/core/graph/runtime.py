@@ -4,7 +4,7 @@ scikit-learn is imported. Serving's Predictor and the read_eval stage both answe
 
 import numpy as np
 
-from pipeline.core.confidence import is_not_sure
+from pipeline.core.trust.confidence import is_not_sure
 
 CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a_digit_above")
 SOFT_KEYS = ("soft_from", "soft_temperature")  # only in graphs whose calibration has the soft rule

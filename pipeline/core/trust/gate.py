@@ -5,16 +5,15 @@ noise image came out "8" at 88 %), so its confidence cannot tell. The gate is a 
 classifier: gradient-boosted trees (scikit-learn) on what the model sees in the image (its
 penultimate-layer features) and on what the pixels look like (how far they are from MNIST's
 principal components, the ink's aspect ratio, how much of its box it fills, how grey it is). It
-learns digits (MNIST training images) against generated non-digits (pipeline.core.nondigits).
+learns digits (MNIST training images) against generated non-digits (pipeline.core.trust.nondigits).
 
-Measured before choosing, on validation digits and on non-digits from fonts the gate never saw:
-the model's features alone flagged 78 % of non-digits with a linear classifier (letters 40 %);
-these features with boosted trees flagged 98 % (letters 94 %).
+Why boosted trees on both kinds of feature: docs/experiments.md ("Measurements behind the code").
 """
 
 import numpy as np
 
-from pipeline.core import nondigits
+from pipeline.core.normalize import INK_THRESHOLD
+from pipeline.core.trust import nondigits
 
 PIXEL_COMPONENTS = 40
 
@@ -50,7 +49,7 @@ def ink_shape(images):
     from keras import ops
 
     images = ops.reshape(ops.cast(images, "float32"), (-1, 28, 28))
-    ink = ops.cast(images > 0.1, "float32")
+    ink = ops.cast(images > INK_THRESHOLD, "float32")
     count = ops.sum(ink, axis=(1, 2))
 
     def extent(any_ink):  # rows (or columns) from the first with ink to the last

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from pipeline.core.layout import DIGITS
-from pipeline.core.nondigits import font_path
+from pipeline.core.trust.nondigits import font_path
 
 # Every font matplotlib ships with the ten digits at their usual code points, by family.
 FONTS = (

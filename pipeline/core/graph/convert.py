@@ -1,15 +1,15 @@
 """The serving graph: a trained model with its calibration and what its "not a digit" gate reads,
 as one traced TensorFlow function, and its conversion to the ONNX graph that serving runs
-(pipeline.core.onnx_graph). The predictor's `--runtime tf` runs the traced function as it is; the
+(pipeline.core.graph.runtime). The predictor's `--runtime tf` runs the traced function as it is; the
 export stage and `digits finetune` convert it. One definition, so both runtimes answer alike."""
 
 from contextlib import contextmanager
 
 import numpy as np
 
-from pipeline.core import confidence, gate
 from pipeline.core.files import DataError, atomic_path, sha256
-from pipeline.core.onnx_graph import SOFT_KEYS
+from pipeline.core.graph.runtime import SOFT_KEYS
+from pipeline.core.trust import confidence, gate
 
 
 def serving_function(model, calibration=None, fitted_gate=None):

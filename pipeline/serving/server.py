@@ -1,0 +1,50 @@
+"""Running the API with uvicorn: one process with the model loaded here, or N worker processes that
+each load their own copy (`digits serve --workers N`)."""
+
+import os
+import tempfile
+
+from pipeline.serving.predictor import check_source, threads_from_environment
+
+GRACEFUL_SECONDS = 30  # on SIGTERM or Ctrl-C, requests in flight get this long to be answered
+
+
+def where(host, port):
+    return f"http://{host}:{port}/ (API docs at /docs, metrics at /metrics)"
+
+
+def run(predictor, host, port):
+    """Serve one loaded model in this process until stopped."""
+    import uvicorn
+
+    from pipeline.serving.api import create_app
+
+    print(f"digits: serving {predictor.source} ({predictor.identity}) on {where(host, port)}", flush=True)
+    uvicorn.run(
+        create_app(predictor), host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS
+    )
+
+
+def run_workers(model, runtime, host, port, workers):
+    """Serve with `workers` processes, each loading `model` itself (api.app_from_environment). Their
+    metrics are summed through files in a fresh folder (prometheus_client's multiprocess mode). Bad
+    input raises FileNotFoundError or ValueError before any worker starts."""
+    import uvicorn
+
+    check_source(model)
+    threads_from_environment()  # a bad DIGITS_THREADS is named here, not in every worker
+    os.environ["DIGITS_MODEL"], os.environ["DIGITS_RUNTIME"] = model, runtime
+    # Each worker's model gets its share of the cores: N workers with every core each would
+    # oversubscribe them.
+    os.environ.setdefault("DIGITS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digits-metrics-")
+    print(f"digits: serving {model} with {workers} worker processes on {where(host, port)}", flush=True)
+    uvicorn.run(
+        "pipeline.serving.api:app_from_environment",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+    )
