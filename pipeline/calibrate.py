@@ -26,8 +26,8 @@ import joblib
 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
-from pipeline.core.files import DataError, atomic_path, load_arrays, require, sha256, write_json
-from pipeline.core.layout import CALIBRATION_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
+from pipeline.core.files import atomic_path, load_arrays, require, sha256, write_json
+from pipeline.core.layout import CALIBRATION_FILE, MODELS, PROCESSED_DIR, calibration_file, gate_file, model_file
 from pipeline.core.shifts import corruptions
 from pipeline.core.trust import calibration, confidence, gate
 
@@ -72,13 +72,13 @@ def calibrate_models(params):
     import mlflow
 
     data = load_arrays(PROCESSED_DIR, ["x_train", "x_val", "y_val"])
-    require(*(model_file(model) for model in params_module.MODELS))
+    require(*(model_file(model) for model in MODELS))
     labels = data["y_val"].argmax(axis=1)
     corrupted_val = corruptions.corrupted_copies(data["x_val"], params)
     tracking.use_experiment(params.mlflow.experiment)
 
     report = {}
-    for model in params_module.MODELS:
+    for model in MODELS:
         run_file = tracking.read_run_file(model)
         file, scores, fitted_gate, calibrated_model = calibrate(model_file(model), data, labels, corrupted_val, params)
         with atomic_path(gate_file(model)) as tmp:
@@ -121,11 +121,7 @@ def calibrate_models(params):
 
 
 def main():
-    params = params_module.load_or_exit("calibrate")
-    try:
-        calibrate_models(params)
-    except DataError as e:
-        raise SystemExit(f"calibrate: {e}") from None
+    params_module.run_stage("calibrate", calibrate_models)
 
 
 if __name__ == "__main__":

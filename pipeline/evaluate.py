@@ -28,8 +28,17 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
-from pipeline.core.files import DataError, load_arrays, require, write_json, write_text
-from pipeline.core.layout import DIGITS, EVAL_DIR, METRICS_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file
+from pipeline.core.files import load_arrays, require, write_json, write_text
+from pipeline.core.layout import (
+    DIGITS,
+    EVAL_DIR,
+    METRICS_FILE,
+    MODELS,
+    PROCESSED_DIR,
+    calibration_file,
+    gate_file,
+    model_file,
+)
 from pipeline.core.trust import confidence, gate, nondigits
 
 
@@ -143,9 +152,9 @@ def evaluate_models(params):
 
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     require(
-        *map(model_file, params_module.MODELS),
-        *map(calibration_file, params_module.MODELS),
-        *map(gate_file, params_module.MODELS),
+        *map(model_file, MODELS),
+        *map(calibration_file, MODELS),
+        *map(gate_file, MODELS),
     )
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     tracking.use_experiment(params.mlflow.experiment)
@@ -154,7 +163,7 @@ def evaluate_models(params):
     non_digits = {model_name: gate.to_mnist_forms(images) for model_name, images in generated.items()}
 
     metrics = {}
-    for model_name in params_module.MODELS:
+    for model_name in MODELS:
         model, run_file = keras.models.load_model(model_file(model_name)), tracking.read_run_file(model_name)
         raw, images_per_second = predict_timed(model, x_test, params.evaluate.batch_size)
         summary, report, predicted = score(raw, labels)
@@ -198,11 +207,7 @@ def evaluate_models(params):
 
 
 def main():
-    params = params_module.load_or_exit("evaluate")
-    try:
-        evaluate_models(params)
-    except DataError as e:
-        raise SystemExit(f"evaluate: {e}") from None
+    params_module.run_stage("evaluate", evaluate_models)
 
 
 if __name__ == "__main__":

@@ -21,19 +21,19 @@ so that `models:/digits-cnn@champion` serves it too. The test split is not read 
 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
-from pipeline.core.files import DataError, load_arrays, require, write_json
+from pipeline.core.files import load_arrays, require, write_json
 from pipeline.core.graph.convert import ExportError, export
-from pipeline.core.layout import EXPORT_FILE, PROCESSED_DIR, calibration_file, gate_file, model_file, onnx_file
+from pipeline.core.layout import EXPORT_FILE, MODELS, PROCESSED_DIR, calibration_file, gate_file, model_file, onnx_file
 
 
 def export_models(params):
     import mlflow
 
-    require(*(path(model) for model in params_module.MODELS for path in (model_file, calibration_file, gate_file)))
+    require(*(path(model) for model in MODELS for path in (model_file, calibration_file, gate_file)))
     x_val = load_arrays(PROCESSED_DIR, ["x_val"])["x_val"]
     tracking.use_experiment(params.mlflow.experiment)
     report = {}
-    for model in params_module.MODELS:
+    for model in MODELS:
         paths = model_file(model), calibration_file(model), gate_file(model), onnx_file(model)
         scores = report[model] = export(*paths, x_val)
         run_file = tracking.read_run_file(model)
@@ -51,11 +51,7 @@ def export_models(params):
 
 
 def main():
-    params = params_module.load_or_exit("export")
-    try:
-        export_models(params)
-    except (DataError, ExportError) as e:
-        raise SystemExit(f"export: {e}") from None
+    params_module.run_stage("export", export_models, expected=(ExportError,))
 
 
 if __name__ == "__main__":

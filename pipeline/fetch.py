@@ -187,14 +187,14 @@ def fetch(fetch_params):
     raise FetchError(f"could not get MNIST from any source. Tried:\n  {tried}")
 
 
-def main():
-    params = params_module.load_or_exit("fetch")
-    try:
-        label, arrays = fetch(params.fetch)
-    except FetchError as e:
-        sys.exit(f"fetch: {e}")
+def fetch_stage(params):
+    label, arrays = fetch(params.fetch)
     save_arrays(RAW_DIR, arrays)
     print(f"fetch: wrote {RAW_DIR}/ (train {arrays['x_train'].shape}, test {arrays['x_test'].shape}) from {label}")
+
+
+def main():
+    params_module.run_stage("fetch", fetch_stage, expected=(FetchError,))
 
 
 if __name__ == "__main__":

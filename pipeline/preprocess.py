@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from pipeline.core import params as params_module
-from pipeline.core.files import DataError, load_arrays, save_arrays, write_json
+from pipeline.core.files import load_arrays, save_arrays, write_json
 from pipeline.core.layout import DATA_STATS_FILE, NUM_CLASSES, PROCESSED_DIR, RAW_DIR
 
 
@@ -65,11 +65,7 @@ def preprocess(params):
 
 
 def main():
-    params = params_module.load_or_exit("preprocess")
-    try:
-        preprocess(params)
-    except DataError as e:
-        raise SystemExit(f"preprocess: {e}") from None
+    params_module.run_stage("preprocess", preprocess)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from pipeline.core import params as params_module
-from pipeline.core.files import DataError, atomic_path, load_arrays, require, save_arrays, write_json
+from pipeline.core.files import atomic_path, load_arrays, require, save_arrays, write_json
 from pipeline.core.graph.runtime import OnnxGraph
 from pipeline.core.layout import PROCESSED_DIR, READING_EXAMPLES_DIR, READING_FILE, onnx_file
 from pipeline.core.reading import numbers, segment
@@ -101,12 +101,8 @@ def save_examples(examples):
         tmp.write_text(json.dumps(described, indent=1) + "\n")
 
 
-def main():
-    params = params_module.load_or_exit("read_eval")
-    try:
-        report, examples = measure(params)
-    except DataError as e:
-        raise SystemExit(f"read_eval: {e}") from None
+def read_eval(params):
+    report, examples = measure(params)
     write_json(READING_FILE, report)
     save_examples(examples)
     for group in ("by_kind", "by_length"):
@@ -116,6 +112,10 @@ def main():
                 f"read_eval {group[3:]} {key}: {s['string_accuracy']:.2%} of {s['strings']} strings read exactly, "
                 f"digits {s['digit_accuracy']:.2%}; {s['sure_share']:.1%} marked sure, {sure} of those right"
             )
+
+
+def main():
+    params_module.run_stage("read_eval", read_eval)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import numpy as np
 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
-from pipeline.core.files import DataError, load_arrays, require, write_json
-from pipeline.core.layout import PROCESSED_DIR, ROBUSTNESS_FILE, calibration_file, model_file
+from pipeline.core.files import load_arrays, require, write_json
+from pipeline.core.layout import MODELS, PROCESSED_DIR, ROBUSTNESS_FILE, calibration_file, model_file
 from pipeline.core.shifts import corruptions
 from pipeline.core.trust import confidence
 
@@ -28,13 +28,13 @@ def measure(params):
     import mlflow
 
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
-    require(*map(model_file, params_module.MODELS), *map(calibration_file, params_module.MODELS))
+    require(*map(model_file, MODELS), *map(calibration_file, MODELS))
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     copies = corruptions.corrupted_copies(x_test, params)
     tracking.use_experiment(params.mlflow.experiment)
 
     report = {}
-    for model_name in params_module.MODELS:
+    for model_name in MODELS:
         model = keras.models.load_model(model_file(model_name), compile=False)
         calibration = confidence.read_calibration(calibration_file(model_name))
         probabilities = {
@@ -79,11 +79,7 @@ def measure(params):
 
 
 def main():
-    params = params_module.load_or_exit("robustness")
-    try:
-        measure(params)
-    except DataError as e:
-        raise SystemExit(f"robustness: {e}") from None
+    params_module.run_stage("robustness", measure)
 
 
 if __name__ == "__main__":

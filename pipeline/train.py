@@ -13,12 +13,11 @@ to it only if it beats the champion on validation.
 """
 
 import argparse
-import sys
 
 from pipeline.core import params as params_module
 from pipeline.core import registry, tracking, training
 from pipeline.core.files import DataError, atomic_path, load_arrays, write_json, write_text
-from pipeline.core.layout import IMAGE_SHAPE, NUM_CLASSES, PROCESSED_DIR, TRAIN_REPORTS_DIR, model_file
+from pipeline.core.layout import IMAGE_SHAPE, MODELS, NUM_CLASSES, PROCESSED_DIR, TRAIN_REPORTS_DIR, model_file
 
 
 def load_data():
@@ -121,13 +120,9 @@ def train(model_name, params):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=params_module.MODELS)
+    parser.add_argument("model", choices=MODELS)
     args = parser.parse_args(argv)
-    params = params_module.load_or_exit(f"train {args.model}")
-    try:
-        train(args.model, params)
-    except DataError as e:
-        sys.exit(f"train {args.model}: {e}")
+    params_module.run_stage(f"train {args.model}", lambda params: train(args.model, params))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import seaborn as sns
 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
-from pipeline.core.files import DataError, atomic_path, load_arrays, require
+from pipeline.core.files import atomic_path, load_arrays, require
 from pipeline.core.layout import (
     DATA_STATS_FILE,
     EVAL_DIR,
@@ -315,16 +315,12 @@ def visualize(params):
         DATA_STATS_FILE,
         ROBUSTNESS_FILE,
         READING_EXAMPLES_DIR / "readings.json",
-        *(TRAIN_REPORTS_DIR / f"{model}_history.csv" for model in params_module.MODELS),
-        *(
-            EVAL_DIR / f"{model}_{what}"
-            for model in params_module.MODELS
-            for what in ("predictions.csv", "report.json")
-        ),
+        *(TRAIN_REPORTS_DIR / f"{model}_history.csv" for model in MODELS),
+        *(EVAL_DIR / f"{model}_{what}" for model in MODELS for what in ("predictions.csv", "report.json")),
     )
-    histories = {model: pd.read_csv(TRAIN_REPORTS_DIR / f"{model}_history.csv") for model in params_module.MODELS}
-    predictions = {model: pd.read_csv(EVAL_DIR / f"{model}_predictions.csv") for model in params_module.MODELS}
-    reports = {model: json.loads((EVAL_DIR / f"{model}_report.json").read_text()) for model in params_module.MODELS}
+    histories = {model: pd.read_csv(TRAIN_REPORTS_DIR / f"{model}_history.csv") for model in MODELS}
+    predictions = {model: pd.read_csv(EVAL_DIR / f"{model}_predictions.csv") for model in MODELS}
+    reports = {model: json.loads((EVAL_DIR / f"{model}_report.json").read_text()) for model in MODELS}
     stats = json.loads(DATA_STATS_FILE.read_text())
     count = min(params.visualize.grid_images, len(x_test))
 
@@ -357,7 +353,7 @@ def visualize(params):
             save(prediction_grid(model, x_test, predictions[model], count, params.seed), f"predictions_{model}.png"),
             save(confident_mistakes(model, x_test, predictions[model], min(count, 15)), f"mistakes_{model}.png"),
         ]
-        for model in params_module.MODELS
+        for model in MODELS
     }
 
     tracking.use_experiment(params.mlflow.experiment)
@@ -369,11 +365,7 @@ def visualize(params):
 
 
 def main():
-    params = params_module.load_or_exit("visualize")
-    try:
-        visualize(params)
-    except DataError as e:
-        raise SystemExit(f"visualize: {e}") from None
+    params_module.run_stage("visualize", visualize)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The house's rule (CONTRIBUTING.md): stages may import the shared core; serving and scale-out import
-the core and never a stage (scale-out may use serving's predictor); the core imports none of the
-other wings; `digits` (pipeline/cli.py) fronts serving and scale-out. bench/ imports nothing from
-tests/."""
+the core and never a stage (scale-out may use serving's readers); the core imports none of the
+other wings; `digits` (pipeline/cli.py) fronts serving and scale-out. Inside the core, the flat
+modules are infrastructure and each folder is a feature: infrastructure imports no feature (but
+training builds the shifts' augmentation into its input pipeline). bench/ imports nothing from
+tests/. No function in pipeline/ is longer than a screen."""
 
 import ast
 
@@ -66,3 +68,42 @@ def test_the_rule_sees_a_crossing(tmp_path):
 def test_bench_imports_nothing_from_tests():
     for path in (ROOT / "bench").rglob("*.py"):
         assert not {m for m in imports(path) if m.split(".")[0] == "tests"}, path
+
+
+INFRASTRUCTURE = {
+    "files",
+    "layout",
+    "models",
+    "normalize",
+    "params",
+    "quiet_tensorflow",
+    "registry",
+    "tracking",
+    "training",
+}
+FEATURES = {"graph", "reading", "shifts", "trust"}
+INFRASTRUCTURE_MAY_USE = {"training": {"shifts"}}  # augmentation layers in the training input pipeline
+MAX_FUNCTION_LINES = 80
+
+
+def test_the_core_is_infrastructure_and_feature_folders():
+    core = ROOT / "pipeline/core"
+    assert {p.stem for p in core.glob("*.py")} - {"__init__"} == INFRASTRUCTURE
+    assert {p.name for p in core.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == FEATURES
+
+
+@pytest.mark.parametrize("name", sorted(INFRASTRUCTURE))
+def test_infrastructure_imports_no_feature(name):
+    used = {m.split(".")[2] for m in project_modules(imports(ROOT / f"pipeline/core/{name}.py")) if m.count(".") >= 3}
+    assert used & FEATURES <= INFRASTRUCTURE_MAY_USE.get(name, set()), f"pipeline.core.{name} imports {used & FEATURES}"
+
+
+@pytest.mark.parametrize("path", PIPELINE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_functions_read_on_one_screen(path):
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno >= MAX_FUNCTION_LINES
+    ]
+    assert not long, f"split into named steps: {long}"

@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline.core import params
+from tests.helpers import ROOT
 
 
 def test_default_params_load(project):
@@ -50,5 +51,14 @@ def test_missing_key_and_missing_file(project, tmp_path):
 def test_stage_entry_point_exits_with_the_message(project):
     project(epochs=0)
     with pytest.raises(SystemExit) as stop:
-        params.load_or_exit("train cnn")
+        params.run_stage("train cnn", lambda settings: None)
     assert str(stop.value).startswith("train cnn: ") and "epochs: got 0" in str(stop.value)
+
+
+def test_augment_strengths_are_needed_only_where_a_share_draws_them():
+    """The MLP's recipe draws no shifts and names no strengths; a share without them is refused by name."""
+    tree = params.read_tree(ROOT / "params.yaml")
+    assert params.from_tree(tree).mlp.augment.noise == ()
+    tree["mlp"]["augment"]["corruption_share"] = 0.2
+    with pytest.raises(params.ParamsError, match="mlp.augment.noise: missing"):
+        params.from_tree(tree)

@@ -96,7 +96,7 @@ def test_low_resolution_share_shrinks_its_share_of_a_batch_and_scales_it_back():
     images = (tiny_images(600)[0] / 255.0).astype(np.float32)[..., None]
     strength = dataclasses.replace(params.load().cnn.augment, corruption_share=0.0, low_resolution_share=0.3)
     out = np.asarray(RandomCorruption(strength, seed=7)(images, training=True))
-    low, high = strength.low_resolution_sides
+    low, high = strength.low_resolution
     shrunk = [
         np.asarray(_resized(images, tf.constant(side), align_corners))
         for side in range(low, high + 1)
@@ -122,7 +122,7 @@ def test_each_corrupted_image_is_a_corruption_of_its_own_original():
     exact = [
         tf.nn.max_pool2d(images, 2, 1, "SAME"),
         -tf.nn.max_pool2d(-images, 2, 1, "SAME"),
-        *(tf.nn.depthwise_conv2d(images, _gaussian_kernel(s), [1, 1, 1, 1], "SAME") for s in strength.blur_sigmas),
+        *(tf.nn.depthwise_conv2d(images, _gaussian_kernel(s), [1, 1, 1, 1], "SAME") for s in strength.blur),
     ]
     matches = np.stack([np.abs(out - np.asarray(e)).reshape(len(images), -1).max(axis=1) < 1e-6 for e in exact])
     assert 0.4 < matches.any(axis=0).mean() < 0.6  # about 4 of every 8 images
@@ -190,7 +190,7 @@ def test_wide_tilts_turn_each_image_by_their_range_either_way_about_its_centre()
 
     from pipeline.core.shifts.augmentation import _tilted
 
-    low, high = params.load().cnn.augment.tilt_degrees
+    low, high = params.load().cnn.augment.rotation
     images = upright_bars(400)
     ink0, y0, x0, _ = moments(images)
     ink, y, x, tilt = moments(_tilted(images, keras.random.SeedGenerator(1), (low, high)))

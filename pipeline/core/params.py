@@ -8,10 +8,9 @@ from typing import ClassVar
 
 import yaml
 
-from pipeline.core import layout
+from pipeline.core.files import DataError
 
 SOURCES = ("local", "mirrors", "pypi")
-MODELS = tuple(layout.MODELS)
 ARCHS = ("plain", "resnet")  # cnn.arch
 
 
@@ -39,12 +38,13 @@ class AugmentParams:
     rotation_degrees: float
     shift_fraction: float
     zoom_fraction: float
-    corruption_share: float  # of each batch, replaced by noisy, blurred, low-resolution or re-inked copies
-    noise_std: tuple  # [low, high] of the added Gaussian noise's standard deviation
-    blur_sigmas: tuple  # the Gaussian blurs drawn from, in pixels
-    low_resolution_sides: tuple  # [low, high] side (pixels) a digit is shrunk to and scaled back from
-    low_resolution_share: float  # of each batch, besides corruption_share: shrunk to one of those sides and back
-    tilt_degrees: tuple  # [low, high] rotation either way, beyond rotation_degrees
+    corruption_share: float  # of each batch, replaced by noisy, blurred, low-resolution, re-inked or tilted copies
+    low_resolution_share: float  # of each batch, besides corruption_share: shrunk to a low_resolution side and back
+    # The shifts drawn (names and meanings as in SHIFTS); () where no share draws them.
+    noise: tuple  # [low, high] of the added Gaussian noise's standard deviation
+    blur: tuple  # the Gaussian blurs drawn from, in pixels
+    low_resolution: tuple  # [low, high] side (pixels) a digit is shrunk to and scaled back from
+    rotation: tuple  # [low, high] degrees either way, beyond rotation_degrees
 
 
 @dataclass(frozen=True)
@@ -93,14 +93,14 @@ class CalibrateParams:
     accepted_accuracy: float  # how often answers above the "not sure" threshold must be right
     accepted_accuracy_under_shift: float  # the same on each corrupted copy of the validation images
     soft_share_of_clean: tuple  # candidates: the share of clean validation digits counted soft (blurred, low-res)
-    nondigits_per_kind: int  # generated non-digits of each kind the "not a digit" gate learns from
+    nondigits_per_kind: int  # generated non-digits of each value_type the "not a digit" gate learns from
     digit_flag_rate: float  # the most validation digits the gate may flag
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
-    nondigits_per_kind: int  # generated non-digits of each kind the gate is measured on
+    nondigits_per_kind: int  # generated non-digits of each value_type the gate is measured on
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class RobustnessParams:
 @dataclass(frozen=True)
 class ReadEvalParams:
     seed: int
-    strings_per_kind: int  # 5-digit strings of each spacing kind
+    strings_per_kind: int  # 5-digit strings of each spacing value_type
     strings_per_length: int  # strings with clear gaps of each length 1-10
 
 
@@ -157,7 +157,14 @@ class _Reader:
             node = node[part]
         return node
 
-    def get(self, key, kind, lo=None, hi=None, nullable=False, default=...):
+    def has(self, key):
+        try:
+            self._raw(key)
+        except KeyError:
+            return False
+        return True
+
+    def get(self, key, value_type, lo=None, hi=None, nullable=False, default=...):
         try:
             value = self._raw(key)
         except KeyError:
@@ -167,25 +174,27 @@ class _Reader:
             return None
         if value is None and nullable:
             return None
-        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = isinstance(value, value_type) and not (value_type in (int, float) and isinstance(value, bool))
+        if value_type is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         bounds = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
-        expected = f"{kind.__name__}{bounds}" + (" or null" if nullable else "")
+        expected = f"{value_type.__name__}{bounds}" + (" or null" if nullable else "")
         if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
             self.errors.append(f"{key}: got {value!r}, expected {expected}")
             return None
         return value
 
-    def float_range(self, key, lo, hi, kind=float):
+    def float_range(self, key, lo, hi, value_type=float):
         """[low, high] with lo <= low <= high <= hi."""
         value = self.get(key, list)
         if value is None:
             return ()
-        numbers = all(isinstance(v, int if kind is int else int | float) and not isinstance(v, bool) for v in value)
+        numbers = all(
+            isinstance(v, int if value_type is int else int | float) and not isinstance(v, bool) for v in value
+        )
         if len(value) != 2 or not numbers or not lo <= value[0] <= value[1] <= hi:
             self.errors.append(
-                f"{key}: got {value!r}, expected [low, high] of {kind.__name__} with {lo} <= low <= high <= {hi}"
+                f"{key}: got {value!r}, expected [low, high] of {value_type.__name__} with {lo} <= low <= high <= {hi}"
             )
             return ()
         return tuple(value)
@@ -211,25 +220,29 @@ class _Reader:
         return tuple(values)
 
 
-CORRUPTIONS = ("shear", "rotation", "scale", "translation", "thickness", "blur", "noise", "low_resolution")
-RANGES = {
-    "shear": (0.0, 2.0),
-    "rotation": (0.0, 180.0),
-    "scale": (0.1, 3.0),
-    "translation": (0.0, 14.0),
-    "blur": (0.0, 5.0),
+# The shifts: the ways real handwriting and scans differ from MNIST, each named once, with the type
+# and valid range of its strength. Each has a corruption of the same name (pipeline/core/shifts/
+# corruptions.py). robustness gives every one a strength (a [low, high] range to draw from, or one
+# number for thickness, noise and low_resolution); a model's `augment` section uses the same names
+# for the ones its training draws (noise, blur, low_resolution, rotation).
+SHIFTS = {
+    "shear": (float, 0.0, 2.0),  # horizontal shear factor
+    "rotation": (float, 0.0, 180.0),  # degrees either way
+    "scale": (float, 0.1, 3.0),  # factor about the centre
+    "translation": (float, 0.0, 14.0),  # pixels
+    "thickness": (int, 1, 5),  # grey dilation or erosion window, pixels
+    "blur": (float, 0.0, 5.0),  # Gaussian sigma, pixels
+    "noise": (float, 0.0, 1.0),  # standard deviation of added Gaussian noise
+    "low_resolution": (int, 2, 27),  # side, pixels, of the copy shrunk and enlarged again
 }
+RANGED = ("shear", "rotation", "scale", "translation", "blur")  # robustness draws these from [low, high]
 
 
 def _corruptions(r):
     strengths = {}
-    for name in CORRUPTIONS:
+    for name, (value_type, lo, hi) in SHIFTS.items():
         key = f"robustness.{name}"
-        if name in RANGES:
-            strengths[name] = r.float_range(key, *RANGES[name])
-        else:
-            limits = {"thickness": (int, 1, 5), "noise": (float, 0.0, 1.0), "low_resolution": (int, 2, 27)}[name]
-            strengths[name] = r.get(key, *limits)
+        strengths[name] = r.float_range(key, lo, hi, value_type) if name in RANGED else r.get(key, value_type, lo, hi)
     return strengths
 
 
@@ -242,17 +255,30 @@ def _training(r, section):
         warmup_epochs=r.get(f"{section}.warmup_epochs", int, 0, 1000),
         label_smoothing=r.get(f"{section}.label_smoothing", float, 0.0, 0.5),
         ema_momentum=r.get(f"{section}.ema_momentum", float, 0.0, 0.99999),
-        augment=AugmentParams(
-            rotation_degrees=r.get(f"{section}.augment.rotation_degrees", float, 0.0, 45.0),
-            shift_fraction=r.get(f"{section}.augment.shift_fraction", float, 0.0, 0.3),
-            zoom_fraction=r.get(f"{section}.augment.zoom_fraction", float, 0.0, 0.3),
-            corruption_share=r.get(f"{section}.augment.corruption_share", float, 0.0, 1.0),
-            noise_std=r.float_range(f"{section}.augment.noise_std", 0.0, 1.0),
-            blur_sigmas=r.float_list(f"{section}.augment.blur_sigmas", 0.1, 5.0),
-            low_resolution_sides=r.float_range(f"{section}.augment.low_resolution_sides", 2, 27, kind=int),
-            low_resolution_share=r.get(f"{section}.augment.low_resolution_share", float, 0.0, 1.0),
-            tilt_degrees=r.float_range(f"{section}.augment.tilt_degrees", 0.0, 90.0),
-        ),
+        augment=_augment(r, f"{section}.augment"),
+    )
+
+
+def _augment(r, section):
+    """A model's augment section. The shifts' strengths are needed only where a share draws them."""
+    shares = {
+        share: r.get(f"{section}.{share}", float, 0.0, 1.0) for share in ("corruption_share", "low_resolution_share")
+    }
+    drawn = any(shares.values())
+
+    def strength(name, read):
+        key = f"{section}.{name}"
+        return read(key) if drawn or r.has(key) else ()
+
+    return AugmentParams(
+        rotation_degrees=r.get(f"{section}.rotation_degrees", float, 0.0, 45.0),
+        shift_fraction=r.get(f"{section}.shift_fraction", float, 0.0, 0.3),
+        zoom_fraction=r.get(f"{section}.zoom_fraction", float, 0.0, 0.3),
+        **shares,
+        noise=strength("noise", lambda key: r.float_range(key, *SHIFTS["noise"][1:])),
+        blur=strength("blur", lambda key: r.float_list(key, 0.1, SHIFTS["blur"][2])),
+        low_resolution=strength("low_resolution", lambda key: r.float_range(key, *SHIFTS["low_resolution"][1:], int)),
+        rotation=strength("rotation", lambda key: r.float_range(key, 0.0, 90.0)),
     )
 
 
@@ -368,9 +394,10 @@ def from_tree(tree, path="params.yaml"):
     return params
 
 
-def load_or_exit(stage, path="params.yaml"):
-    """load() for a stage's entry point: a bad params.yaml ends the stage with `<stage>: <message>`."""
+def run_stage(stage, work, expected=()):
+    """A stage's entry point: params.yaml checked, then `work(params)`. A bad params.yaml, missing
+    input data or another `expected` failure ends the stage as `<stage>: <message>`, not a traceback."""
     try:
-        return load(path)
-    except ParamsError as e:
+        return work(load())
+    except (ParamsError, DataError, *expected) as e:
         raise SystemExit(f"{stage}: {e}") from None

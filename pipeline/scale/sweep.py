@@ -31,7 +31,7 @@ import yaml
 from pipeline.core import params as params_module
 from pipeline.core import tracking
 from pipeline.core.files import load_arrays, write_text
-from pipeline.core.layout import PROCESSED_DIR
+from pipeline.core.layout import MODELS, PROCESSED_DIR
 from pipeline.scale import cluster
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -479,7 +479,7 @@ def main(args):
 
 
 def add_arguments(parser):
-    parser.add_argument("--models", nargs="+", choices=params_module.MODELS, default=["cnn"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["cnn"])
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of every variant (default 1 2 3)"
     )

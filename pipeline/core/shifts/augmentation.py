@@ -84,16 +84,16 @@ class RandomCorruption(keras.layers.Layer):
     """Replaces a random share of a batch's images with a corrupted copy, one corruption each,
     drawn uniformly, and a further share with a low-resolution copy; the rest pass unchanged, so
     clean digits stay most of what the model sees. Each corruption is computed only for the images
-    that drew it. `strength`: a model's params.yaml `augment` section (corruption_share, noise_std,
-    blur_sigmas, low_resolution_sides, low_resolution_share, tilt_degrees: tilts beyond
-    RandomAffine's, as a slanted hand writes them)."""
+    that drew it. `strength`: a model's params.yaml `augment` section (corruption_share,
+    low_resolution_share, and the shifts noise, blur, low_resolution and rotation: tilts beyond
+    RandomAffine's, as a slanted hand writes them; thickness is a 2-pixel window either way)."""
 
     def __init__(self, strength, seed, **kwargs):
         super().__init__(**kwargs)
         self.share, self.low_resolution_share = strength.corruption_share, strength.low_resolution_share
-        self.noise_std, self.sides, self.tilt = strength.noise_std, strength.low_resolution_sides, strength.tilt_degrees
+        self.noise_std, self.sides, self.tilt = strength.noise, strength.low_resolution, strength.rotation
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.blur_kernels = [_gaussian_kernel(sigma) for sigma in strength.blur_sigmas]
+        self.blur_kernels = [_gaussian_kernel(sigma) for sigma in strength.blur]
 
     def call(self, images, training=True):
         if not training or not (self.share or self.low_resolution_share):

@@ -7,6 +7,8 @@ images of the same shape. How strong each one is comes from params.yaml's `robus
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.params import SHIFTS
+
 CENTRE = np.array([13.5, 13.5])
 
 
@@ -66,16 +68,8 @@ def low_resolution(images, rng, size):
     return np.stack([ndimage.zoom(ndimage.zoom(i, size / 28, order=1), 28 / size, order=1) for i in images])
 
 
-CORRUPTIONS = {
-    "shear": shear,
-    "rotation": rotation,
-    "scale": scale,
-    "translation": translation,
-    "thickness": thickness,
-    "blur": blur,
-    "noise": noise,
-    "low_resolution": low_resolution,
-}
+# One function per shift, named as params.SHIFTS (the one list of them) names it, in its order.
+CORRUPTIONS = {name: globals()[name] for name in SHIFTS}
 
 
 def corrupt(images, name, strength, seed):
