@@ -103,11 +103,6 @@ def single_image_latency(model, x_test):
     return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
 
 
-def accuracy(model, x, labels, batch_size):
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
-    return float(np.mean(probabilities.argmax(1) == labels))
-
-
 def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
     """corrupted_val: the robustness stage's corruptions of the validation images, what augmentation
     is chosen by; None for a recipe that trained on the validation images (no validation metrics)."""
@@ -119,16 +114,12 @@ def measure(model, seconds, epochs, data, params, val_only, corrupted_val=None):
         "params": model.count_params(),
     }
     if corrupted_val is not None:
-        val_labels = data["y_val"].argmax(1)
-        corrupted = {name: accuracy(model, x, val_labels, batch_size) for name, x in corrupted_val.items()}
-        val_probabilities = model.predict(data["x_val"], batch_size=batch_size, verbose=0)
-        result["val_accuracy"] = float(np.mean(val_probabilities.argmax(1) == val_labels))
-        not_sure, temperature, threshold = confidence.not_sure_on_validation(
-            val_probabilities, val_labels, params.calibrate.accepted_accuracy
+        scorecard, temperature, threshold = confidence.validation_scorecard(
+            model, data["x_val"], data["y_val"].argmax(1), corrupted_val, params.calibrate.accepted_accuracy, batch_size
         )
-        result.update(not_sure)
-        result["val_corrupted_mean_accuracy"] = float(np.mean(list(corrupted.values())))
-        result["val_corrupted"] = corrupted
+        per_copy = {f"val_corrupted_{name}_accuracy": name for name in corrupted_val}
+        result.update({k: v for k, v in scorecard.items() if k not in per_copy})
+        result["val_corrupted"] = {name: scorecard[key] for key, name in per_copy.items()}
     if val_only:
         return result
     labels = data["y_test"].argmax(1)

@@ -69,11 +69,9 @@ for seed in {seeds}:
     training.seed_everything(seed)
     model = training.compiled_model(params.cnn, params.epochs, len(data["x_train"]))
     training.fit(model, params.cnn, data, params.epochs, seed, to_mlflow=False, verbose=0)
-    labels = data["y_val"].argmax(1)
-    probabilities = model.predict(data["x_val"], batch_size=1000, verbose=0)
-    confidence.not_sure_on_validation(probabilities, labels, params.calibrate.accepted_accuracy)
-    for x in corrupted.values():
-        model.predict(x, batch_size=1000, verbose=0)
+    confidence.validation_scorecard(
+        model, data["x_val"], data["y_val"].argmax(1), corrupted, params.calibrate.accepted_accuracy, 1000
+    )
 print(time.perf_counter() - start)
 """
     return timed([sys.executable, "-c", code])

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.__main__ import machine
+from pipeline import read_eval
 from pipeline.core.files import load_arrays
 from pipeline.core.graph.runtime import OnnxGraph
 from pipeline.core.layout import PROCESSED_DIR, onnx_file
@@ -36,17 +37,15 @@ VARIANTS = {
 
 
 def measure(sets, graph):
-    by_kind, sure, sure_right = {}, 0, 0
-    for kind, samples in sets.items():
-        readings = [(text, segment.read(image, graph)) for image, text, _ in samples]
-        by_kind[kind] = float(np.mean([r.text == text for text, r in readings]))
-        sure += sum(r.sure for _, r in readings)
-        sure_right += sum(r.sure and r.text == text for text, r in readings)
+    """read_eval's scores of each kind, and over all kinds."""
+    readings = {kind: [(text, segment.read(image, graph)) for image, text, _ in s] for kind, s in sets.items()}
+    pooled = read_eval.scores([pair for pairs in readings.values() for pair in pairs])
+    by_kind = {kind: read_eval.scores(pairs)["string_accuracy"] for kind, pairs in readings.items()}
     return {
         "mean_string_accuracy": float(np.mean(list(by_kind.values()))),
         "by_kind": by_kind,
-        "sure_share": sure / sum(len(s) for s in sets.values()),
-        "sure_accuracy": sure_right / sure if sure else None,
+        "sure_share": pooled["sure_share"],
+        "sure_accuracy": pooled["sure_accuracy"],
     }
 
 

@@ -30,7 +30,7 @@ def draw_digit_seven(width=400, height=300, ink=(20, 20, 20), paper=(250, 248, 2
     return image
 
 
-def serve_in_background(predictor, host="127.0.0.1"):
+def serve_in_background(predictor, host="127.0.0.1", number_reader=None):
     """Start the app with uvicorn in a daemon thread on a free port (benchmarks, browser tests).
     Returns the base URL and the server; set `server.should_exit = True` to stop it."""
     import uvicorn
@@ -40,7 +40,8 @@ def serve_in_background(predictor, host="127.0.0.1"):
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host=host, port=port, log_level="warning"))
+    app = create_app(predictor, number_reader)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 30
     while not server.started:

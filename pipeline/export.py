@@ -11,10 +11,14 @@ For each model this stage
      metadata, so the .onnx file is all serving needs;
   4. checks the graph against Keras and scikit-learn on the validation images: probabilities
      within graph.ATOL, the same "not a digit" answers. A mismatch fails the stage.
+The line reader (train_reader) becomes a graph of its own, its temperature inside and its "sure"
+threshold in the metadata, checked against Keras on lines written from validation digits.
 Writes
   models/<model>.onnx     inputs: images (n, 28, 28, 1) float32 in MNIST form;
                           outputs: probabilities (n, 10), gate_probabilities (n, 2)
-  reports/export.json     the check's numbers (dvc metrics)
+  models/reader.onnx      inputs: lines (n, 28, width, 1) float32 (pipeline/core/reading/lines.py);
+                          outputs: windows (n, windows, 11), each window's digit and blank probabilities
+  reports/export.json     the checks' numbers (dvc metrics)
 and logs the .onnx file to the model's MLflow run (artifact onnx/), tagging its registered version,
 so that `models:/digits-cnn@champion` serves it too. The test split is not read here.
 """
@@ -22,31 +26,65 @@ so that `models:/digits-cnn@champion` serves it too. The test split is not read 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
 from pipeline.core.files import load_arrays, require, write_json
-from pipeline.core.graph.convert import ExportError, export
-from pipeline.core.layout import EXPORT_FILE, MODELS, PROCESSED_DIR, calibration_file, gate_file, model_file, onnx_file
+from pipeline.core.graph import convert
+from pipeline.core.graph.convert import ExportError
+from pipeline.core.layout import (
+    EXPORT_FILE,
+    MODELS,
+    PROCESSED_DIR,
+    READER,
+    calibration_file,
+    gate_file,
+    model_file,
+    onnx_file,
+)
+from pipeline.core.reading import lines
+
+READER_CHECK_LINES = 64
+
+
+def log_onnx(model, scores):
+    """The .onnx file on the model's MLflow run, and its name on the registered version."""
+    import mlflow
+
+    run_file = tracking.read_run_file(model)
+    with tracking.run(run_id=run_file["run_id"]):
+        mlflow.log_artifact(str(onnx_file(model)), "onnx")
+        mlflow.log_metrics({f"onnx_{k}": v for k, v in scores.items()})
+    tracking.tag_model_version(run_file, {"onnx": f"onnx/{onnx_file(model).name}"})
+
+
+def export_reader(data, params):
+    x, y = data["x_val"][..., 0], data["y_val"].argmax(1)
+    written = lines.training_lines(x, y, READER_CHECK_LINES, params.read.seed)
+    check, _ = lines.padded([line for line, _ in written])
+    scores = convert.export_reader(model_file(READER), calibration_file(READER), onnx_file(READER), check)
+    log_onnx(READER, scores)
+    print(
+        f"export reader: {onnx_file(READER)} ({scores['file_bytes'] / 1e6:.1f} MB); on {scores['lines']} validation "
+        f"lines it answers as Keras does (largest probability difference {scores['max_probability_difference']:.1e})",
+        flush=True,
+    )
+    return scores
 
 
 def export_models(params):
-    import mlflow
-
     require(*(path(model) for model in MODELS for path in (model_file, calibration_file, gate_file)))
-    x_val = load_arrays(PROCESSED_DIR, ["x_val"])["x_val"]
+    require(model_file(READER), calibration_file(READER))
+    data = load_arrays(PROCESSED_DIR, ["x_val", "y_val"])
     tracking.use_experiment(params.mlflow.experiment)
     report = {}
     for model in MODELS:
         paths = model_file(model), calibration_file(model), gate_file(model), onnx_file(model)
-        scores = report[model] = export(*paths, x_val)
-        run_file = tracking.read_run_file(model)
-        with tracking.run(run_id=run_file["run_id"]):
-            mlflow.log_artifact(str(onnx_file(model)), "onnx")
-            mlflow.log_metrics({f"onnx_{k}": v for k, v in scores.items()})
-        tracking.tag_model_version(run_file, {"onnx": f"onnx/{onnx_file(model).name}"})
+        scores = report[model] = convert.export(*paths, data["x_val"])
+        log_onnx(model, scores)
         print(
             f"export {model}: {onnx_file(model)} ({scores['file_bytes'] / 1e6:.1f} MB); on {scores['images']:,} "
             f"validation images it answers as Keras does (largest probability difference "
             f'{scores["max_probability_difference"]:.1e}, same digit and same "not a digit" for every image)',
             flush=True,
         )
+    report[READER] = export_reader(data, params)
     write_json(EXPORT_FILE, report)
 
 

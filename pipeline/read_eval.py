@@ -1,13 +1,16 @@
-"""Stage read_eval: how well the served CNN reads whole numbers (pipeline/core/reading/segment.py).
+"""Stage read_eval: how well whole numbers are read, by the line reader that serving uses
+(models/reader.onnx with models/cnn.onnx for its "not a digit" marks: pipeline/core/reading/
+sequence.py) and, for comparison, by cutting the line into digits (pipeline/core/reading/segment.py).
 
-Numbers are written from *test* digits (pipeline/core/reading/numbers.py; the reader's method was chosen
-on numbers from training digits, bench/reading.py): 5-digit strings in each spacing kind, and
-strings with clear gaps of every length from 1 to 10. Each is read through models/cnn.onnx, the
-graph `digits serve` answers with. Like evaluate, this stage only measures. Writes
+Numbers are written from *test* digits (pipeline/core/reading/numbers.py; both readers were chosen
+on numbers from training and validation digits): 5-digit strings in each spacing kind, and strings
+with clear gaps of every length from 1 to 10. Like evaluate, this stage only measures. Writes
   reports/reading.json       per spacing kind and per length: how many strings are read exactly,
                              the share of digits read right, the share of strings marked sure and
-                             how many of those are right; and the same over everything
-  data/reading_examples/     a few numbers with their boxes and readings, for visualize's figure
+                             how many of those are right; and the same over everything. The line
+                             reader's at the top, the segmenter's under "segment"
+  data/reading_examples/     a few numbers with their boxes and the line reader's readings, for
+                             visualize's figure
 """
 
 import difflib
@@ -17,9 +20,9 @@ import numpy as np
 
 from pipeline.core import params as params_module
 from pipeline.core.files import atomic_path, load_arrays, require, save_arrays, write_json
-from pipeline.core.graph.runtime import OnnxGraph
+from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph
 from pipeline.core.layout import PROCESSED_DIR, READING_EXAMPLES_DIR, READING_FILE, onnx_file
-from pipeline.core.reading import numbers, segment
+from pipeline.core.reading import numbers, segment, sequence
 
 LENGTHS = range(1, 11)
 SPACED_LENGTH = 5  # the strings of each spacing kind
@@ -45,10 +48,10 @@ def scores(readings):
     }
 
 
-def read_all(samples, graph, progress):
+def read_all(samples, read, progress):
     readings = []
     for image, text, _ in samples:
-        readings.append((text, segment.read(image, graph)))
+        readings.append((text, read(image)))
         progress.update()
     return readings
 
@@ -56,28 +59,35 @@ def read_all(samples, graph, progress):
 def measure(params):
     from tqdm import tqdm
 
-    require(onnx_file("cnn"))
+    require(onnx_file("cnn"), onnx_file("reader"))
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
-    graph = OnnxGraph(onnx_file("cnn"))
+    digits, reader = OnnxGraph(onnx_file("cnn")), ReaderGraph(onnx_file("reader"))
+    readers = {
+        "reader": lambda image: sequence.read(image, reader, digits),
+        "segment": lambda image: segment.read(image, digits),
+    }
     rng = np.random.default_rng(params.read_eval.seed)
     p = params.read_eval
     sets = {f"kind/{kind}": ([SPACED_LENGTH], kind, p.strings_per_kind) for kind in numbers.KINDS}
     sets |= {f"length/{n}": ([n], "clear", p.strings_per_length) for n in LENGTHS}
-    total = sum(count for _, _, count in sets.values())
-    report, everything, examples = {"by_kind": {}, "by_length": {}}, [], []
+    total = sum(count for _, _, count in sets.values()) * len(readers)
+    reports = {name: {"by_kind": {}, "by_length": {}} for name in readers}
+    everything = {name: [] for name in readers}
+    examples = []
     with tqdm(total=total, unit="number", desc="read_eval", disable=None, leave=False) as progress:
         for name, (lengths, kind, count) in sets.items():
             samples = numbers.sample(data["x_test"], data["y_test"], lengths, kind, count, rng)
-            readings = read_all(samples, graph, progress)
             group, key = name.split("/")
-            report[f"by_{group}"][key] = scores(readings)
-            everything += readings
-            if group == "kind":
-                examples += [(image, text, r) for (image, text, _), (_, r) in zip(samples, readings, strict=True)][
-                    :EXAMPLES_PER_KIND
-                ]
-    report["all"] = scores(everything)
-    return report, examples
+            for reader_name, read in readers.items():
+                readings = read_all(samples, read, progress)
+                reports[reader_name][f"by_{group}"][key] = scores(readings)
+                everything[reader_name] += readings
+                if group == "kind" and reader_name == "reader":
+                    shown = zip(samples[:EXAMPLES_PER_KIND], readings, strict=False)
+                    examples += [(image, text, r) for (image, text, _), (_, r) in shown]
+    for name, report in reports.items():
+        report["all"] = scores(everything[name])
+    return {**reports["reader"], "segment": reports["segment"]}, examples
 
 
 def save_examples(examples):
@@ -105,13 +115,15 @@ def read_eval(params):
     report, examples = measure(params)
     write_json(READING_FILE, report)
     save_examples(examples)
-    for group in ("by_kind", "by_length"):
-        for key, s in report[group].items():
-            sure = f"{s['sure_accuracy']:.2%}" if s["sure_accuracy"] is not None else "-"
-            print(
-                f"read_eval {group[3:]} {key}: {s['string_accuracy']:.2%} of {s['strings']} strings read exactly, "
-                f"digits {s['digit_accuracy']:.2%}; {s['sure_share']:.1%} marked sure, {sure} of those right"
-            )
+    for name, measured in (("line reader", report), ("segmenter", report["segment"])):
+        for group in ("by_kind", "by_length"):
+            for key, s in measured[group].items():
+                sure = f"{s['sure_accuracy']:.2%}" if s["sure_accuracy"] is not None else "-"
+                print(
+                    f"read_eval {name}, {group[3:]} {key}: {s['string_accuracy']:.2%} of {s['strings']} strings "
+                    f"read exactly, digits {s['digit_accuracy']:.2%}; {s['sure_share']:.1%} marked sure, {sure} of "
+                    "those right"
+                )
 
 
 def main():

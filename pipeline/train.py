@@ -15,7 +15,7 @@ to it only if it beats the champion on validation.
 import argparse
 
 from pipeline.core import params as params_module
-from pipeline.core import registry, tracking, training
+from pipeline.core import tracking, training
 from pipeline.core.files import DataError, atomic_path, load_arrays, write_json, write_text
 from pipeline.core.layout import IMAGE_SHAPE, MODELS, NUM_CLASSES, PROCESSED_DIR, TRAIN_REPORTS_DIR, model_file
 
@@ -54,10 +54,7 @@ def train(model_name, params):
         flush=True,
     )
 
-    experiment = tracking.use_experiment(params.mlflow.experiment)
-    tracking.end_orphaned_runs(experiment.experiment_id)
-    tags = tracking.run_tags(model_name, f"train_{model_name}")
-    with tracking.run(run_name=tracking.run_name(model_name), tags=tags) as run:
+    with tracking.training_run(model_name, f"train_{model_name}", params.mlflow.experiment) as (run, tags):
         mlflow.log_params(
             {
                 "model": model_name,
@@ -96,19 +93,9 @@ def train(model_name, params):
         mlflow.log_text(summary_text(model), "model_summary.txt")
 
         logged = tracking.log_keras_model(model, x_val[:5])
-        version = registry.register(
-            model_name,
-            logged.model_uri,
-            {
-                "git_commit": tracking.git_commit() or "none",
-                "dvc_exp_name": tags["dvc.exp_name"],
-                "run_id": run.info.run_id,
-                "val_accuracy": summary["val_accuracy"],
-                "val_digest": datasets["validation"].digest,
-            },
+        version, verdict = tracking.register_trained(
+            model_name, logged, run, tags, summary["val_accuracy"], datasets["validation"].digest
         )
-        tracking.write_run_file(model_name, run.info, version.version)
-        verdict = registry.crown_if_better(version)
     print(
         f"train {model_name}: val accuracy {summary['val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} "
         f"at epoch {summary['best_epoch']}) in {seconds:.0f}s; MLflow run {run.info.run_id}\n"

@@ -10,6 +10,20 @@ from tests.helpers import ROOT, tiny_images
 
 CALIBRATION_TEMPERATURE = 0.5
 
+# Fixtures that train a model on real MNIST, run the pipeline or start servers: a test using none of
+# them (nor the e2e and browser markers) is a quick unit test, `./dev test -m quick`.
+SLOW_FIXTURES = {
+    *("mnist", "trained_model_file", "trained_reader_file", "finetune_project", "processed_data"),
+    *("repo", "world", "server", "reading_server", "teammate", "as_teammate"),
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        slow = SLOW_FIXTURES & set(item.fixturenames) or {"e2e", "browser"} & {m.name for m in item.iter_markers()}
+        if not slow:
+            item.add_marker(pytest.mark.quick)
+
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
@@ -151,3 +165,31 @@ def trained_model_file(tmp_path_factory, mnist):
     beside[0].write_text(json.dumps({**file, "gate_sha256": hashlib.sha256(beside[1].read_bytes()).hexdigest()}))
     export(path, *beside, data["x_val"][:500])
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_reader_file(trained_model_file, mnist):
+    """A line reader trained briefly by train_reader's own code (on lines of 1-3 digits written from
+    8,000 real MNIST training digits, its eyes the trained CNN above), calibrated on lines from 1,000
+    others, and exported beside that CNN as the export stage exports it."""
+    import types
+
+    import keras
+
+    from pipeline import preprocess, train_reader
+    from pipeline.core.graph.convert import export_reader
+    from pipeline.core.reading import lines
+
+    x, y = preprocess.scale(mnist["x_train"][20000:29000])[..., 0], mnist["y_train"][20000:29000]
+    train = lines.training_lines(x[:8000], y[:8000], 8000, seed=1, max_length=3)
+    val = lines.training_lines(x[8000:], y[8000:], 300, seed=2, max_length=3)
+    settings = types.SimpleNamespace(epochs=2, batch_size=32, learning_rate=0.003, seed=3)
+    keras.utils.set_random_seed(3)
+    digit_model = keras.models.load_model(trained_model_file, compile=False)
+    reader = train_reader.sequence.build(digit_model)
+    train_reader.fit(reader, train, val, settings, to_mlflow=False)
+    path = trained_model_file.with_name("reader.keras")
+    train_reader.save(reader, train_reader.calibrate(reader, digit_model, val, 0.99), 0.99, path)
+    check, _ = lines.padded([line for line, _ in val[:32]])
+    export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
+    return path.with_suffix(".onnx")

@@ -1,4 +1,4 @@
-"""The real `dvc repro` of all ten stages on a tiny configuration, in a copy of the repository
+"""The real `dvc repro` of all eleven stages on a tiny configuration, in a copy of the repository
 with its own MLflow store, then a `dvc exp run --temp` whose runs must land in the same store."""
 
 import hashlib
@@ -20,6 +20,10 @@ def repo(tmp_path_factory):
     env = tiny_repo(repo)
     repro_log = run(["dvc", "repro"], repo, env)
     return repo, env, repro_log
+
+
+def exported_reader(repo):
+    return json.loads((repo / "reports/export.json").read_text())["reader"]
 
 
 def mlflow_runs(repo):
@@ -93,12 +97,17 @@ def test_repro_produces_every_output(repo):
     assert set(reading["by_kind"]) == {"clear", "tight", "touching", "overlapping"}
     assert set(reading["by_length"]) == {str(n) for n in range(1, 11)}
     assert reading["all"]["strings"] == 4 * 4 + 10 * 2 and 0 <= reading["all"]["string_accuracy"] <= 1
+    assert reading["segment"]["all"]["strings"] == reading["all"]["strings"]  # both readers, the same numbers
+    reader = json.loads((repo / "reports/train/reader.json").read_text())["reader"]
+    assert 0 <= reader["val_exact"] <= 1 and 0 < reader["temperature"] and reader["best_epoch"] == 1
+    assert exported_reader(repo)["lines"] == 64 and exported_reader(repo)["max_probability_difference"] <= 1e-5
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
         "fetch",
         "preprocess",
         "train_mlp",
         "train_cnn",
+        "train_reader",
         "calibrate",
         "export",
         "evaluate",
@@ -111,8 +120,15 @@ def test_repro_produces_every_output(repo):
 def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
     repo, env, log = repo
     client, runs = mlflow_runs(repo)
-    assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "mlp"]
+    assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "mlp", "reader"]
+    reader = next(r for r in runs if r.data.tags["model"] == "reader")
+    assert reader.info.status == "FINISHED" and {"val_exact", "loss", "temperature", "sure_from"} <= set(
+        reader.data.metrics
+    )
+    assert client.get_registered_model("digits-reader").aliases == {"champion": 1}
     for r in runs:
+        if r.data.tags["model"] == "reader":
+            continue
         assert r.info.status == "FINISHED"
         assert {
             "val_accuracy",
@@ -168,7 +184,7 @@ def test_temp_experiment_logs_into_the_checkout_store(repo):
     run(["dvc", "exp", "run", "--temp", "-S", "epochs=2", "-n", "two-epochs"], repo, env)
     _, runs = mlflow_runs(repo)
     from_experiment = [r for r in runs if r.data.tags.get("dvc.exp_name") == "two-epochs"]
-    assert sorted(r.data.tags["model"] for r in from_experiment) == ["cnn", "mlp"]
+    assert sorted(r.data.tags["model"] for r in from_experiment) == ["cnn", "mlp", "reader"]
     assert all(r.data.params["epochs"] == "2" and "test_accuracy" in r.data.metrics for r in from_experiment)
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env)
@@ -182,7 +198,8 @@ def test_runs_log_their_datasets_and_register_the_champion(repo):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     for r in runs:
         contexts = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs}
-        assert set(contexts) == {"training", "validation", "test"} and all(d.digest for d in contexts.values())
+        expected = {"training", "validation"} | ({"test"} if r.data.tags["model"] != "reader" else set())
+        assert set(contexts) == expected and all(d.digest for d in contexts.values())
     for kind in ("mlp", "cnn"):
         assert f"registered digits-{kind} v1; digits-{kind} v1 is the first champion" in log
         run_file = json.loads((repo / f"models/{kind}.run.json").read_text())

@@ -1,2 +1,3 @@
-"""The shared core: what the stages, serving and scale-out all use (params, layout, files, models,
-training, normalize, confidence, gate, corruptions, tracking). It imports none of the other wings."""
+"""The shared core: what the stages, serving and scale-out all use. Its flat modules are the
+infrastructure (params, layout, files, tracking, registry, models, training, normalize); each folder
+is a feature (trust, shifts, reading, graph). It imports none of the other wings."""

@@ -21,6 +21,7 @@ FIGURES_DIR = Path("reports/figures")  # visualize
 # The models, by the name their params.yaml section, files, stages and registry entries use, with
 # the name figures show: the one list that params, models (BUILDERS) and visualize read.
 MODELS = {"mlp": "MLP", "cnn": "CNN"}
+READER = "reader"  # the line reader's files, stage and registry entry (models/reader.keras, digits-reader)
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10

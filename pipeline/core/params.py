@@ -93,14 +93,14 @@ class CalibrateParams:
     accepted_accuracy: float  # how often answers above the "not sure" threshold must be right
     accepted_accuracy_under_shift: float  # the same on each corrupted copy of the validation images
     soft_share_of_clean: tuple  # candidates: the share of clean validation digits counted soft (blurred, low-res)
-    nondigits_per_kind: int  # generated non-digits of each value_type the "not a digit" gate learns from
+    nondigits_per_kind: int  # generated non-digits of each kind the "not a digit" gate learns from
     digit_flag_rate: float  # the most validation digits the gate may flag
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
-    nondigits_per_kind: int  # generated non-digits of each value_type the gate is measured on
+    nondigits_per_kind: int  # generated non-digits of each kind the gate is measured on
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,21 @@ class RobustnessParams:
 @dataclass(frozen=True)
 class ReadEvalParams:
     seed: int
-    strings_per_kind: int  # 5-digit strings of each spacing value_type
+    strings_per_kind: int  # 5-digit strings of each spacing kind
     strings_per_length: int  # strings with clear gaps of each length 1-10
+
+
+@dataclass(frozen=True)
+class ReadParams:
+    """The line reader (train_reader): how it is trained and when a number it reads is sure."""
+
+    seed: int
+    training_lines: int  # lines written from training digits
+    validation_lines: int  # lines written from validation digits: the epoch kept, the calibration
+    epochs: int
+    batch_size: int
+    learning_rate: float  # at the start, decaying to zero along a cosine
+    accepted_accuracy: float  # of the numbers marked sure, the share read exactly (validation lines)
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class Params:
     calibrate: CalibrateParams
     evaluate: EvaluateParams
     robustness: RobustnessParams
+    read: ReadParams
     read_eval: ReadEvalParams
     visualize: VisualizeParams
 
@@ -382,6 +396,15 @@ def from_tree(tree, path="params.yaml"):
             nondigits_per_kind=r.get("evaluate.nondigits_per_kind", int, 10, 100000),
         ),
         robustness=RobustnessParams(seed=r.get("robustness.seed", int, 0, 2**31 - 1), corruptions=_corruptions(r)),
+        read=ReadParams(
+            seed=r.get("read.seed", int, 0, 2**31 - 1),
+            training_lines=r.get("read.training_lines", int, 10, 1_000_000),
+            validation_lines=r.get("read.validation_lines", int, 10, 100_000),
+            epochs=r.get("read.epochs", int, 1, 1000),
+            batch_size=r.get("read.batch_size", int, 1, 4096),
+            learning_rate=r.get("read.learning_rate", float, 1e-6, 1.0),
+            accepted_accuracy=r.get("read.accepted_accuracy", float, 0.5, 1.0),
+        ),
         read_eval=ReadEvalParams(
             seed=r.get("read_eval.seed", int, 0, 2**31 - 1),
             strings_per_kind=r.get("read_eval.strings_per_kind", int, 1, 100000),

@@ -154,6 +154,36 @@ def run(**start_run_kwargs):
             signal.signal(sig, handler)
 
 
+@contextmanager
+def training_run(model, stage, experiment_name):
+    """A training stage's new MLflow run, named for the model and the experiment or commit, tagged,
+    after ending the runs that killed processes left open. Gives (the run, its tags)."""
+    experiment = use_experiment(experiment_name)
+    end_orphaned_runs(experiment.experiment_id)
+    tags = run_tags(model, stage)
+    with run(run_name=run_name(model), tags=tags) as active:
+        yield active, tags
+
+
+def register_trained(model, logged, run, tags, val_accuracy, val_digest):
+    """A training run's logged model registered as a new version of digits-<model> with the tags the
+    champion rule reads, the run file written for later stages, and the champion moved if it is
+    better on the same validation data. Returns (the version, what happened to the champion)."""
+    version = registry.register(
+        model,
+        logged.model_uri,
+        {
+            "git_commit": git_commit() or "none",
+            "dvc_exp_name": tags["dvc.exp_name"],
+            "run_id": run.info.run_id,
+            "val_accuracy": val_accuracy,
+            "val_digest": val_digest,
+        },
+    )
+    write_run_file(model, run.info, version.version)
+    return version, registry.crown_if_better(version)
+
+
 def log_keras_model(model, example, name="model"):
     """Log `model` in MLflow's Keras flavor with a signature and an input example."""
     import keras

@@ -83,12 +83,16 @@ def learning_rate_schedule(model_params, epochs, epoch_steps):
 
 class EpochLog:
     """Keras callback (built lazily so importing this module stays cheap): rows for the history
-    CSV and, inside an MLflow run, per-epoch metrics with step = epoch; stops on Ctrl-C or SIGTERM."""
+    CSV and, inside an MLflow run, per-epoch metrics with step = epoch; stops on Ctrl-C or SIGTERM.
+    `columns`: the row's keys; those other than epoch, learning_rate and seconds come from the
+    epoch's logs (a callback listed before this one may add to them)."""
 
     @staticmethod
-    def create(to_mlflow=True):
+    def create(to_mlflow=True, columns=HISTORY_COLUMNS):
         import keras
         import mlflow
+
+        logged = [c for c in columns if c not in ("epoch", "learning_rate", "seconds")]
 
         class _EpochLog(keras.callbacks.Callback):
             def __init__(self):
@@ -104,10 +108,10 @@ class EpochLog:
                 self.start = time.perf_counter()
 
             def on_epoch_end(self, epoch, logs=None):
-                row = {"epoch": epoch + 1, **{k: float(logs.get(k, "nan")) for k in HISTORY_COLUMNS[1:5]}}
+                row = {"epoch": epoch + 1, **{k: float(logs.get(k, "nan")) for k in logged}}
                 row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
                 row["seconds"] = round(time.perf_counter() - self.start, 3)
-                self.rows.append(row)
+                self.rows.append({k: row[k] for k in columns})
                 if to_mlflow:
                     mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
 
@@ -158,9 +162,9 @@ def fit(model, model_params, data, epochs, seed, to_mlflow=True, callbacks=(), v
     return epoch_log.rows, time.perf_counter() - start
 
 
-def history_csv(rows):
+def history_csv(rows, columns=HISTORY_COLUMNS):
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

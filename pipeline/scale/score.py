@@ -22,6 +22,7 @@ import numpy as np
 from pipeline.scale import cluster
 from pipeline.serving import answers, images
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES, check_source
+from pipeline.serving.reader import DEFAULT_READER, SEGMENT
 
 # Rows per block and per actor call. The answers do not depend on it (ONNX Runtime answers an image
 # alike in any batch); 512 gave two actors their first block soonest on 10,000 files (docs/scaling.md).
@@ -75,25 +76,29 @@ class Scorer(ModelActor):
         """Every row comes back: an unreadable file with its error and no answer."""
         batch = decode(batch)
         readable = batch["error"] == ""
-        answers = {}
+        by_file = {}
         if readable.any():
             probabilities, not_a_digit = self.predictor.predict(list(batch["image"][readable]))
             names = batch["file"][readable]
             for name, p, flag in zip(names, probabilities, not_a_digit, strict=True):
-                answers[name] = answers.csv_row(answers.ranked(name, p, flag, self.top_k, self.predictor))
+                by_file[name] = answers.csv_row(answers.ranked(name, p, flag, self.top_k, self.predictor))
         unanswered = ["", -1, float("nan"), False, False, *[""] * self.top_k]
-        rows = [answers.get(name, [name, *unanswered[1:]]) for name in batch["file"]]
+        rows = [by_file.get(name, [name, *unanswered[1:]]) for name in batch["file"]]
         columns = zip(answers.csv_columns(self.top_k), zip(*rows, strict=True), strict=True)
         return self.answer({column: np.asarray(values) for column, values in columns}, batch["error"])
 
 
-class NumberReader(ModelActor):
+class NumberScorer(ModelActor):
     """Each image read as a whole number, as `digits read` does. The reader needs the image at its
     own size, so it decodes the file itself."""
 
-    def __call__(self, batch):
-        from pipeline.core.reading import segment
+    def __init__(self, source, runtime, reader):
+        from pipeline.serving.reader import NumberReader
 
+        super().__init__(source, runtime)
+        self.reader = NumberReader(reader, self.predictor, threads=cluster.assigned_cpus())
+
+    def __call__(self, batch):
         rows, errors = [], []
         contents = batch.get("image")
         for i, name in enumerate(batch["file"]):
@@ -102,7 +107,7 @@ class NumberReader(ModelActor):
             if error:
                 rows.append([name, "", "", "", ""])
             else:
-                rows.append(answers.reading_row({"file": name, **segment.read(image, self.predictor).as_dict()}))
+                rows.append(answers.reading_row({"file": name, **self.reader.read(image).as_dict()}))
             errors.append(error or "")
         # As text, as the CLI's CSV has them: every batch then has the same Parquet schema.
         columns = zip(answers.READ_COLUMNS, zip(*rows, strict=True), strict=True)
@@ -125,6 +130,8 @@ def score(args):
         if not paths:
             raise ValueError(f"{' '.join(args.images)}: no images found")
     check_source(args.model)
+    if args.read and args.reader != SEGMENT and not Path(args.reader).exists():
+        raise FileNotFoundError(f"{args.reader}: no such line reader (run `dvc repro export`, or use --reader segment)")
     model = args.model if ":/" in args.model else str(Path(args.model).resolve())
     cluster.connect(address, args.cpus)
     total = ray.cluster_resources().get("CPU", 0)
@@ -149,8 +156,9 @@ def score(args):
         files = pa.table({"file": paths, "path": [str(Path(p).resolve()) for p in paths]})
         rows = min(rows, -(-len(paths) // (actors * BLOCKS_IN_FLIGHT)))  # a small job still reaches every copy
         source = ray.data.from_arrow([files.slice(start, rows) for start in range(0, len(paths), rows)])
-    answer, arguments = (NumberReader, {}) if args.read else (Scorer, {"top_k": args.top_k})
-    answers = source.map_batches(
+    number_reader = args.reader if args.reader == SEGMENT else str(Path(args.reader).resolve())
+    answer, arguments = (NumberScorer, {"reader": number_reader}) if args.read else (Scorer, {"top_k": args.top_k})
+    answered = source.map_batches(
         answer,
         fn_constructor_kwargs={"source": model, "runtime": args.runtime, **arguments},
         batch_size=rows,
@@ -158,7 +166,7 @@ def score(args):
         num_cpus=args.cpus_per_actor,
     )
     columns = answers.READ_COLUMNS if args.read else answers.csv_columns(args.top_k)
-    count, failed, nodes = write(answers, args.out, columns)
+    count, failed, nodes = write(answered, args.out, columns)
     for _, error in failed:
         print(f"digits: {error}", file=sys.stderr)
     if failed:
@@ -169,7 +177,7 @@ def score(args):
     return 1 if failed else 0
 
 
-def write(answers, out, names):
+def write(answered, out, names):
     """Stream the answers into one CSV or Parquet file (via a temporary file, so a failure leaves
     no half file); returns how many answers, (file, error) of every unreadable one, and the nodes
     that answered."""
@@ -185,7 +193,7 @@ def write(answers, out, names):
         if writer:
             writer.writerow(names)
         sink = None
-        for batch in answers.iter_batches(batch_size=None, batch_format="pyarrow"):  # as the actors made them
+        for batch in answered.iter_batches(batch_size=None, batch_format="pyarrow"):  # as the actors made them
             nodes.update(pc.unique(batch.column("node")).to_pylist())
             bad = pc.not_equal(batch.column("error"), "")
             unreadable = batch.filter(bad)
@@ -221,6 +229,9 @@ def add_arguments(parser):
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help="onnx (default) or tf, as `digits predict`")
     parser.add_argument("--top-k", type=int, default=1, choices=range(1, 11), metavar="K")
     parser.add_argument("--read", action="store_true", help="read each image as a whole number, as `digits read`")
+    parser.add_argument(
+        "--reader", default=DEFAULT_READER, help=f"with --read: the line reader (default {DEFAULT_READER}) or `segment`"
+    )
     parser.add_argument("--actors", type=int, help="model copies (default: one per CPU of the cluster)")
     parser.add_argument("--cpus-per-actor", type=float, default=1)
     parser.add_argument("--address", help="a Ray cluster to join (default RAY_ADDRESS; none: start Ray here)")

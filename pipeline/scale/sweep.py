@@ -142,21 +142,18 @@ def trial(config, tree, data, corrupted_val):
         model, model_params, data, params.epochs, params.seed, to_mlflow=False, callbacks=[ReportEpoch()], verbose=0
     )
 
-    labels = data["y_val"].argmax(1)
-    probabilities = model.predict(data["x_val"], batch_size=params.evaluate.batch_size, verbose=0)
-    scores, _, _ = confidence.not_sure_on_validation(probabilities, labels, params.calibrate.accepted_accuracy)
-    corrupted = {
-        name: float(np.mean(model.predict(x, batch_size=params.evaluate.batch_size, verbose=0).argmax(1) == labels))
-        for name, x in corrupted_val.items()
-    }
+    scorecard, _, _ = confidence.validation_scorecard(
+        model,
+        data["x_val"],
+        data["y_val"].argmax(1),
+        corrupted_val,
+        params.calibrate.accepted_accuracy,
+        params.evaluate.batch_size,
+    )
     tune.report(
         {
             "epoch": params.epochs,
-            "val_accuracy": float(np.mean(probabilities.argmax(1) == labels)),
-            "val_corrupted_mean_accuracy": float(np.mean(list(corrupted.values()))),
-            **{f"val_corrupted_{name}_accuracy": value for name, value in corrupted.items()},
-            "val_not_sure_coverage": scores["val_not_sure_coverage"],
-            "val_risk_coverage_area": scores["val_risk_coverage_area"],
+            **scorecard,
             "train_seconds": seconds,
             "param_count": model.count_params(),
             "cpus": cpus,

@@ -26,7 +26,6 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from pipeline.core import normalize
-from pipeline.core.reading import segment
 from pipeline.serving import answers
 from pipeline.serving.batcher import MicroBatcher
 from pipeline.serving.limits import (
@@ -38,6 +37,7 @@ from pipeline.serving.limits import (
     BodyLimit,
 )
 from pipeline.serving.predictor import DEFAULT_MODEL, Predictor
+from pipeline.serving.reader import DEFAULT_READER, SEGMENT, NumberReader
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_FILE_SCHEMA = {
@@ -130,9 +130,16 @@ class ReadDigit(BaseModel):
 
 class Reading(BaseModel):
     number: str = Field(description='the digits left to right; "?" where a mark is not a digit')
-    sure: bool = Field(description="every digit is sure (none is `not_sure`)")
+    sure: bool = Field(
+        description="the number can be trusted: its confidence reaches the line reader's calibrated "
+        'threshold and no mark is "?" (with the segmenting reader: every digit is sure)'
+    )
+    confidence: float | None = Field(
+        default=None, ge=0, le=1, description="the whole number's calibrated confidence (line reader only)"
+    )
     digits: list[ReadDigit]
     model: str
+    reader: str = Field(description="the reader's identity: the line reader's sha256, or `segment`")
 
 
 class Problem(BaseModel):
@@ -334,7 +341,7 @@ def digit_routes(predictor, batcher):
     return router
 
 
-def number_routes(predictor):
+def number_routes(number_reader):
     router = APIRouter()
 
     @router.post("/read", response_model=Reading, responses=PROBLEMS, openapi_extra=file_or_pixels(ReadPixelsBody))
@@ -352,15 +359,17 @@ def number_routes(predictor):
             images, _ = await uploaded_images(request, "file", prepare=lambda image: image)
             image = images[0]
         try:
-            found = await run_in_threadpool(segment.read, image, predictor)
+            found = await run_in_threadpool(number_reader.read, image)
         except normalize.ImageError as e:
             raise HTTPException(422, str(e)) from None
-        return {**found.as_dict(), "model": predictor.identity}
+        return {**found.as_dict(), "model": number_reader.predictor.identity, "reader": number_reader.identity}
 
     return router
 
 
-def create_app(predictor: Predictor) -> FastAPI:
+def create_app(predictor: Predictor, number_reader: NumberReader | None = None) -> FastAPI:
+    """The app answering with `predictor`; `/read` with `number_reader` (default: the segmenting
+    reader on `predictor`)."""
     from prometheus_fastapi_instrumentator import Instrumentator
 
     registry, record = model_metrics(predictor)
@@ -385,15 +394,19 @@ def create_app(predictor: Predictor) -> FastAPI:
     Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app).expose(
         app, include_in_schema=False
     )
-    for router in (health_routes(predictor, state), digit_routes(predictor, batcher), number_routes(predictor)):
+    number_reader = number_reader or NumberReader(SEGMENT, predictor)
+    routers = health_routes(predictor, state), digit_routes(predictor, batcher), number_routes(number_reader)
+    for router in routers:
         app.include_router(router)
     return app
 
 
 def app_from_environment():
     """App factory for `uvicorn --factory` and `digits serve --workers N`: each worker process loads
-    the model named by DIGITS_MODEL, on DIGITS_RUNTIME (default onnx), with DIGITS_THREADS threads."""
+    the model named by DIGITS_MODEL, on DIGITS_RUNTIME (default onnx), with DIGITS_THREADS threads,
+    and the reader of numbers named by DIGITS_READER (default models/reader.onnx; or `segment`)."""
     import os
 
     model, runtime = os.environ.get("DIGITS_MODEL", DEFAULT_MODEL), os.environ.get("DIGITS_RUNTIME", "onnx")
-    return create_app(Predictor(model, runtime))
+    predictor = Predictor(model, runtime)
+    return create_app(predictor, NumberReader(os.environ.get("DIGITS_READER", DEFAULT_READER), predictor))

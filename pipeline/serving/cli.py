@@ -2,7 +2,7 @@
 your own images.
 
 digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI] [--runtime tf]
-digits read IMAGE_OR_FOLDER... [--format text|json|csv]     whole numbers: ZIP codes, amounts, fields
+digits read IMAGE_OR_FOLDER... [--format text|json|csv] [--reader models/reader.onnx|segment]   whole numbers
 digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N] [--runtime tf]
 digits promote NAME VERSION       move the Model Registry alias `champion` by hand
 """
@@ -11,19 +11,30 @@ import sys
 
 from pipeline.serving import answers, images
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
+from pipeline.serving.reader import DEFAULT_READER
 
 BATCH_SIZE = 256  # images per model call: one call per image is many times slower (docs/experiments.md)
 
 
-def load_predictor(source, runtime):
-    """The model, or None after saying why it could not be loaded."""
-    from pipeline.serving.predictor import Predictor
-
+def loaded(make, *args):
+    """make(*args): a model or reader, or None after saying why it could not be loaded."""
     try:
-        return Predictor(source, runtime)
+        return make(*args)
     except (FileNotFoundError, ValueError) as e:
         print(f"digits: {e}", file=sys.stderr)
         return None
+
+
+def load_predictor(source, runtime):
+    from pipeline.serving.predictor import Predictor
+
+    return loaded(Predictor, source, runtime)
+
+
+def load_reader(source, predictor):
+    from pipeline.serving.reader import NumberReader
+
+    return loaded(NumberReader, source, predictor)
 
 
 def predict(args):
@@ -63,11 +74,10 @@ def predict(args):
 
 def read(args):
     """Each image is one number: the string, whether it is sure, and each digit's box and answer."""
-    from pipeline.core.reading import segment
-
     paths = list(images.image_paths(args.images))
     predictor = load_predictor(args.model, args.runtime)
-    if predictor is None:
+    number_reader = predictor and load_reader(args.reader, predictor)
+    if number_reader is None:
         return 2
     output = answers.Output(args.format, predictor.identity, answers.READ_COLUMNS, "readings")
     failed = 0
@@ -78,7 +88,7 @@ def read(args):
             failed += 1
             print(f"digits: {error}", file=sys.stderr)
             continue
-        reading = {"file": str(path), **segment.read(image, predictor).as_dict()}
+        reading = {"file": str(path), **number_reader.read(image).as_dict()}
         output.write(reading, answers.reading_row, answers.reading_line)
     output.close()
     return 1 if failed else 0
@@ -86,18 +96,21 @@ def read(args):
 
 def serve(args):
     from pipeline.serving import server
+    from pipeline.serving.reader import served_reader
 
+    reader = served_reader(args.reader)
     if args.workers > 1:
         try:
-            server.run_workers(args.model, args.runtime, args.host, args.port, args.workers)
+            server.run_workers(args.model, args.runtime, reader, args.host, args.port, args.workers)
         except (FileNotFoundError, ValueError) as e:
             print(f"digits: {e}", file=sys.stderr)
             return 2
         return 0
     predictor = load_predictor(args.model, args.runtime)
-    if predictor is None:
+    number_reader = predictor and load_reader(reader, predictor)
+    if number_reader is None:
         return 2
-    server.run(predictor, args.host, args.port)
+    server.run(predictor, number_reader, args.host, args.port)
     return 0
 
 
@@ -127,6 +140,10 @@ def add_commands(commands):
         f"models:/digits-cnn@champion (default {DEFAULT_MODEL})"
     )
     runtime_help = "onnx: the exported graph on ONNX Runtime (default); tf: the .keras file on TensorFlow"
+    reader_help = (
+        f"how whole numbers are read: the line reader's .onnx file (default {DEFAULT_READER}), or `segment` "
+        "(cut the ink into digits and answer each with --model)"
+    )
 
     predict_parser = commands.add_parser("predict", help="predict the digit in image files or folders of images")
     predict_parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, GIF, WebP ...) or folders")
@@ -143,6 +160,7 @@ def add_commands(commands):
     r.add_argument("--format", choices=["text", "json", "csv"], default="text")
     r.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     r.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
+    r.add_argument("--reader", default=DEFAULT_READER, help=reader_help)
     r.set_defaults(run=read)
 
     s = commands.add_parser("serve", help="start the REST API and the drawing page")
@@ -150,6 +168,7 @@ def add_commands(commands):
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     s.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
+    s.add_argument("--reader", default=DEFAULT_READER, help=reader_help)
     s.add_argument(
         "--workers",
         type=int,

@@ -3,8 +3,10 @@ each load their own copy (`digits serve --workers N`)."""
 
 import os
 import tempfile
+from pathlib import Path
 
 from pipeline.serving.predictor import check_source, threads_from_environment
+from pipeline.serving.reader import SEGMENT
 
 GRACEFUL_SECONDS = 30  # on SIGTERM or Ctrl-C, requests in flight get this long to be answered
 
@@ -13,27 +15,38 @@ def where(host, port):
     return f"http://{host}:{port}/ (API docs at /docs, metrics at /metrics)"
 
 
-def run(predictor, host, port):
-    """Serve one loaded model in this process until stopped."""
+def run(predictor, number_reader, host, port):
+    """Serve one loaded model (and reader of numbers) in this process until stopped."""
     import uvicorn
 
     from pipeline.serving.api import create_app
 
-    print(f"digits: serving {predictor.source} ({predictor.identity}) on {where(host, port)}", flush=True)
+    print(
+        f"digits: serving {predictor.source} ({predictor.identity}), numbers read by {number_reader.source}, "
+        f"on {where(host, port)}",
+        flush=True,
+    )
     uvicorn.run(
-        create_app(predictor), host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS
+        create_app(predictor, number_reader),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
 
 
-def run_workers(model, runtime, host, port, workers):
-    """Serve with `workers` processes, each loading `model` itself (api.app_from_environment). Their
-    metrics are summed through files in a fresh folder (prometheus_client's multiprocess mode). Bad
-    input raises FileNotFoundError or ValueError before any worker starts."""
+def run_workers(model, runtime, reader, host, port, workers):
+    """Serve with `workers` processes, each loading `model` and `reader` itself
+    (api.app_from_environment). Their metrics are summed through files in a fresh folder
+    (prometheus_client's multiprocess mode). Bad input raises FileNotFoundError or ValueError
+    before any worker starts."""
     import uvicorn
 
     check_source(model)
+    if reader != SEGMENT and not Path(reader).exists():
+        raise FileNotFoundError(f"{reader}: no such line reader (run `dvc repro export`, or use --reader segment)")
     threads_from_environment()  # a bad DIGITS_THREADS is named here, not in every worker
-    os.environ["DIGITS_MODEL"], os.environ["DIGITS_RUNTIME"] = model, runtime
+    os.environ["DIGITS_MODEL"], os.environ["DIGITS_RUNTIME"], os.environ["DIGITS_READER"] = model, runtime, reader
     # Each worker's model gets its share of the cores: N workers with every core each would
     # oversubscribe them.
     os.environ.setdefault("DIGITS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from pipeline.core.files import DataError, atomic_path, sha256
-from pipeline.core.graph.runtime import SOFT_KEYS
+from pipeline.core.graph.runtime import READER_KEYS, SOFT_KEYS
 from pipeline.core.trust import confidence, gate
 
 
@@ -17,9 +17,8 @@ def serving_function(model, calibration=None, fitted_gate=None):
     "tree_inputs": (n, k), the features its trees score}, for any batch size. `calibration`: the
     calibrate stage's temperatures (confidence.temperatures; none: the model's own softmax).
 
-    A plain `model(batch)` runs every Keras layer's Python code on each call (~10 ms for one image
-    on two cores); the traced graph answers one image in well under a millisecond, with the same
-    numbers."""
+    A plain `model(batch)` runs every Keras layer's Python code on each call; the traced graph
+    answers the same numbers many times faster (docs/serving.md)."""
     import keras
     import tensorflow as tf
 
@@ -145,4 +144,51 @@ def export(model_path, calibration_path, gate_path, onnx_path, x_val):
     with atomic_path(onnx_path) as tmp:
         tmp.write_bytes(joined.SerializeToString())
         scores = check(tmp, serve, fitted_gate, x_val)
+    return scores
+
+
+def reader_function(reader, temperature):
+    """lines (n, 28, width, 1) float32 -> {"windows": (n, windows, 11)}: each window's probabilities
+    of the ten digits and the blank, at the calibrated temperature. Decoding stays outside."""
+    import tensorflow as tf
+
+    def serve(lines):
+        return {"windows": tf.nn.softmax(reader(lines, training=False) / temperature)}
+
+    return tf.function(serve, input_signature=[tf.TensorSpec([None, 28, None, 1], tf.float32, name="lines")])
+
+
+def export_reader(model_path, calibration_path, onnx_path, check_lines):
+    """Write and check the line reader's ONNX graph (its temperature inside, its threshold in the
+    metadata) against Keras on `check_lines` ((n, 28, width, 1)); returns the check's numbers."""
+    import json
+
+    import keras
+    import onnx
+    import onnxruntime
+    import tf2onnx
+
+    calibration = json.loads(calibration_path.read_text())
+    model_sha256 = sha256(model_path)
+    if calibration.get("model_sha256") != model_sha256:
+        raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro train_reader`")
+    serve = reader_function(keras.models.load_model(model_path, compile=False), calibration["temperature"])
+    graph, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
+    # Numbers, as ReaderGraph reads them back (a yes/no as 1.0 or 0.0), and the model's hash.
+    metadata = {key: str(float(calibration[key])) for key in READER_KEYS}
+    onnx.helper.set_model_props(graph, {**metadata, "model_sha256": model_sha256})
+    onnx.checker.check_model(graph)
+    with atomic_path(onnx_path) as tmp:
+        tmp.write_bytes(graph.SerializeToString())
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        (answered,) = session.run(None, {"lines": check_lines})
+        expected = serve(check_lines)["windows"].numpy()
+        scores = {
+            "lines": len(check_lines),
+            "max_probability_difference": float(np.abs(answered - expected).max()),
+            "same_windows": float(np.mean(answered.argmax(-1) == expected.argmax(-1))),
+            "file_bytes": tmp.stat().st_size,
+        }
+        if scores["max_probability_difference"] > ATOL or scores["same_windows"] < 1:
+            raise ExportError(f"{onnx_path} does not answer as Keras does on the validation lines: {scores}")
     return scores

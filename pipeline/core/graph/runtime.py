@@ -1,6 +1,7 @@
-"""The exported serving graph (pipeline/export.py) on ONNX Runtime: the model, its calibration and
-its "not a digit" gate in one file, with the thresholds in its metadata. Neither TensorFlow nor
-scikit-learn is imported. Serving's Predictor and the read_eval stage both answer through it."""
+"""The exported graphs (pipeline/export.py) on ONNX Runtime, with the thresholds in their metadata:
+a digit model with its calibration and "not a digit" gate (OnnxGraph), and the line reader with its
+temperature (ReaderGraph). Neither TensorFlow nor scikit-learn is imported. Serving and the
+read_eval stage answer through them."""
 
 import numpy as np
 
@@ -10,16 +11,24 @@ CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a
 SOFT_KEYS = ("soft_from", "soft_temperature")  # only in graphs whose calibration has the soft rule
 
 
+READER_KEYS = ("temperature", "sure_from", "accepted_accuracy", "stride", "lost", "sure_needs_agreement")
+
+
+def session(path, threads=None):
+    """An ONNX Runtime session on the CPU, and the graph's metadata."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # the graph is one chain of operations
+    opened = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return opened, opened.get_modelmeta().custom_metadata_map
+
+
 class OnnxGraph:
     def __init__(self, path, threads=None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1  # the graph is one chain of operations
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.session, metadata = session(path, threads)
         self.model_sha256 = metadata["model_sha256"]  # of the .keras file it was exported from
         self.calibration = {key: float(metadata[key]) for key in CALIBRATION_KEYS + SOFT_KEYS if key in metadata}
 
@@ -32,3 +41,19 @@ class OnnxGraph:
 
     def not_sure(self, probabilities, not_a_digit):
         return is_not_sure(probabilities, not_a_digit, self.calibration["not_sure_below"])
+
+
+class ReaderGraph:
+    """The line reader: lines in its form (pipeline.core.reading.lines) -> each window's calibrated
+    probabilities of the ten digits and the blank. Its calibration holds the temperature, the "sure"
+    threshold, and the windows' geometry (stride, lost: pipeline.core.reading.sequence.geometry)."""
+
+    def __init__(self, path, threads=None):
+        self.session, metadata = session(path, threads)
+        self.model_sha256 = metadata["model_sha256"]
+        self.calibration = {key: float(metadata[key]) for key in READER_KEYS}
+
+    def windows(self, lines):
+        """(n, 28, width, 1) float32 -> (n, windows, 11)."""
+        (probabilities,) = self.session.run(None, {"lines": np.asarray(lines, np.float32)})
+        return probabilities

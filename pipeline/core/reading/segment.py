@@ -65,6 +65,10 @@ class Digit:
 @dataclass
 class Reading:
     digits: list
+    # The whole number's confidence, where the reader has one (the line reader's path probability),
+    # and whether it reaches the reader's threshold; otherwise the number is sure when every digit is.
+    confidence: float | None = None
+    confident: bool | None = None
 
     @property
     def text(self):
@@ -72,13 +76,15 @@ class Reading:
 
     @property
     def sure(self):
-        return all(not d.not_sure for d in self.digits)
+        whole = all(not d.not_sure for d in self.digits) if self.confident is None else self.confident
+        return whole and not any(d.not_a_digit for d in self.digits)
 
     def as_dict(self):
         """What the CLI's JSON and the API answer."""
         return {
             "number": self.text,
             "sure": self.sure,
+            "confidence": None if self.confidence is None else round(self.confidence, 6),
             "digits": [
                 {
                     "box": list(d.box),

@@ -94,9 +94,12 @@ def most_confident_first(confidence, correct):
 def not_sure_threshold(probabilities, labels, accepted_accuracy):
     """The lowest confidence whose accepted answers (confidence >= it) are still at least `accepted_accuracy`
     correct: the most answers kept at that accuracy."""
-    confidence, accuracy_of_top = most_confident_first(
-        probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
-    )
+    return threshold_for(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels, accepted_accuracy)
+
+
+def threshold_for(confidence, correct, accepted_accuracy):
+    """not_sure_threshold for any answers: their confidences, and whether each is right."""
+    confidence, accuracy_of_top = most_confident_first(np.asarray(confidence), np.asarray(correct))
     # Only cut between distinct confidences: a tie is accepted or refused as a whole.
     cut_allowed = np.append(confidence[1:] < confidence[:-1], True)
     ok = np.flatnonzero((accuracy_of_top >= accepted_accuracy) & cut_allowed)
@@ -152,3 +155,22 @@ def not_sure_on_validation(probabilities, labels, accepted_accuracy):
         "val_risk_coverage_area": float(np.mean(1 - accuracy_of_top)),
     }
     return scores, temperature, threshold
+
+
+def validation_scorecard(model, x_val, labels, corrupted_val, accepted_accuracy, batch_size):
+    """What recipes are compared by (sweeps, the benchmark), all on validation: accuracy, accuracy on
+    each corrupted copy and their mean, and not_sure_on_validation's scores; with the temperature
+    and threshold fitted on the way."""
+    probabilities = model.predict(x_val, batch_size=batch_size, verbose=0)
+    scores, temperature, threshold = not_sure_on_validation(probabilities, labels, accepted_accuracy)
+    corrupted = {
+        name: float(np.mean(model.predict(x, batch_size=batch_size, verbose=0).argmax(1) == labels))
+        for name, x in corrupted_val.items()
+    }
+    scorecard = {
+        "val_accuracy": float(np.mean(probabilities.argmax(1) == labels)),
+        "val_corrupted_mean_accuracy": float(np.mean(list(corrupted.values()))),
+        **{f"val_corrupted_{name}_accuracy": value for name, value in corrupted.items()},
+        **scores,
+    }
+    return scorecard, temperature, threshold

@@ -1,0 +1,224 @@
+"""The line reader: a number read as a sequence, without cutting it into digits first (CRNN with a
+CTC loss, Shi et al. 2015; keras-io's OCR examples show the Keras idiom).
+
+Its eyes are the trained digit CNN, slid along the line: the same layers, made fully
+convolutional, answer for a 28-pixel window every 4 columns (the last pooling keeps every
+column, and the dense head becomes a 3x3 convolution dilated to match). Two convolutions along the
+row of windows give each window its neighbours' view (about one digit either side; a recurrent
+layer would see further, but its loops convert poorly to ONNX and cost more on two cores), and a
+softmax over the ten digits and a blank answers each window. CTC training needs only each line's
+text, never where its digits are.
+
+Decoding (greedy) keeps the likeliest answer of each window, merges repeats and drops blanks. The
+number's confidence is the probability of that path, after a temperature fitted on validation
+lines; each digit's confidence is the highest probability it has in the windows that emit it.
+"""
+
+import numpy as np
+
+from pipeline.core import normalize
+from pipeline.core.reading import lines, segment
+
+BLANK = 10  # the CTC blank: the windows between and around digits
+CLASSES = 11
+BLANK_UNTIL = 0.5  # at the start of training, a window is blank where the CNN is less sure than this
+HALF_WIDTH = 0.7  # of the line's ink height: a digit's box reaches no further from its window's centre
+FIRST_CENTRE = 14  # line column at the centre of window 0 (the CNN's 28-pixel view)
+CONTEXT_FILTERS = 128  # of each convolution along the row of windows
+CONTEXT_WIDTH = 5  # windows each of them sees
+
+
+def geometry(reader):
+    """(stride, lost): the line columns between windows, and the windows a line's width loses at
+    its edges, for windows(). With the default CNN (three blocks, a 3x3 map under its dense head):
+    a window every 4 columns, and a line `width` wide has width // 4 - 5 windows."""
+    from keras import layers
+
+    pools = sum(isinstance(layer, layers.MaxPooling2D) for layer in reader.layers)
+    head = next(layer for layer in reader.layers if isinstance(layer, layers.Conv2D) and layer.dilation_rate[1] > 1)
+    return 2 ** (pools - 1), 1 + 2 * (head.kernel_size[1] - 1)
+
+
+def windows(width, stride_and_lost):
+    """How many windows the reader answers for a line `width` columns wide."""
+    stride, lost = stride_and_lost
+    return max(0, width // stride - lost)
+
+
+def build(digit_model):
+    """The line reader, (batch, 28, width, 1) lines -> (batch, windows, CLASSES) logits, its eyes
+    initialised from `digit_model` (a trained digit CNN of pipeline.core.models)."""
+    import keras
+    from keras import layers
+
+    pools = [layer for layer in digit_model.layers if isinstance(layer, layers.MaxPooling2D)]
+    flatten = next(layer for layer in digit_model.layers if isinstance(layer, layers.Flatten))
+    dense, answer_layer = [layer for layer in digit_model.layers if isinstance(layer, layers.Dense)][:2]
+    map_size = flatten.input.shape[1:3]  # what the dense head reads: 3x3 with the default CNN
+
+    def slid(layer):
+        """The digit CNN's layer as it works along a line."""
+        if layer is pools[-1]:  # keep every column: windows half as far apart
+            return layers.MaxPooling2D(2, strides=(2, 1), name=layer.name)
+        if layer is flatten:
+            return layers.Identity(name=layer.name)
+        if layer is dense:  # the dense head over the last map, as a convolution over every window
+            return layers.Conv2D(dense.units, map_size, dilation_rate=(1, 2), use_bias=False, name=layer.name)
+        if layer is answer_layer:  # its logits: the softmax follows as a layer Keras can save
+            return layers.Dense(layer.units, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    line = keras.Input((28, None, 1), name="line")
+    eyes = keras.models.clone_model(digit_model, input_tensors=line, clone_function=slid)
+    for original, copy in zip(digit_model.layers, eyes.layers, strict=True):
+        weights = original.get_weights()
+        if original is dense:
+            weights = [weights[0].reshape(copy.get_weights()[0].shape)]
+        copy.set_weights(weights)
+        # Batch statistics of lines (mostly background, padded to the batch's width) are not a
+        # digit's: the CNN's own normalisation stays, in training too (Keras runs a BatchNorm
+        # layer that does not train in inference mode).
+        if isinstance(copy, layers.BatchNormalization):
+            copy.trainable = False
+    features = [layer for layer in eyes.layers if isinstance(layer, layers.ReLU)][-1].output  # the head's
+    digit_log_probabilities = layers.Activation("log_softmax", name="digit_log_probabilities")(eyes.output)
+    x = layers.Concatenate()([features, digit_log_probabilities])
+    x = layers.Reshape((-1, x.shape[-1]))(x)  # one row of windows
+    context = layers.Conv1D(CONTEXT_FILTERS, CONTEXT_WIDTH, padding="same", activation="relu")(x)
+    context = layers.Conv1D(CONTEXT_FILTERS, CONTEXT_WIDTH, padding="same", dilation_rate=2, activation="relu")(context)
+    answer = layers.Dense(CLASSES, name="windows")
+    logits = answer(layers.Concatenate()([x, context]))
+    # Start from the digit CNN's own answers: each window's digit logits are its log-probabilities,
+    # and the blank wins where the CNN is less sure than BLANK_UNTIL (between digits). CTC then
+    # only has to refine a reading that is roughly right from the first step.
+    kernel = np.zeros(answer.kernel.shape, np.float32)
+    first_digit = features.shape[-1]
+    kernel[first_digit : first_digit + BLANK, :BLANK] = np.eye(BLANK)
+    bias = np.zeros(CLASSES, np.float32)
+    bias[BLANK] = np.log(BLANK_UNTIL)
+    answer.set_weights([kernel, bias])
+    return keras.Model(line, logits, name="reader")
+
+
+def targets(texts, window_counts, max_length):
+    """CTC targets as one array: the text's length, the line's own windows (those of a batch's
+    padding are not the line's: a digit must be read where the line is), then the digits."""
+    y = np.zeros((len(texts), max_length + 2), np.int32)
+    for i, (text, count) in enumerate(zip(texts, window_counts, strict=True)):
+        y[i, :2] = len(text), count
+        y[i, 2 : 2 + len(text)] = [int(c) for c in text]
+    return y
+
+
+def ctc_loss(y_true, logits):
+    from keras import ops
+
+    y_true = ops.cast(y_true, "int32")
+    return ops.ctc_loss(y_true[:, 2:], logits, y_true[:, 0], y_true[:, 1], mask_index=BLANK)
+
+
+def softmax(logits, temperature=1.0):
+    scaled = np.asarray(logits, np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    e = np.exp(scaled)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def decode(probabilities):
+    """One line's window probabilities (windows, CLASSES) -> (digits, path confidence): each digit as
+    (digit, confidence, first window, last window)."""
+    best = probabilities.argmax(axis=1)
+    top = probabilities.max(axis=1)
+    digits = []
+    for t, label in enumerate(best):
+        if label == BLANK:
+            continue
+        if digits and t > 0 and best[t - 1] == label:  # the same digit, still
+            d, confidence, first, _ = digits[-1]
+            digits[-1] = (d, max(confidence, float(top[t])), first, t)
+        else:
+            digits.append((int(label), float(top[t]), t, t))
+    return digits, float(np.exp(np.log(np.maximum(top, 1e-30)).sum()))
+
+
+def text_of(digits):
+    return "".join(str(d) for d, *_ in digits)
+
+
+def centre_column(window, stride):
+    """The line column at the centre of a window's view."""
+    return FIRST_CENTRE + stride * window
+
+
+def digit_ink(ink, found, scale, left, stride):
+    """Each decoded digit's box and its ink in MNIST's form, for the digit model to look at. A box is
+    the pen's strokes between the midpoints to its neighbours' windows, and within HALF_WIDTH of its
+    own window. `scale`, `left`: how the ink's columns map to the line (lines.to_line)."""
+    centres = [(centre_column((first + last) / 2, stride) - lines.PAD) / scale + left for _, _, first, last in found]
+    edges = [0, *((a + b) / 2 for a, b in zip(centres, centres[1:], strict=False)), ink.shape[1]]
+    reach = HALF_WIDTH * lines.INK_HEIGHT / scale  # in the ink's pixels
+    spans = [(max(a, c - reach), min(b, c + reach)) for a, b, c in zip(edges, edges[1:], centres, strict=False)]
+    strokes = np.where(ink > segment.INK_LEVEL, ink, 0.0)  # the pen's strokes, without the paper's grain
+    boxes = [_ink_box(strokes, round(a), round(b)) for a, b in spans]
+    crops = [_digit_form(strokes[top:bottom, x0:x1]) for x0, top, x1, bottom in boxes]
+    return boxes, np.stack(crops) if crops else np.zeros((0, 28, 28), np.float32)
+
+
+def agree(found, digit_probabilities):
+    """Whether the digit model, looking at each digit's ink, reads the digit the line reader read."""
+    return all(int(np.argmax(p)) == d for (d, *_), p in zip(found, digit_probabilities, strict=True))
+
+
+def read(image, graph, digits):
+    """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
+    ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
+    ink (digit_ink). A mark the gate calls not a digit, unless the digit model reads the same digit
+    surely, is "?". The number is sure when its path probability reaches the calibrated threshold,
+    no mark is "?", and, where calibration chose it on validation, the digit model agrees on every
+    digit. normalize.ImageError when nothing can be read."""
+    ink = lines.ink_of(image)
+    line, (scale, left) = lines.to_line(ink)
+    batch, _ = lines.padded([line])
+    calibration = graph.calibration
+    shape = int(calibration["stride"]), int(calibration["lost"])
+    found, path = decode(graph.windows(batch)[0][: windows(line.shape[1], shape)])
+    if not found:
+        return segment.Reading([], confidence=path, confident=False)
+    if len(found) > segment.MAX_PIECES:
+        raise segment.TooManyPieces(f"{len(found)} digits found: at most {segment.MAX_PIECES} are read in one image")
+    boxes, crops = digit_ink(ink, found, scale, left, shape[0])
+    digit_probabilities, flagged = digits.predict(crops)
+    # A mark is "?" when the gate calls its ink no digit and the digit model, looking at the same
+    # ink, does not confirm the line reader's digit: touching digits' boxes hold a bit of their
+    # neighbours, which the gate alone would often refuse.
+    not_a_digit = [
+        bool(flag) and (int(np.argmax(p)) != d or digits.not_sure(p, False))
+        for (d, _, _, _), p, flag in zip(found, digit_probabilities, flagged, strict=True)
+    ]
+    confident = path >= calibration["sure_from"] and (
+        not calibration["sure_needs_agreement"] or agree(found, digit_probabilities)
+    )
+    return segment.Reading(
+        [
+            segment.Digit(box, d, c, not confident, flag, p)
+            for (d, c, _, _), box, p, flag in zip(found, boxes, digit_probabilities, not_a_digit, strict=True)
+        ],
+        confidence=path,
+        confident=confident,
+    )
+
+
+def _digit_form(piece):
+    """A digit's ink in MNIST's form; an empty box (a digit read where no ink is) as a blank."""
+    if not (piece > normalize.INK_THRESHOLD).any():
+        return np.zeros((28, 28), np.float32)
+    return segment.mnist_form(piece)
+
+
+def _ink_box(ink, x0, x1):
+    """(left, top, right, bottom) of the ink between columns x0 and x1 (the whole span if none)."""
+    part = ink[:, x0:x1] > normalize.INK_THRESHOLD
+    rows, cols = np.nonzero(part)
+    if not len(rows):
+        return (x0, 0, max(x1, x0 + 1), ink.shape[0])
+    return (int(x0 + cols.min()), int(rows.min()), int(x0 + cols.max() + 1), int(rows.max() + 1))

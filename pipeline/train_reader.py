@@ -1,0 +1,284 @@
+"""Stage train_reader: the line reader, which reads a whole number without cutting it into digits.
+
+Reads data/processed (training and validation digits; the test digits are read_eval's) and the
+trained digit CNN (models/cnn.keras), which gives the reader its eyes (pipeline/core/reading/
+sequence.py). Then
+  1. writes `read.training_lines` lines from training digits and `read.validation_lines` from
+     validation digits, every length up to 12, every spacing kind, with scanner variety
+     (pipeline/core/reading/lines.py);
+  2. trains with a CTC loss for `read.epochs` epochs, and keeps the epoch whose model reads the
+     most validation lines exactly (the rule, chosen before any run: docs/reading.md);
+  3. calibrates the number's confidence on the validation lines: a temperature on the windows'
+     logits, fitted so that a path's probability matches how often such readings are right, and
+     the "sure" threshold, the lowest confidence at which the numbers kept are
+     `read.accepted_accuracy` right.
+Writes
+  models/reader.keras, models/reader.calibration.json, models/reader.run.json
+  reports/train/reader.json          validation scores of the kept epoch and of the calibration
+  reports/train/reader_history.csv   one row per epoch (dvc plots)
+The MLflow run gets the params, the datasets (with digests), per-epoch metrics and the model; it
+is registered as `digits-reader`, and `champion` moves to it only if it reads more validation
+lines exactly than the champion, on the same validation lines.
+"""
+
+import numpy as np
+
+from pipeline.core import params as params_module
+from pipeline.core import tracking, training
+from pipeline.core.files import atomic_path, load_arrays, require, sha256, write_json, write_text
+from pipeline.core.layout import PROCESSED_DIR, READER, TRAIN_REPORTS_DIR, beside, model_file
+from pipeline.core.reading import lines, sequence
+from pipeline.core.trust import confidence
+
+HISTORY_COLUMNS = ["epoch", "loss", "val_exact", "learning_rate", "seconds"]
+
+
+def line_sets(data, settings):
+    """(training lines, validation lines), each [(line, text)]; the test digits are not read."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [("train", settings.seed + i, n) for i, n in enumerate(_chunked(settings.training_lines))]
+    jobs += [("val", settings.seed + 10_000 + i, n) for i, n in enumerate(_chunked(settings.validation_lines))]
+    digits = {split: (data[f"x_{split}"][..., 0], data[f"y_{split}"].argmax(1)) for split in ("train", "val")}
+    # Chunks with their own seeds: the lines are the same however many processes write them.
+    # spawn, not fork: the workers need NumPy and PIL, not a copy of this process's TensorFlow.
+    with ProcessPoolExecutor(2, multiprocessing.get_context("spawn"), _share, (digits,)) as pool:
+        made = list(pool.map(_lines, jobs))
+    train = [line for (split, _, _), part in zip(jobs, made, strict=True) if split == "train" for line in part]
+    val = [line for (split, _, _), part in zip(jobs, made, strict=True) if split == "val" for line in part]
+    return train, val
+
+
+def _chunked(count, size=2000):
+    return [min(size, count - start) for start in range(0, count, size)]
+
+
+_digits = {}
+
+
+def _share(digits):
+    _digits.update(digits)
+
+
+def _lines(job):
+    split, seed, count = job
+    return lines.training_lines(*_digits[split], count, seed)
+
+
+def batches(written, batch_size, shape, rng=None):
+    """[(x, y, indices)]: lines of similar width together (lines.padded); shuffled within and between
+    widths when `rng` is given, in order otherwise."""
+    order = np.argsort([line.shape[1] for line, _ in written], kind="stable")
+    if rng is not None:  # shuffle, then sort by width in coarse steps: similar widths, new company
+        order = rng.permutation(len(written))
+        order = order[np.argsort([written[i][0].shape[1] // lines.WIDTH_STEP for i in order], kind="stable")]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    out = []
+    for group in groups:
+        x, widths = lines.padded([written[i][0] for i in group])
+        counts = [sequence.windows(w, shape) for w in widths]
+        out.append((x, sequence.targets([written[i][1] for i in group], counts, lines.MAX_LENGTH), group))
+    return out
+
+
+def window_logits(reader, written, batch_size=256):
+    """Each line's window logits, [(windows, CLASSES)], cut to the windows of its own width."""
+    found, shape = [None] * len(written), sequence.geometry(reader)
+    for x, _, group in batches(written, batch_size, shape):
+        logits = reader(x, training=False).numpy()
+        for row, i in zip(logits, group, strict=True):
+            found[i] = row[: sequence.windows(written[i][0].shape[1], shape)]
+    return found
+
+
+def judged(logits, texts, temperature=1.0):
+    """(each reading's path confidence, whether it is right) at this temperature."""
+    readings = [sequence.decode(sequence.softmax(z, temperature)) for z in logits]
+    right = [sequence.text_of(digits) == text for (digits, _), text in zip(readings, texts, strict=True)]
+    return np.array([c for _, c in readings]), np.array(right)
+
+
+def exact(reader, written):
+    """The share of lines read exactly."""
+    _, right = judged(window_logits(reader, written), [text for _, text in written])
+    return float(right.mean())
+
+
+def fit(reader, train, val, settings, to_mlflow=True):
+    """Train; keep the epoch that reads the most validation lines exactly. Returns the history.
+    `to_mlflow`: log each epoch's metrics to the active MLflow run."""
+    import keras
+    import tensorflow as tf
+
+    rng, shape = np.random.default_rng(settings.seed), sequence.geometry(reader)
+
+    def one_epoch():  # called anew for each epoch: a new shuffle
+        for x, y, _ in batches(train, settings.batch_size, shape, rng):
+            yield x, y
+
+    # Batches differ in width: one signature with that dimension open, so Keras traces once.
+    signature = (
+        tf.TensorSpec((None, lines.HEIGHT, None, 1), tf.float32),
+        tf.TensorSpec((None, lines.MAX_LENGTH + 2), tf.int32),
+    )
+    dataset = tf.data.Dataset.from_generator(one_epoch, output_signature=signature).repeat().prefetch(1)
+    steps = -(-len(train) // settings.batch_size)
+    reader.compile(
+        optimizer=keras.optimizers.Adam(
+            keras.optimizers.schedules.CosineDecay(settings.learning_rate, settings.epochs * steps)
+        ),
+        loss=sequence.ctc_loss,
+    )
+    epoch_log = training.EpochLog.create(to_mlflow, columns=HISTORY_COLUMNS)
+    best = {"val_exact": -1.0}
+
+    class KeepBest(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_exact"] = exact(reader, val)
+            print(f"train_reader: epoch {epoch + 1}: {logs['val_exact']:.2%} of validation lines read exactly")
+            if logs["val_exact"] > best["val_exact"]:
+                best.update(val_exact=logs["val_exact"], epoch=epoch + 1, weights=reader.get_weights())
+
+    reader.fit(
+        dataset,
+        epochs=settings.epochs,
+        steps_per_epoch=steps,
+        callbacks=[KeepBest(), epoch_log],
+        shuffle=False,
+        verbose=2,
+    )
+    reader.set_weights(best["weights"])
+    return epoch_log.rows, best["epoch"]
+
+
+def agreement(digit_model, logits, val, stride):
+    """Per validation line: whether the digit model, looking at each decoded digit's ink, reads the
+    digit the line reader read (sequence.agree; softmax argmax, which calibration never changes)."""
+    found = [sequence.decode(sequence.softmax(z))[0] for z in logits]
+    crops = [sequence.digit_ink(line, f, 1.0, lines.PAD, stride)[1] for (line, _), f in zip(val, found, strict=True)]
+    counts = np.cumsum([0, *(len(c) for c in crops)])
+    if counts[-1] == 0:  # a reader that reads nothing yet (a tiny test run)
+        return np.zeros(len(found), bool)
+    answers = digit_model.predict(np.concatenate(crops)[..., None], batch_size=1000, verbose=0)
+    return np.array([sequence.agree(f, answers[a:b]) for f, a, b in zip(found, counts[:-1], counts[1:], strict=True)])
+
+
+def calibrate(reader, digit_model, val, accepted_accuracy):
+    """The temperature of the windows' logits at which a reading's path probability best predicts
+    whether it is right (log-likelihood); and of two rules for "sure", the one that keeps more
+    validation numbers sure at `accepted_accuracy` right: the path probability alone above a
+    threshold, or the same only when the digit model agrees on every digit (with its own threshold)."""
+    from scipy.optimize import minimize_scalar
+
+    logits = window_logits(reader, val)
+    texts = [text for _, text in val]
+
+    def loss(log_t):
+        c, right = judged(logits, texts, np.exp(log_t))
+        c = np.clip(c, 1e-7, 1 - 1e-7)
+        return -np.mean(np.where(right, np.log(c), np.log(1 - c)))
+
+    temperature = float(np.exp(minimize_scalar(loss, bounds=(np.log(0.2), np.log(5.0)), method="bounded").x))
+    c, right = judged(logits, texts, temperature)
+    agreed = agreement(digit_model, logits, val, sequence.geometry(reader)[0])
+    rules = {}
+    for needs_agreement, allowed in ((False, np.ones_like(agreed)), (True, agreed)):
+        # Lines where the models disagree get confidence 0: never sure under the second rule.
+        sure_from = confidence.threshold_for(np.where(allowed, c, 0.0), right, accepted_accuracy)
+        kept = allowed & (c >= sure_from)
+        rules[needs_agreement] = {"sure_from": sure_from, "kept": kept}
+    needs_agreement = bool(rules[True]["kept"].mean() > rules[False]["kept"].mean())
+    sure_from, kept = rules[needs_agreement]["sure_from"], rules[needs_agreement]["kept"]
+    return {
+        "temperature": temperature,
+        "sure_from": sure_from,
+        "sure_needs_agreement": needs_agreement,
+        "val_exact": float(right.mean()),
+        "val_agreement_share": float(agreed.mean()),
+        "val_sure_share_path_alone": float(rules[False]["kept"].mean()),
+        "val_sure_share_with_agreement": float(rules[True]["kept"].mean()),
+        "val_sure_share": float(kept.mean()),
+        "val_sure_accuracy": float(right[kept].mean()) if kept.any() else None,
+    }
+
+
+def train_reader(params):
+    import keras
+    import mlflow
+
+    settings = params.read
+    require(model_file("cnn"))
+    data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
+    training.seed_everything(settings.seed)
+    train, val = line_sets(data, settings)
+    digit_model = keras.models.load_model(model_file("cnn"), compile=False)
+    reader = sequence.build(digit_model)
+    print(
+        f"train_reader: {reader.count_params():,} parameters, {len(train):,} training and {len(val):,} "
+        f"validation lines, {settings.epochs} epochs",
+        flush=True,
+    )
+    with tracking.training_run(READER, "train_reader", params.mlflow.experiment) as (run, tags):
+        mlflow.log_params({"model": READER, **{f"read.{k}": v for k, v in vars(settings).items()}})
+        rows, best_epoch = fit(reader, train, val, settings)
+        scores = {**calibrate(reader, digit_model, val, settings.accepted_accuracy), "best_epoch": best_epoch}
+        mlflow.log_metrics({k: float(v) for k, v in scores.items() if v is not None})
+        write_outputs(reader, rows, scores, settings)
+        version = register(reader, data, val, run, tags, scores)
+    print(
+        f"train_reader: {scores['val_exact']:.2%} of validation lines read exactly (epoch {best_epoch}); "
+        f"sure from {scores['sure_from']:.4f}: {scores['val_sure_share']:.1%} of them, "
+        f"{scores['val_sure_accuracy'] or 0:.2%} of those right; registered {version.name} v{version.version}",
+        flush=True,
+    )
+
+
+def save(reader, scores, accepted_accuracy, path):
+    """The reader at `path` (.keras) and its calibration beside it, for the export stage."""
+    with atomic_path(path) as tmp:
+        reader.save(tmp)
+    calibration = {
+        "temperature": scores["temperature"],
+        "sure_from": scores["sure_from"],
+        "sure_needs_agreement": scores["sure_needs_agreement"],
+        # The windows' geometry (sequence.geometry), for readers of the ONNX graph.
+        "stride": sequence.geometry(reader)[0],
+        "lost": sequence.geometry(reader)[1],
+        "accepted_accuracy": accepted_accuracy,
+        "model_sha256": sha256(path),
+    }
+    write_json(beside(path, "calibration"), calibration)
+
+
+def write_outputs(reader, rows, scores, settings):
+    save(reader, scores, settings.accepted_accuracy, model_file(READER))
+    write_text(TRAIN_REPORTS_DIR / f"{READER}_history.csv", training.history_csv(rows, HISTORY_COLUMNS))
+    write_json(TRAIN_REPORTS_DIR / f"{READER}.json", {READER: scores})
+
+
+def register(reader, data, val, run, tags, scores):
+    """The datasets (the digits the lines were written from, and the validation lines' texts) and
+    the model on the run; the model registered as digits-reader, crowned if it reads more validation
+    lines exactly than the champion did on the same lines."""
+    import mlflow
+
+    for dataset, context in tracking.training_datasets(data):
+        mlflow.log_input(dataset, context=context)
+    validation = mlflow.data.from_numpy(np.array([t for _, t in val]), name="validation-lines")
+    mlflow.log_input(validation, context="validation")
+    x, _ = lines.padded([line for line, _ in val[:5]])
+    logged = tracking.log_keras_model(reader, x)
+    mlflow.log_artifact(str(TRAIN_REPORTS_DIR / f"{READER}_history.csv"))
+    version, _ = tracking.register_trained(READER, logged, run, tags, scores["val_exact"], validation.digest)
+    return version
+
+
+def main():
+    params_module.run_stage("train_reader", train_reader)
+
+
+if __name__ == "__main__":
+    main()
