@@ -35,16 +35,16 @@ ACTORS_START_SECONDS = 600  # a models:/ URI is downloaded by every actor as it 
 
 def decode(batch):
     """Ray Data batch {file, path or image bytes} -> {file, image (n, 28, 28), error}."""
-    images, errors = [], []
+    digit_images, errors = [], []
     contents = batch.get("image")
     for i, name in enumerate(batch["file"]):
         if contents is None:  # read by absolute path, named as the user gave it
             _, image, error = images.read_image(Path(batch["path"][i]), name)
         else:
             image, error = images.decode_image(contents[i], name)
-        images.append(np.zeros((28, 28), np.float32) if image is None else image)
+        digit_images.append(np.zeros((28, 28), np.float32) if image is None else image)
         errors.append(error or "")
-    return {"file": np.asarray(batch["file"]), "image": np.stack(images), "error": np.asarray(errors)}
+    return {"file": np.asarray(batch["file"]), "image": np.stack(digit_images), "error": np.asarray(errors)}
 
 
 class ModelActor:
