@@ -30,9 +30,10 @@ def draw_digit_seven(width=400, height=300, ink=(20, 20, 20), paper=(250, 248, 2
     return image
 
 
-def serve_in_background(predictor, host="127.0.0.1", number_reader=None):
-    """Start the app with uvicorn in a daemon thread on a free port (benchmarks, browser tests).
-    Returns the base URL and the server; set `server.should_exit = True` to stop it."""
+def serve_in_background(predictor, host="127.0.0.1", number_reader=None, kept=None):
+    """Start the app with uvicorn in a daemon thread on a free port (benchmarks, browser tests),
+    with feedback kept by `kept` (a feedback.Feedback) if given. Returns the base URL and the
+    server; set `server.should_exit = True` to stop it."""
     import uvicorn
 
     from pipeline.serving.api import create_app
@@ -40,7 +41,7 @@ def serve_in_background(predictor, host="127.0.0.1", number_reader=None):
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    app = create_app(predictor, number_reader)
+    app = create_app(predictor, number_reader, kept)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 30
@@ -51,9 +52,10 @@ def serve_in_background(predictor, host="127.0.0.1", number_reader=None):
     return f"http://{host}:{port}", server
 
 
-def serve_in_subprocess(model, workers=1, port=None, runtime="onnx"):
-    """`digits serve` in its own process on a loopback port (a free one unless given); returns
-    (process, base URL) once /health/ready answers 200. Output goes to the process's stdout pipe."""
+def serve_in_subprocess(model, workers=1, port=None, runtime="onnx", extra=()):
+    """`digits serve` in its own process on a loopback port (a free one unless given), with `extra`
+    arguments; returns (process, base URL) once /health/ready answers 200. Output goes to the
+    process's stdout pipe."""
     import httpx
 
     if port is None:
@@ -61,7 +63,7 @@ def serve_in_subprocess(model, workers=1, port=None, runtime="onnx"):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     command = ["-m", "pipeline.cli", "serve", "--port", str(port), "--model", str(model)]
-    command += ["--workers", str(workers), "--runtime", runtime]
+    command += ["--workers", str(workers), "--runtime", runtime, *extra]
     process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180

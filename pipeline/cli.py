@@ -1,6 +1,7 @@
 """`digits`: the command line of the serving and scale-out wings.
 
-digits predict | serve | promote    use the trained model (pipeline/serving/cli.py)
+digits predict | read | serve | promote | review
+                                    use the trained model (pipeline/serving/cli.py)
 digits finetune                     adapt the model to your own labelled images (pipeline/serving/finetune.py)
 digits sweep                        compare recipes as Ray Tune trials (pipeline/scale/sweep.py)
 digits score                        score many images with Ray Data (pipeline/scale/score.py)

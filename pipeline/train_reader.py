@@ -2,16 +2,17 @@
 
 Reads data/processed (training and validation digits; the test digits are read_eval's) and the
 trained digit CNN (models/cnn.keras), which gives the reader its eyes (pipeline/core/reading/
-sequence.py). Then
+sequence.py) and, with its calibration (models/cnn.calibration.json), looks at each digit read.
+Then
   1. writes `read.training_lines` lines from training digits and `read.validation_lines` from
      validation digits, every length up to 12, every spacing kind, with scanner variety
      (pipeline/core/reading/lines.py);
   2. trains with a CTC loss for `read.epochs` epochs, and keeps the epoch whose model reads the
      most validation lines exactly (the rule, chosen before any run: docs/reading.md);
   3. calibrates the number's confidence on the validation lines: a temperature on the windows'
-     logits, fitted so that a path's probability matches how often such readings are right, and
-     the "sure" threshold, the lowest confidence at which the numbers kept are
-     `read.accepted_accuracy` right.
+     logits, fitted so that a path's probability matches how often such readings are right; then,
+     of the confidences in sequence.CONFIDENCES, the one that keeps the most numbers sure, and its
+     threshold, the lowest confidence at which the numbers kept are `read.accepted_accuracy` right.
 Writes
   models/reader.keras, models/reader.calibration.json, models/reader.run.json
   reports/train/reader.json          validation scores of the kept epoch and of the calibration
@@ -151,26 +152,30 @@ def fit(reader, train, val, settings, to_mlflow=True):
         verbose=2,
     )
     reader.set_weights(best["weights"])
+    # Saved without the CTC loss, a function of ours: Keras and MLflow then load the model (for its
+    # input example, or `models:/digits-reader/N`) without being told of it.
+    reader.compile()
     return epoch_log.rows, best["epoch"]
 
 
-def agreement(digit_model, logits, val, stride):
-    """Per validation line: whether the digit model, looking at each decoded digit's ink, reads the
-    digit the line reader read (sequence.agree; softmax argmax, which calibration never changes)."""
-    found = [sequence.decode(sequence.softmax(z))[0] for z in logits]
+def digit_answers(digit_model, digit_calibration, logits, val, stride):
+    """Per validation line: what it decodes to, and the digit model's calibrated probabilities for
+    each decoded digit's ink (sequence.digit_ink), as the served digit model would answer them."""
+    found = [sequence.decode(sequence.softmax(z))[0] for z in logits]  # argmax: the same at any temperature
     crops = [sequence.digit_ink(line, f, 1.0, lines.PAD, stride)[1] for (line, _), f in zip(val, found, strict=True)]
     counts = np.cumsum([0, *(len(c) for c in crops)])
     if counts[-1] == 0:  # a reader that reads nothing yet (a tiny test run)
-        return np.zeros(len(found), bool)
-    answers = digit_model.predict(np.concatenate(crops)[..., None], batch_size=1000, verbose=0)
-    return np.array([sequence.agree(f, answers[a:b]) for f, a, b in zip(found, counts[:-1], counts[1:], strict=True)])
+        return found, [np.zeros((0, 10), np.float32)] * len(found)
+    images = np.concatenate(crops)[..., None]
+    answers = confidence.calibrated(digit_model.predict(images, batch_size=1000, verbose=0), images, digit_calibration)
+    return found, [answers[a:b] for a, b in zip(counts[:-1], counts[1:], strict=True)]
 
 
-def calibrate(reader, digit_model, val, accepted_accuracy):
+def calibrate(reader, digit_model, digit_calibration, val, accepted_accuracy):
     """The temperature of the windows' logits at which a reading's path probability best predicts
-    whether it is right (log-likelihood); and of two rules for "sure", the one that keeps more
-    validation numbers sure at `accepted_accuracy` right: the path probability alone above a
-    threshold, or the same only when the digit model agrees on every digit (with its own threshold)."""
+    whether it is right (log-likelihood); then, of the number's confidences (sequence.CONFIDENCES),
+    the one that keeps the most validation numbers sure at `accepted_accuracy` right (read as
+    serving reads them: each digit voted), with its threshold."""
     from scipy.optimize import minimize_scalar
 
     logits = window_logits(reader, val)
@@ -182,24 +187,29 @@ def calibrate(reader, digit_model, val, accepted_accuracy):
         return -np.mean(np.where(right, np.log(c), np.log(1 - c)))
 
     temperature = float(np.exp(minimize_scalar(loss, bounds=(np.log(0.2), np.log(5.0)), method="bounded").x))
-    c, right = judged(logits, texts, temperature)
-    agreed = agreement(digit_model, logits, val, sequence.geometry(reader)[0])
+    paths, right_alone = judged(logits, texts, temperature)
+    found, answers = digit_answers(digit_model, digit_calibration, logits, val, sequence.geometry(reader)[0])
+    # What serving answers: each digit voted by both models (sequence.voted).
+    served = [
+        sequence.text_of(sequence.voted(f, sequence.softmax(z, temperature), a))
+        for f, z, a in zip(found, logits, answers, strict=True)
+    ]
+    right = np.array([text == truth for text, truth in zip(served, texts, strict=True)])
     rules = {}
-    for needs_agreement, allowed in ((False, np.ones_like(agreed)), (True, agreed)):
-        # Lines where the models disagree get confidence 0: never sure under the second rule.
-        sure_from = confidence.threshold_for(np.where(allowed, c, 0.0), right, accepted_accuracy)
-        kept = allowed & (c >= sure_from)
-        rules[needs_agreement] = {"sure_from": sure_from, "kept": kept}
-    needs_agreement = bool(rules[True]["kept"].mean() > rules[False]["kept"].mean())
-    sure_from, kept = rules[needs_agreement]["sure_from"], rules[needs_agreement]["kept"]
+    for rule in sequence.CONFIDENCES:
+        scores = np.array([sequence.number_confidence(rule, *line) for line in zip(paths, found, answers, strict=True)])
+        sure_from = confidence.threshold_for(scores, right, accepted_accuracy)
+        rules[rule] = {"sure_from": sure_from, "kept": scores >= sure_from}
+    chosen = max(sequence.CONFIDENCES, key=lambda rule: rules[rule]["kept"].mean())  # the first, on a tie
+    sure_from, kept = rules[chosen]["sure_from"], rules[chosen]["kept"]
     return {
         "temperature": temperature,
+        "confidence": chosen,
         "sure_from": sure_from,
-        "sure_needs_agreement": needs_agreement,
         "val_exact": float(right.mean()),
-        "val_agreement_share": float(agreed.mean()),
-        "val_sure_share_path_alone": float(rules[False]["kept"].mean()),
-        "val_sure_share_with_agreement": float(rules[True]["kept"].mean()),
+        "val_exact_line_reader_alone": float(right_alone.mean()),
+        "val_agreement_share": float(np.mean([sequence.agree(*line) for line in zip(found, answers, strict=True)])),
+        **{f"val_sure_share_{rule}": float(rules[rule]["kept"].mean()) for rule in sequence.CONFIDENCES},
         "val_sure_share": float(kept.mean()),
         "val_sure_accuracy": float(right[kept].mean()) if kept.any() else None,
     }
@@ -210,7 +220,8 @@ def train_reader(params):
     import mlflow
 
     settings = params.read
-    require(model_file("cnn"))
+    require(model_file("cnn"), beside(model_file("cnn"), "calibration"))
+    digit_calibration = confidence.read_calibration(beside(model_file("cnn"), "calibration"))
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
     training.seed_everything(settings.seed)
     train, val = line_sets(data, settings)
@@ -224,13 +235,15 @@ def train_reader(params):
     with tracking.training_run(READER, "train_reader", params.mlflow.experiment) as (run, tags):
         mlflow.log_params({"model": READER, **{f"read.{k}": v for k, v in vars(settings).items()}})
         rows, best_epoch = fit(reader, train, val, settings)
-        scores = {**calibrate(reader, digit_model, val, settings.accepted_accuracy), "best_epoch": best_epoch}
-        mlflow.log_metrics({k: float(v) for k, v in scores.items() if v is not None})
+        scores = calibrate(reader, digit_model, digit_calibration, val, settings.accepted_accuracy)
+        scores["best_epoch"] = best_epoch
+        mlflow.log_param("read.confidence", scores["confidence"])
+        mlflow.log_metrics({k: float(v) for k, v in scores.items() if isinstance(v, float | int)})
         write_outputs(reader, rows, scores, settings)
         version = register(reader, data, val, run, tags, scores)
     print(
         f"train_reader: {scores['val_exact']:.2%} of validation lines read exactly (epoch {best_epoch}); "
-        f"sure from {scores['sure_from']:.4f}: {scores['val_sure_share']:.1%} of them, "
+        f"sure when {scores['confidence']} reaches {scores['sure_from']:.4f}: {scores['val_sure_share']:.1%} of them, "
         f"{scores['val_sure_accuracy'] or 0:.2%} of those right; registered {version.name} v{version.version}",
         flush=True,
     )
@@ -242,11 +255,10 @@ def save(reader, scores, accepted_accuracy, path):
         reader.save(tmp)
     calibration = {
         "temperature": scores["temperature"],
+        "confidence": scores["confidence"],
         "sure_from": scores["sure_from"],
-        "sure_needs_agreement": scores["sure_needs_agreement"],
-        # The windows' geometry (sequence.geometry), for readers of the ONNX graph.
-        "stride": sequence.geometry(reader)[0],
-        "lost": sequence.geometry(reader)[1],
+        # The windows' geometry, for readers of the ONNX graph.
+        **dict(zip(("stride", "lost"), sequence.geometry(reader), strict=True)),
         "accepted_accuracy": accepted_accuracy,
         "model_sha256": sha256(path),
     }

@@ -178,7 +178,9 @@ def trained_reader_file(trained_model_file, mnist):
 
     from pipeline import preprocess, train_reader
     from pipeline.core.graph.convert import export_reader
+    from pipeline.core.layout import beside
     from pipeline.core.reading import lines
+    from pipeline.core.trust import confidence
 
     x, y = preprocess.scale(mnist["x_train"][20000:29000])[..., 0], mnist["y_train"][20000:29000]
     train = lines.training_lines(x[:8000], y[:8000], 8000, seed=1, max_length=3)
@@ -189,7 +191,8 @@ def trained_reader_file(trained_model_file, mnist):
     reader = train_reader.sequence.build(digit_model)
     train_reader.fit(reader, train, val, settings, to_mlflow=False)
     path = trained_model_file.with_name("reader.keras")
-    train_reader.save(reader, train_reader.calibrate(reader, digit_model, val, 0.99), 0.99, path)
+    digit_calibration = confidence.read_calibration(beside(trained_model_file, "calibration"))
+    train_reader.save(reader, train_reader.calibrate(reader, digit_model, digit_calibration, val, 0.99), 0.99, path)
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
     return path.with_suffix(".onnx")

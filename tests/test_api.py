@@ -332,7 +332,10 @@ def test_a_failing_model_call_fails_its_requests_and_the_next_call_still_runs():
 def test_schemathesis_finds_no_failure_in_the_live_api(predictor, tmp_path):
     """Every schemathesis check against the running server: no 5xx, statuses and bodies as the
     OpenAPI document says, schema-violating requests refused, schema-valid ones accepted."""
-    url, server = serve_in_background(predictor)
+    from pipeline.serving.feedback import Feedback
+
+    kept = Feedback(tmp_path / "feedback", predictor.identity, per_minute=10**6)  # /feedback is fuzzed too
+    url, server = serve_in_background(predictor, kept=kept)
     try:
         done = subprocess.run(
             [

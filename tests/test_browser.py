@@ -2,6 +2,7 @@
 what the API answers for the same canvas image; /docs renders with no internet."""
 
 import base64
+import io
 
 import pytest
 
@@ -15,16 +16,18 @@ pytestmark = [
 ]
 
 
-def served(model, reader="segment"):
-    """(url, predictor, its reader of numbers) of a server answering with `model` and `reader`,
-    stopped when the generator closes."""
+def served(model, reader="segment", feedback=None):
+    """(url, predictor, its reader of numbers) of a server answering with `model` and `reader`
+    (keeping corrections in the folder `feedback`, if given), stopped when the generator closes."""
     from bench.servers import serve_in_background
+    from pipeline.serving.feedback import Feedback
     from pipeline.serving.predictor import Predictor
     from pipeline.serving.reader import NumberReader
 
     predictor = Predictor(model)
     number_reader = NumberReader(reader, predictor)
-    url, uvicorn_server = serve_in_background(predictor, number_reader=number_reader)
+    kept = feedback and Feedback(feedback, predictor.identity)
+    url, uvicorn_server = serve_in_background(predictor, number_reader=number_reader, kept=kept)
     yield url, predictor, number_reader
     uvicorn_server.should_exit = True
 
@@ -39,9 +42,10 @@ def reading_server(trained_model_file, trained_reader_file):
     yield from served(trained_model_file, trained_reader_file)
 
 
-def drawn_answer(url, strokes, mode="digit"):
+def drawn_answer(url, strokes, mode="digit", correction=None):
     """Draw `strokes` (lists of canvas points) with the mouse, wait until the page shows the answer
-    for the last one, and return what it shows: digit, verdict, bar labels, and the canvas PNG."""
+    for the last one, and return what it shows: digit, verdict, bar labels, and the canvas PNG.
+    With `correction`, then answer the page's "Wrong? It is ..." with it and wait for its thanks."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -71,7 +75,13 @@ def drawn_answer(url, strokes, mode="digit"):
             "png": base64.b64decode(
                 page.evaluate("document.getElementById('pad').toDataURL('image/png')").split(",")[1]
             ),
+            "offers_correction": page.locator("#correct").is_visible(),
         }
+        if correction is not None:
+            page.fill("#truth", correction)
+            page.click("#correct button")
+            page.wait_for_function("document.getElementById('thanks').textContent !== ''", timeout=30000)
+            shown["thanks"] = page.locator("#thanks").inner_text()
         browser.close()
     return shown
 
@@ -91,6 +101,27 @@ def test_drawing_shows_the_apis_prediction(server):
     assert shown["bars"][api["digit"]] == f"{api['probabilities'][api['digit']] * 100:.1f}%"
     # The untrained test model is never sure (see conftest.model_file), and the page says so.
     assert api["not_sure"] and shown["verdict"].startswith("Not sure: best guess")
+    assert not shown["offers_correction"]  # feedback is off unless `digits serve --feedback DIR`
+
+
+def test_a_correction_drawn_on_the_page_lands_in_the_feedback_folder(model_file, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.serving import review
+
+    url, _, _ = next(feedback_server := served(model_file, feedback=tmp_path / "feedback"))
+    try:
+        shown = drawn_answer(url, [[(70, 60), (210, 60)], [(210, 60), (120, 240)]], correction="7")
+    finally:
+        feedback_server.close()
+    assert shown["offers_correction"] and shown["thanks"] == "Thank you: kept"
+    (row,) = review.read_rows(tmp_path / "feedback")
+    assert (row["label"], row["kind"], row["answer"], row["reason"]) == ("7", "digit", shown["digit"], "feedback")
+    assert row["group"] and row["group"] != "127.0.0.1"  # the page visit's id
+    kept = np.asarray(Image.open(tmp_path / "feedback" / row["file"]))
+    drawn = np.asarray(Image.open(io.BytesIO(shown["png"])).convert("L"))
+    assert kept.shape == drawn.shape and np.abs(kept.astype(int) - drawn).max() <= 1
 
 
 def test_a_line_is_shown_as_not_a_digit(server):

@@ -87,6 +87,20 @@ def test_fine_tuning_on_printed_digits_improves_them_and_registers_a_version_wit
     assert answer.argmax() == 7
 
 
+def test_one_round_of_review_teaches_the_model_the_images_it_was_not_sure_of(finetune_project):
+    """predict --review on printed digits, a person's labels (the truth), finetune on the review
+    folder, and the new version answers the reviewed images better (bench/review.py's round)."""
+    from bench import review as review_round
+
+    result = review_round.loop("models/cnn.keras", finetune_project / "loop", 2, 500, 1, ("--epochs", 4))
+    before, after = result["parent"]["first batch"], result["fine-tuned"]["first batch"]
+    assert 0 < result["corrections"] <= 500 and before["sent_to_review"] > 0, result
+    assert after["accuracy"] >= before["accuracy"] + 0.05, result
+    assert result["fine-tuned"]["second batch"]["accuracy"] > result["parent"]["second batch"]["accuracy"], result
+    (version,) = registered_versions()
+    assert version.tags["parent_model"] == "models/cnn.keras"
+
+
 def printed_digit(digit):
     from pipeline.core import normalize
 

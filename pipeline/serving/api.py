@@ -6,6 +6,8 @@
   POST /predict/batch  several images: multipart upload (field `files`, repeated)
   POST /read           a whole number (1-10 digits on a line): multipart upload (field `file`), or
                        JSON {"pixels": rows of grey levels, any width}
+  POST /feedback       a person's correction (image and label), kept for fine-tuning; only with
+                       `digits serve --feedback DIR` (pipeline/serving/feedback.py), 404 otherwise
   GET  /metrics        Prometheus metrics: requests, latencies, model batch sizes, model identity
   GET  /docs           OpenAPI documentation
 Bad input is answered with a 4xx and a message, never a 500. Concurrent requests share model
@@ -15,7 +17,7 @@ calls: images that arrive while the model is busy go into its next batch.
 import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -26,9 +28,10 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from pipeline.core import normalize
-from pipeline.serving import answers
+from pipeline.serving import answers, feedback
 from pipeline.serving.batcher import MicroBatcher
 from pipeline.serving.limits import (
+    FEEDBACK_MAX_JSON_BYTES,
     MAX_BATCH,
     MAX_JSON_BYTES,
     READ_MAX_COLUMNS,
@@ -76,6 +79,23 @@ class ReadPixelsBody(BaseModel):
             f"of {READ_MAX_COLUMNS}; either polarity",
         ),
     ]
+
+
+class Correction(BaseModel):
+    label: Annotated[str, Field(pattern=feedback.LABEL, description='what the image shows: a digit, a number, or "-"')]
+    kind: Literal["digit", "number"] = Field(default="digit", description="a digit (/predict) or a number (/read)")
+    shown: Annotated[str, Field(pattern=feedback.SHOWN, description="the answer the person was shown")] = ""
+    visit: Annotated[str | None, Field(pattern=feedback.VISIT, description="one page visit's id")] = None
+
+
+class PixelsCorrection(Correction):
+    pixels: Annotated[list[ReadRow], Field(min_length=1, max_length=READ_MAX_ROWS, description="rows of grey levels")]
+
+
+class Stored(BaseModel):
+    file: str = Field(description="the image's name in the feedback folder, given by the server")
+    label: str
+    kind: str
 
 
 def request_body(content):
@@ -197,9 +217,9 @@ async def json_pixels(request):
         raise HTTPException(422, str(e)) from None
 
 
-async def uploaded_images(request, field, prepare=normalize.to_mnist):
-    """The images uploaded under `field`, decoded and prepared (brought to MNIST form); 4xx on
-    anything else."""
+async def uploaded_images(request, field, prepare=normalize.to_mnist, text_fields=None):
+    """The images uploaded under `field`, decoded and prepared (brought to MNIST form), and their
+    names; 4xx on anything else. With `text_fields`, also the form's values of those fields."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise HTTPException(
@@ -227,7 +247,9 @@ async def uploaded_images(request, field, prepare=normalize.to_mnist):
         except normalize.ImageError as e:
             raise HTTPException(422, str(e)) from None
         names.append(name)
-    return images, names
+    if text_fields is None:
+        return images, names
+    return images, names, {k: form.get(k) for k in text_fields if isinstance(form.get(k), str)}
 
 
 def model_metrics(predictor):
@@ -265,7 +287,7 @@ def model_metrics(predictor):
     return registry, record
 
 
-def health_routes(predictor, state):
+def health_routes(predictor, state, feedback_on=False):
     router = APIRouter()
 
     @router.get("/", include_in_schema=False)
@@ -280,6 +302,7 @@ def health_routes(predictor, state):
             "source": predictor.source,
             "runtime": predictor.runtime,
             "registered_model": predictor.registered,
+            "feedback": feedback_on,
             "calibration": predictor.calibration
             and {key: predictor.calibration[key] for key in ("temperature", "not_sure_below", "accepted_accuracy")},
         }
@@ -367,9 +390,50 @@ def number_routes(number_reader):
     return router
 
 
-def create_app(predictor: Predictor, number_reader: NumberReader | None = None) -> FastAPI:
+def feedback_routes(kept):
+    router = APIRouter()
+    multipart = form_schema("file", IMAGE_FILE_SCHEMA)
+    multipart["schema"]["required"].append("label")
+    multipart["schema"]["properties"] |= Correction.model_json_schema()["properties"]
+    content = {"multipart/form-data": multipart, "application/json": {"schema": PixelsCorrection.model_json_schema()}}
+
+    @router.post(
+        "/feedback",
+        status_code=201,
+        response_model=Stored,
+        responses={
+            **PROBLEMS,
+            429: {"model": Problem, "description": "too many from this client, or the folder is full"},
+        },
+        openapi_extra=request_body(content),
+    )
+    async def post_feedback(request: Request):
+        """A person's correction: an image (file or pixels) and what it really shows, kept in the
+        feedback folder for `digits finetune`."""
+        client = request.client.host if request.client else "unknown"
+        kept.admit(client)
+        if request.headers.get("content-type", "").startswith("application/json"):
+            body = await json_body(request, PixelsCorrection, '{"pixels": rows, "label": "7"}', FEEDBACK_MAX_JSON_BYTES)
+            if len({len(row) for row in body.pixels}) > 1:
+                raise HTTPException(422, "pixels: rows have different lengths; expected a rectangle")
+            correction, image = body, body.pixels
+        else:
+            images, _, fields = await uploaded_images(request, "file", lambda image: image, Correction.model_fields)
+            try:
+                correction = Correction.model_validate(fields)
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise HTTPException(422, f"{'.'.join(map(str, first['loc'])) or 'form'}: {first['msg']}") from None
+            image = images[0]
+        name = await run_in_threadpool(kept.keep, image, correction, client)
+        return {"file": name, "label": correction.label, "kind": correction.kind}
+
+    return router
+
+
+def create_app(predictor: Predictor, number_reader: NumberReader | None = None, kept=None) -> FastAPI:
     """The app answering with `predictor`; `/read` with `number_reader` (default: the segmenting
-    reader on `predictor`)."""
+    reader on `predictor`); `/feedback` only with `kept`, a feedback.Feedback."""
     from prometheus_fastapi_instrumentator import Instrumentator
 
     registry, record = model_metrics(predictor)
@@ -395,7 +459,8 @@ def create_app(predictor: Predictor, number_reader: NumberReader | None = None) 
         app, include_in_schema=False
     )
     number_reader = number_reader or NumberReader(SEGMENT, predictor)
-    routers = health_routes(predictor, state), digit_routes(predictor, batcher), number_routes(number_reader)
+    routers = [health_routes(predictor, state, kept is not None), digit_routes(predictor, batcher)]
+    routers += [number_routes(number_reader)] + ([feedback_routes(kept)] if kept is not None else [])
     for router in routers:
         app.include_router(router)
     return app
@@ -404,9 +469,11 @@ def create_app(predictor: Predictor, number_reader: NumberReader | None = None) 
 def app_from_environment():
     """App factory for `uvicorn --factory` and `digits serve --workers N`: each worker process loads
     the model named by DIGITS_MODEL, on DIGITS_RUNTIME (default onnx), with DIGITS_THREADS threads,
-    and the reader of numbers named by DIGITS_READER (default models/reader.onnx; or `segment`)."""
+    and the reader of numbers named by DIGITS_READER (default models/reader.onnx; or `segment`);
+    feedback as DIGITS_FEEDBACK* say (feedback.from_environment)."""
     import os
 
     model, runtime = os.environ.get("DIGITS_MODEL", DEFAULT_MODEL), os.environ.get("DIGITS_RUNTIME", "onnx")
     predictor = Predictor(model, runtime)
-    return create_app(predictor, NumberReader(os.environ.get("DIGITS_READER", DEFAULT_READER), predictor))
+    reader = NumberReader(os.environ.get("DIGITS_READER", DEFAULT_READER), predictor)
+    return create_app(predictor, reader, feedback.from_environment(predictor.identity))

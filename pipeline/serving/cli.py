@@ -1,15 +1,18 @@
-"""`digits predict`, `digits read`, `digits serve` and `digits promote`: use the trained model on
-your own images.
+"""`digits predict`, `digits read`, `digits review`, `digits serve` and `digits promote`: use the
+trained model on your own images.
 
 digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI] [--runtime tf]
-digits read IMAGE_OR_FOLDER... [--format text|json|csv] [--reader models/reader.onnx|segment]   whole numbers
+               [--review DIR]    copy what is not sure, or not a digit, to DIR for a person to label
+digits read IMAGE_OR_FOLDER... [--format text|json|csv] [--reader models/reader.onnx|segment] [--review DIR]
+digits review DIR [--show waiting|filled|all]    what waits in a review folder
 digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N] [--runtime tf]
+             [--feedback DIR]    keep people's corrections (POST /feedback, the page) in DIR
 digits promote NAME VERSION       move the Model Registry alias `champion` by hand
 """
 
 import sys
 
-from pipeline.serving import answers, images
+from pipeline.serving import answers, feedback, images, review
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
 from pipeline.serving.reader import DEFAULT_READER
 
@@ -17,7 +20,7 @@ BATCH_SIZE = 256  # images per model call: one call per image is many times slow
 
 
 def loaded(make, *args):
-    """make(*args): a model or reader, or None after saying why it could not be loaded."""
+    """make(*args): a model, reader or folder, or None after saying why it could not be made."""
     try:
         return make(*args)
     except (FileNotFoundError, ValueError) as e:
@@ -43,7 +46,8 @@ def predict(args):
     paths = list(images.image_paths(args.images))
     results, pool = images.read_images(paths)
     predictor = load_predictor(args.model, args.runtime)
-    if predictor is None:
+    queue = loaded(review.ReviewQueue, args.review, predictor.identity) if predictor and args.review else False
+    if predictor is None or queue is None:
         if pool:
             pool.shutdown(cancel_futures=True)
         return 2
@@ -64,6 +68,8 @@ def predict(args):
                 for path, p, flag in zip(names, probabilities, not_a_digit, strict=True):
                     answer = answers.ranked(path, p, flag, args.top_k, predictor)
                     output.write(answer, answers.csv_row, answers.text_line)
+                    if queue and answer["not_sure"]:
+                        queue.add(path, "digit", answer["digit"], answer["confidence"], answer["not_a_digit"])
                 sys.stdout.flush()
             bar.update(len(batch))
     output.close()
@@ -77,7 +83,9 @@ def read(args):
     paths = list(images.image_paths(args.images))
     predictor = load_predictor(args.model, args.runtime)
     number_reader = predictor and load_reader(args.reader, predictor)
-    if number_reader is None:
+    answered_by = number_reader and f"{predictor.identity} {number_reader.identity}"
+    queue = loaded(review.ReviewQueue, args.review, answered_by) if number_reader and args.review else False
+    if number_reader is None or queue is None:
         return 2
     output = answers.Output(args.format, predictor.identity, answers.READ_COLUMNS, "readings")
     failed = 0
@@ -90,6 +98,8 @@ def read(args):
             continue
         reading = {"file": str(path), **number_reader.read(image).as_dict()}
         output.write(reading, answers.reading_row, answers.reading_line)
+        if queue and not reading["sure"]:
+            queue.add(path, "number", reading["number"], reading["confidence"] or 0.0, "?" in reading["number"])
     output.close()
     return 1 if failed else 0
 
@@ -101,6 +111,9 @@ def serve(args):
     reader = served_reader(args.reader)
     if args.workers > 1:
         try:
+            if args.feedback:  # made here, so that a bad folder is named before any worker starts
+                review.ReviewQueue(args.feedback, "")
+            feedback.to_environment(args.feedback, args.feedback_per_minute, args.feedback_quota)
             server.run_workers(args.model, args.runtime, reader, args.host, args.port, args.workers)
         except (FileNotFoundError, ValueError) as e:
             print(f"digits: {e}", file=sys.stderr)
@@ -110,8 +123,17 @@ def serve(args):
     number_reader = predictor and load_reader(reader, predictor)
     if number_reader is None:
         return 2
-    server.run(predictor, number_reader, args.host, args.port)
+    kept = loaded(feedback_folder, args, predictor.identity) if args.feedback else False
+    if kept is None:
+        return 2
+    server.run(predictor, number_reader, args.host, args.port, kept or None)
     return 0
+
+
+def feedback_folder(args, model):
+    from pipeline.serving.feedback import Feedback
+
+    return Feedback(args.feedback, model, args.feedback_per_minute, args.feedback_quota)
 
 
 def promote(args):
@@ -133,8 +155,16 @@ def promote(args):
     return 0
 
 
+def positive(text):
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 def add_commands(commands):
-    """predict, serve and promote, as sub-commands of `digits` (pipeline/cli.py)."""
+    """predict, read, serve, promote and review, as sub-commands of `digits` (pipeline/cli.py)."""
     model_help = (
         f"a .keras or .onnx file, or an MLflow model URI: runs:/<run id>/model, models:/digits-cnn/3, "
         f"models:/digits-cnn@champion (default {DEFAULT_MODEL})"
@@ -143,6 +173,10 @@ def add_commands(commands):
     reader_help = (
         f"how whole numbers are read: the line reader's .onnx file (default {DEFAULT_READER}), or `segment` "
         "(cut the ink into digits and answer each with --model)"
+    )
+    review_help = (
+        "copy each image whose answer is not sure (or not a digit) into DIR, with a row in DIR/labels.csv "
+        "for a person to fill; see `digits review DIR`, and `digits finetune DIR` to learn from them"
     )
 
     predict_parser = commands.add_parser("predict", help="predict the digit in image files or folders of images")
@@ -153,6 +187,7 @@ def add_commands(commands):
     predict_parser.add_argument("--format", choices=["text", "json", "csv"], default="text")
     predict_parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     predict_parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
+    predict_parser.add_argument("--review", metavar="DIR", help=review_help)
     predict_parser.set_defaults(run=predict)
 
     r = commands.add_parser("read", help="read whole numbers (ZIP codes, amounts), one per image, digit by digit")
@@ -161,6 +196,7 @@ def add_commands(commands):
     r.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     r.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
     r.add_argument("--reader", default=DEFAULT_READER, help=reader_help)
+    r.add_argument("--review", metavar="DIR", help=review_help)
     r.set_defaults(run=read)
 
     s = commands.add_parser("serve", help="start the REST API and the drawing page")
@@ -176,9 +212,20 @@ def add_commands(commands):
         metavar="N",
         help="server processes, each with its own copy of the model (default 1)",
     )
+    s.add_argument(
+        "--feedback",
+        metavar="DIR",
+        help="turn on POST /feedback and the page's corrections: each kept in DIR as `--review DIR` keeps answers",
+    )
+    s.add_argument("--feedback-per-minute", type=positive, default=feedback.PER_MINUTE, metavar="N", help="per client")
+    s.add_argument("--feedback-quota", type=positive, default=feedback.QUOTA, metavar="N", help="images DIR may hold")
     s.set_defaults(run=serve)
 
     m = commands.add_parser("promote", help="make a registered model version the champion (MLflow Model Registry)")
     m.add_argument("name", help="registered model, e.g. digits-cnn")
     m.add_argument("version", type=int, help="its version number")
     m.set_defaults(run=promote)
+
+    v = commands.add_parser("review", help="what waits in a review folder (--review DIR) for a person to label")
+    review.add_arguments(v)
+    v.set_defaults(run=review.show)

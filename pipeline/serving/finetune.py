@@ -1,10 +1,11 @@
 """`digits finetune`: adapt a trained model to your own labelled images (transfer learning).
 
-    digits finetune LABELS.csv | FOLDER [--model models/cnn.keras] [--out models/finetuned.keras]
+    digits finetune LABELS.csv | FOLDER | REVIEW_FOLDER [--model models/cnn.keras] [--out models/finetuned.keras]
                     [--holdout 0.2] [--train all|head] [--epochs 10] [--champion]
 
-The images come as a CSV (columns file, label and, optionally, group; files relative to the CSV)
-or as a folder with one sub-folder per digit (0/ ... 9/). Each is read as an upload is
+The images come as a CSV (columns file, label and, optionally, group; files relative to the CSV),
+as a folder with one sub-folder per digit (0/ ... 9/), or as a review folder that `--review`
+filled and a person labelled (pipeline/serving/review.py: its filled digit rows, by group). Each is read as an upload is
 (normalize.to_mnist). A share is held out first, whole groups at a time when the CSV names them
 (one writer, one font, one scanner), so that it measures images unlike the ones trained on. Then:
   1. the model (a .keras file or an MLflow URI, with its calibration) is fine-tuned on the rest,
@@ -37,7 +38,7 @@ import numpy as np
 from pipeline.core import params as params_module
 from pipeline.core.files import DataError, load_arrays, require, sha256, write_json
 from pipeline.core.layout import DIGITS, NUM_CLASSES, PROCESSED_DIR, beside
-from pipeline.serving import images
+from pipeline.serving import images, review
 
 MIN_PER_DIGIT = 10  # images of each digit, so that both shares hold some
 REPEATS = 4  # each epoch sees every fine-tuning image this often (augmented), and as many MNIST digits
@@ -48,8 +49,10 @@ class FinetuneError(ValueError):
 
 
 def labelled_files(source):
-    """[(path, label, group or None)] from a CSV or a folder of digit sub-folders."""
+    """[(path, label, group or None)] from a CSV, a folder of digit sub-folders or a review folder."""
     source = Path(source)
+    if (source / review.LABELS).is_file():
+        return reviewed_files(source)
     if source.is_dir():
         wrong = sorted(p.name for p in source.iterdir() if p.is_dir() and p.name not in map(str, DIGITS))
         if wrong:
@@ -73,6 +76,26 @@ def labelled_files(source):
                 raise FinetuneError(f"{source} line {line}: label {label!r} of {row['file']} is not a digit 0-9")
             rows.append((source.parent / row["file"], int(label), row.get("group") or None))
     return rows
+
+
+def reviewed_files(folder):
+    """labelled_files of a review folder: the digit rows a person has labelled with a digit."""
+    try:
+        rows = review.read_rows(folder)
+    except review.ReviewError as e:
+        raise FinetuneError(str(e)) from None
+    labelled = []
+    for line, row in enumerate(rows, start=2):
+        label = row["label"].strip()
+        if row["kind"] != "digit" or label in ("", review.NO_DIGIT):
+            continue
+        problem = review.label_problem(row)
+        if problem:
+            raise FinetuneError(f"{folder / review.LABELS} line {line}: {problem}")
+        labelled.append((folder / row["file"], int(label), row["group"] or None))
+    if len({group for _, _, group in labelled}) == 1:  # all from one folder: nothing to hold out by
+        labelled = [(path, label, None) for path, label, _ in labelled]
+    return labelled
 
 
 def read_labelled(source):

@@ -10,11 +10,13 @@ MAX_BATCH = 64
 MAX_JSON_BYTES = 1024 * 1024  # 28x28 numbers as JSON take about 20 KB
 READ_MAX_ROWS, READ_MAX_COLUMNS = 256, 2048  # the largest pixel array /read takes as JSON
 READ_MAX_JSON_BYTES = 8 * 1024 * 1024  # that many numbers of up to 7 characters ("254.5, ") fit
+FEEDBACK_MAX_JSON_BYTES = READ_MAX_JSON_BYTES
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the files
 BODY_LIMITS = {  # bytes a request body may have, by route; 413 beyond
     "/predict": normalize.MAX_BYTES + MULTIPART_OVERHEAD,
     "/predict/batch": 4 * normalize.MAX_BYTES + MULTIPART_OVERHEAD,
     "/read": normalize.MAX_BYTES + MULTIPART_OVERHEAD,
+    "/feedback": normalize.MAX_BYTES + MULTIPART_OVERHEAD,
 }
 OTHER_ROUTES_BODY_LIMIT = 64 * 1024
 

@@ -15,8 +15,9 @@ def where(host, port):
     return f"http://{host}:{port}/ (API docs at /docs, metrics at /metrics)"
 
 
-def run(predictor, number_reader, host, port):
-    """Serve one loaded model (and reader of numbers) in this process until stopped."""
+def run(predictor, number_reader, host, port, kept=None):
+    """Serve one loaded model (and reader of numbers, and feedback.Feedback if any) in this process
+    until stopped."""
     import uvicorn
 
     from pipeline.serving.api import create_app
@@ -27,7 +28,7 @@ def run(predictor, number_reader, host, port):
         flush=True,
     )
     uvicorn.run(
-        create_app(predictor, number_reader),
+        create_app(predictor, number_reader, kept),
         host=host,
         port=port,
         log_level="warning",

@@ -11,7 +11,8 @@ CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a
 SOFT_KEYS = ("soft_from", "soft_temperature")  # only in graphs whose calibration has the soft rule
 
 
-READER_KEYS = ("temperature", "sure_from", "accepted_accuracy", "stride", "lost", "sure_needs_agreement")
+READER_KEYS = ("temperature", "sure_from", "accepted_accuracy", "stride", "lost")  # numbers
+READER_RULE = "confidence"  # the name of the number's confidence (pipeline.core.reading.sequence.CONFIDENCES)
 
 
 def session(path, threads=None):
@@ -51,7 +52,7 @@ class ReaderGraph:
     def __init__(self, path, threads=None):
         self.session, metadata = session(path, threads)
         self.model_sha256 = metadata["model_sha256"]
-        self.calibration = {key: float(metadata[key]) for key in READER_KEYS}
+        self.calibration = {key: float(metadata[key]) for key in READER_KEYS} | {READER_RULE: metadata[READER_RULE]}
 
     def windows(self, lines):
         """(n, 28, width, 1) float32 -> (n, windows, 11)."""

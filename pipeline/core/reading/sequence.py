@@ -9,9 +9,11 @@ layer would see further, but its loops convert poorly to ONNX and cost more on t
 softmax over the ten digits and a blank answers each window. CTC training needs only each line's
 text, never where its digits are.
 
-Decoding (greedy) keeps the likeliest answer of each window, merges repeats and drops blanks. The
-number's confidence is the probability of that path, after a temperature fitted on validation
-lines; each digit's confidence is the highest probability it has in the windows that emit it.
+Decoding (greedy) keeps the likeliest answer of each window, merges repeats and drops blanks; each
+digit's confidence is the highest probability it has in the windows that emit it. The digit model
+then looks at each decoded digit's own ink, and each digit is the one both models find likeliest
+together (voted). The number's confidence is one of CONFIDENCES, the one that train_reader's
+calibration chose on validation lines.
 """
 
 import numpy as np
@@ -26,6 +28,12 @@ HALF_WIDTH = 0.7  # of the line's ink height: a digit's box reaches no further f
 FIRST_CENTRE = 14  # line column at the centre of window 0 (the CNN's 28-pixel view)
 CONTEXT_FILTERS = 128  # of each convolution along the row of windows
 CONTEXT_WIDTH = 5  # windows each of them sees
+# The whole number's confidence, in the order calibration tries them:
+CONFIDENCES = (
+    "path",  # the decoded path's probability, after the windows' temperature
+    "path_if_digits_agree",  # the same, or 0 where the digit model reads any digit otherwise
+    "digits_if_they_agree",  # the digit model's lowest probability of the digits read, or 0 likewise
+)
 
 
 def geometry(reader):
@@ -153,14 +161,19 @@ def centre_column(window, stride):
 def digit_ink(ink, found, scale, left, stride):
     """Each decoded digit's box and its ink in MNIST's form, for the digit model to look at. A box is
     the pen's strokes between the midpoints to its neighbours' windows, and within HALF_WIDTH of its
-    own window. `scale`, `left`: how the ink's columns map to the line (lines.to_line)."""
+    own window, less the ends of the neighbours' strokes (_own_ink). `scale`, `left`: how the ink's
+    columns map to the line (lines.to_line)."""
     centres = [(centre_column((first + last) / 2, stride) - lines.PAD) / scale + left for _, _, first, last in found]
     edges = [0, *((a + b) / 2 for a, b in zip(centres, centres[1:], strict=False)), ink.shape[1]]
     reach = HALF_WIDTH * lines.INK_HEIGHT / scale  # in the ink's pixels
     spans = [(max(a, c - reach), min(b, c + reach)) for a, b, c in zip(edges, edges[1:], centres, strict=False)]
     strokes = np.where(ink > segment.INK_LEVEL, ink, 0.0)  # the pen's strokes, without the paper's grain
-    boxes = [_ink_box(strokes, round(a), round(b)) for a, b in spans]
-    crops = [_digit_form(strokes[top:bottom, x0:x1]) for x0, top, x1, bottom in boxes]
+    boxes, crops = [], []
+    for a, b in spans:
+        piece = _own_ink(strokes, round(a), round(b))
+        x0, top, x1, bottom = _ink_box(piece)
+        boxes.append((round(a) + x0, top, round(a) + x1, bottom))
+        crops.append(_digit_form(piece[top:bottom, x0:x1]))
     return boxes, np.stack(crops) if crops else np.zeros((0, 28, 28), np.float32)
 
 
@@ -169,25 +182,55 @@ def agree(found, digit_probabilities):
     return all(int(np.argmax(p)) == d for (d, *_), p in zip(found, digit_probabilities, strict=True))
 
 
+def voted(found, probabilities, digit_probabilities):
+    """The decoded digits, each now the digit with the highest sum of the two models' log-
+    probabilities: the line reader's (each digit's highest probability in the windows that emit it,
+    made to sum to one) and the digit model's, looking at its ink. Where the two agree nothing
+    changes; where they differ, the surer one wins."""
+    chosen = []
+    for (_, _, first, last), p in zip(found, digit_probabilities, strict=True):
+        line = probabilities[first : last + 1, :BLANK].max(axis=0)
+        line = line / line.sum()
+        digit = int(np.argmax(np.log(np.maximum(line, 1e-30)) + np.log(np.maximum(p, 1e-30))))
+        chosen.append((digit, float(line[digit]), first, last))
+    return chosen
+
+
+def number_confidence(rule, path, found, digit_probabilities):
+    """The whole number's confidence by `rule`, one of CONFIDENCES; `found` as the line reader
+    decoded it (before the vote)."""
+    if rule not in CONFIDENCES:
+        raise ValueError(f"number confidence {rule!r}: expected one of {', '.join(CONFIDENCES)}")
+    if rule == "path":
+        return path
+    if not found or not agree(found, digit_probabilities):
+        return 0.0
+    if rule == "path_if_digits_agree":
+        return path
+    return float(min(p[d] for (d, *_), p in zip(found, digit_probabilities, strict=True)))
+
+
 def read(image, graph, digits):
     """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
     ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
-    ink (digit_ink). A mark the gate calls not a digit, unless the digit model reads the same digit
-    surely, is "?". The number is sure when its path probability reaches the calibrated threshold,
-    no mark is "?", and, where calibration chose it on validation, the digit model agrees on every
-    digit. normalize.ImageError when nothing can be read."""
+    ink (digit_ink), each digit voted. A mark the gate calls not a digit, unless the digit model
+    reads the same digit surely, is "?". The number's confidence is number_confidence by the calibrated rule; it is sure
+    when that reaches the calibrated threshold and no mark is "?". normalize.ImageError when
+    nothing can be read."""
     ink = lines.ink_of(image)
     line, (scale, left) = lines.to_line(ink)
     batch, _ = lines.padded([line])
     calibration = graph.calibration
     shape = int(calibration["stride"]), int(calibration["lost"])
-    found, path = decode(graph.windows(batch)[0][: windows(line.shape[1], shape)])
+    probabilities = graph.windows(batch)[0][: windows(line.shape[1], shape)]
+    found, path = decode(probabilities)
     if not found:
         return segment.Reading([], confidence=path, confident=False)
     if len(found) > segment.MAX_PIECES:
         raise segment.TooManyPieces(f"{len(found)} digits found: at most {segment.MAX_PIECES} are read in one image")
     boxes, crops = digit_ink(ink, found, scale, left, shape[0])
     digit_probabilities, flagged = digits.predict(crops)
+    number = number_confidence(calibration["confidence"], path, found, digit_probabilities)
     # A mark is "?" when the gate calls its ink no digit and the digit model, looking at the same
     # ink, does not confirm the line reader's digit: touching digits' boxes hold a bit of their
     # neighbours, which the gate alone would often refuse.
@@ -195,15 +238,14 @@ def read(image, graph, digits):
         bool(flag) and (int(np.argmax(p)) != d or digits.not_sure(p, False))
         for (d, _, _, _), p, flag in zip(found, digit_probabilities, flagged, strict=True)
     ]
-    confident = path >= calibration["sure_from"] and (
-        not calibration["sure_needs_agreement"] or agree(found, digit_probabilities)
-    )
+    found = voted(found, probabilities, digit_probabilities)
+    confident = number >= calibration["sure_from"]
     return segment.Reading(
         [
             segment.Digit(box, d, c, not confident, flag, p)
             for (d, c, _, _), box, p, flag in zip(found, boxes, digit_probabilities, not_a_digit, strict=True)
         ],
-        confidence=path,
+        confidence=number,
         confident=confident,
     )
 
@@ -215,10 +257,25 @@ def _digit_form(piece):
     return segment.mnist_form(piece)
 
 
-def _ink_box(ink, x0, x1):
-    """(left, top, right, bottom) of the ink between columns x0 and x1 (the whole span if none)."""
-    part = ink[:, x0:x1] > normalize.INK_THRESHOLD
-    rows, cols = np.nonzero(part)
+def _own_ink(strokes, x0, x1):
+    """The strokes between columns x0 and x1, less the pieces that the span's edges cut and that are
+    lighter than its heaviest piece: those are the ends of the neighbours' strokes, which would
+    make the digit model (and its gate) see two digits in one box."""
+    from scipy import ndimage
+
+    part = strokes[:, x0:x1]
+    labels, count = ndimage.label(part > normalize.INK_THRESHOLD, structure=np.ones((3, 3)))
+    if count < 2:
+        return part
+    mass = ndimage.sum(part, labels, range(1, count + 1))
+    cut = np.union1d(labels[:, 0], labels[:, -1])
+    neighbours = [label for label in cut[cut > 0] if mass[label - 1] < mass.max()]
+    return np.where(np.isin(labels, neighbours), 0.0, part)
+
+
+def _ink_box(piece):
+    """(left, top, right, bottom) of a piece's ink (the whole piece if it has none)."""
+    rows, cols = np.nonzero(piece > normalize.INK_THRESHOLD)
     if not len(rows):
-        return (x0, 0, max(x1, x0 + 1), ink.shape[0])
-    return (int(x0 + cols.min()), int(rows.min()), int(x0 + cols.max() + 1), int(rows.max() + 1))
+        return (0, 0, max(piece.shape[1], 1), piece.shape[0])
+    return (int(cols.min()), int(rows.min()), int(cols.max() + 1), int(rows.max() + 1))

@@ -1,0 +1,68 @@
+"""How long reading one number takes in-process on ONNX Runtime, as `digits read` and `POST /read`
+read it (one image at a time), one run, JSON in reports/reader_speed.json:
+
+    ./dev run python -m bench.reader_speed [--numbers 200]
+
+5-digit numbers of each spacing kind written from *validation* digits (pipeline/core/reading/
+numbers.py), each read from its uint8 image to the answer: the line reader (models/reader.onnx with
+models/cnn.onnx, the default) and the segmenter (`--reader segment`). Reported: p50 and p95 ms per
+number over all kinds, and the line reader's time as a ratio of the segmenter's in the same run.
+"""
+
+import argparse
+import json
+import time
+from datetime import date
+
+import numpy as np
+
+from bench.__main__ import machine
+from pipeline.core.files import load_arrays, write_json
+from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph
+from pipeline.core.layout import PROCESSED_DIR, onnx_file
+from pipeline.core.reading import numbers, segment, sequence
+
+OUT = "reports/reader_speed.json"
+
+
+def timings_ms(read, images, warmup=20):
+    for image in images[:warmup]:
+        read(image)
+    spent = []
+    for image in images:
+        begin = time.perf_counter()
+        read(image)
+        spent.append((time.perf_counter() - begin) * 1000)
+    return {"p50_ms": round(float(np.percentile(spent, 50)), 2), "p95_ms": round(float(np.percentile(spent, 95)), 2)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.reader_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--numbers", type=int, default=200, help="numbers of each spacing kind (default 200)")
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args(argv)
+    data = load_arrays(PROCESSED_DIR, ["x_val", "y_val"])
+    rng = np.random.default_rng(0)
+    images = [
+        image
+        for kind in numbers.KINDS
+        for image, _, _ in numbers.sample(data["x_val"], data["y_val"], [5], kind, args.numbers, rng)
+    ]
+    digits, reader = OnnxGraph(onnx_file("cnn")), ReaderGraph(onnx_file("reader"))
+    measured = {
+        "line reader": timings_ms(lambda image: sequence.read(image, reader, digits), images),
+        "segmenter": timings_ms(lambda image: segment.read(image, digits), images),
+    }
+    report = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "numbers": len(images),
+        **measured,
+        "line_reader_over_segmenter_p50": round(measured["line reader"]["p50_ms"] / measured["segmenter"]["p50_ms"], 2),
+    }
+    write_json(args.out, report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
