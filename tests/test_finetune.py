@@ -92,7 +92,7 @@ def test_one_round_of_review_teaches_the_model_the_images_it_was_not_sure_of(fin
     folder, and the new version answers the reviewed images better (bench/review.py's round)."""
     from bench import review as review_round
 
-    result = review_round.loop("models/cnn.keras", finetune_project / "loop", 2, 500, 1, ("--epochs", 4))
+    result = review_round.loop("models/cnn.keras", finetune_project / "loop", 8, 500, 1, ("--epochs", 4))
     before, after = result["parent"]["first batch"], result["fine-tuned"]["first batch"]
     assert 0 < result["corrections"] <= 500 and before["sent_to_review"] > 0, result
     assert after["accuracy"] >= before["accuracy"] + 0.05, result

@@ -120,8 +120,10 @@ def test_read_review_queues_numbers_that_are_not_sure(trained_model_file, traine
     scribble.save(folder / "dash.png")
     args = ["read", str(folder), "--model", str(trained_model_file), "--reader", str(trained_reader_file)]
 
-    cli.main([*args, "--format", "json", "--review", str(tmp_path / "queue")])
-    readings = json.loads(capsys.readouterr().out)["readings"]
+    assert cli.main([*args, "--format", "json", "--review", str(tmp_path / "queue")]) == 1  # the blank page
+    out, err = capsys.readouterr()
+    readings = json.loads(out)["readings"]
+    assert "blank.png: no digit found" in err and [r["file"] for r in readings] == [str(folder / "dash.png")]
     rows = review.read_rows(tmp_path / "queue")
     assert len(rows) >= 1 and [r["source"] for r in rows] == [r["file"] for r in readings if not r["sure"]]
     assert all(r["kind"] == "number" and r["label"] == "" for r in rows)

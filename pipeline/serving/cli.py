@@ -12,6 +12,7 @@ digits promote NAME VERSION       move the Model Registry alias `champion` by ha
 
 import sys
 
+from pipeline.core import normalize
 from pipeline.serving import answers, feedback, images, review
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
 from pipeline.serving.reader import DEFAULT_READER
@@ -96,7 +97,12 @@ def read(args):
             failed += 1
             print(f"digits: {error}", file=sys.stderr)
             continue
-        reading = {"file": str(path), **number_reader.read(image).as_dict()}
+        try:
+            reading = {"file": str(path), **number_reader.read(image).as_dict()}
+        except normalize.ImageError as e:  # a blank page, too many marks: named, and the rest are read
+            failed += 1
+            print(f"digits: {path}: {e}", file=sys.stderr)
+            continue
         output.write(reading, answers.reading_row, answers.reading_line)
         if queue and not reading["sure"]:
             queue.add(path, "number", reading["number"], reading["confidence"] or 0.0, "?" in reading["number"])

@@ -41,6 +41,7 @@ from pipeline.core.layout import DIGITS, NUM_CLASSES, PROCESSED_DIR, beside
 from pipeline.serving import images, review
 
 MIN_PER_DIGIT = 10  # images of each digit, so that both shares hold some
+MIN_REVIEWED = 50  # labelled digits in a review folder, which holds what the model doubted (any digits)
 REPEATS = 4  # each epoch sees every fine-tuning image this often (augmented), and as many MNIST digits
 
 
@@ -110,7 +111,10 @@ def read_labelled(source):
         raise FinetuneError(f"cannot read {errors[0]}{more}")
     labels = np.array([label for _, label, _ in files])
     counts = np.bincount(labels, minlength=NUM_CLASSES)
-    if counts.min() < MIN_PER_DIGIT:
+    if (Path(source) / review.LABELS).is_file():  # what the model doubted: digits it never doubts may be rare
+        if len(labels) < MIN_REVIEWED:
+            raise FinetuneError(f"{source}: {len(labels)} labelled digits: at least {MIN_REVIEWED} to fine-tune on")
+    elif counts.min() < MIN_PER_DIGIT:
         digit = int(counts.argmin())
         raise FinetuneError(f"{source}: {counts[digit]} images of the digit {digit}: at least {MIN_PER_DIGIT} of each")
     groups = np.array([group or f"{path}" for path, _, group in files])
@@ -118,14 +122,17 @@ def read_labelled(source):
 
 
 def held_out(labels, groups, share, seed):
-    """(fine-tuning indices, held-out indices): whole groups, or a stratified share."""
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
+    """(fine-tuning indices, held-out indices): whole groups, or a stratified share. Each digit
+    with MIN_PER_DIGIT images or more must be in both (every digit, in a set a user assembled)."""
+    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit, StratifiedShuffleSplit
 
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
     grouped = len(set(groups)) < len(groups)
-    splitter = (GroupShuffleSplit if grouped else StratifiedShuffleSplit)(1, test_size=share, random_state=seed)
-    train, hold = next(splitter.split(np.zeros(len(labels)), labels, groups if grouped else None))
+    stratified = not grouped and counts[counts > 0].min() >= 2
+    splitter = GroupShuffleSplit if grouped else StratifiedShuffleSplit if stratified else ShuffleSplit
+    train, hold = next(splitter(1, test_size=share, random_state=seed).split(np.zeros(len(labels)), labels, groups))
     for name, part in (("fine-tuning", train), ("held-out", hold)):
-        missing = sorted(set(DIGITS) - set(labels[part].tolist()))
+        missing = sorted(set(np.flatnonzero(counts >= MIN_PER_DIGIT).tolist()) - set(labels[part].tolist()))
         if missing:
             raise FinetuneError(f"the {name} share has no image of the digit {missing[0]}: add images or groups")
     return train, hold
