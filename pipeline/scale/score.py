@@ -3,6 +3,7 @@
     digits score FOLDER_OR_IMAGE... --out answers.csv        # or .parquet
     digits score --parquet scans.parquet --out answers.parquet   # columns `file` and `image` (bytes)
     digits score forms/ --read --out numbers.csv                   # each image a whole number
+    digits score scans/ --out answers.csv --review review/         # the not-sure ones to review/
     RAY_ADDRESS=HEAD:6379 digits score ...                         # spread over a cluster
 
 Ray Data splits the list of files (or the Parquet file) into blocks and streams them through a pool
@@ -10,7 +11,9 @@ of actors, one per CPU by default. Each actor loads the model once (an .onnx or 
 models:/ URI) with its calibration and gate, then reads, normalises and answers its blocks. The
 output has the columns of `digits predict --format csv` (with --read, of `digits read --format
 csv`), in input order, and the same answers. Files that cannot be read are named on stderr and in
-OUT.errors.csv, and the exit code is 1.
+OUT.errors.csv, and the exit code is 1. With --review DIR, the images whose answer is not sure go
+to a review folder, as with `digits predict --review` (pipeline/serving/review.py); from a Parquet
+file, their bytes are copied out of it.
 """
 
 import csv
@@ -19,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core import normalize
 from pipeline.scale import cluster
-from pipeline.serving import answers, images
+from pipeline.serving import answers, images, review
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES, check_source
 from pipeline.serving.reader import DEFAULT_READER, SEGMENT
 
@@ -104,10 +108,13 @@ class NumberScorer(ModelActor):
         for i, name in enumerate(batch["file"]):
             data, error = images.read_bytes(batch["path"][i], name) if contents is None else (contents[i], None)
             image, error = (None, error) if error else images.decode_raw(data, name)
-            if error:
-                rows.append([name, "", "", "", ""])
-            else:
-                rows.append(answers.reading_row({"file": name, **self.reader.read(image).as_dict()}))
+            reading = None
+            if not error:
+                try:
+                    reading = self.reader.read(image)
+                except normalize.ImageError as e:  # a blank page, too many marks: as `digits read` names it
+                    error = f"{name}: {e}"
+            rows.append([name, "", "", "", ""] if error else answers.reading_row({"file": name, **reading.as_dict()}))
             errors.append(error or "")
         # As text, as the CLI's CSV has them: every batch then has the same Parquet schema.
         columns = zip(answers.READ_COLUMNS, zip(*rows, strict=True), strict=True)
@@ -166,7 +173,10 @@ def score(args):
         num_cpus=args.cpus_per_actor,
     )
     columns = answers.READ_COLUMNS if args.read else answers.csv_columns(args.top_k)
-    count, failed, nodes = write(answered, args.out, columns)
+    queue = review.ReviewQueue(args.review, args.model) if args.review else None  # a bad folder: before the job
+    count, failed, nodes, doubtful = write(answered, args.out, columns)
+    if queue:
+        send_to_review(queue, doubtful, args.parquet, args.read)
     for _, error in failed:
         print(f"digits: {error}", file=sys.stderr)
     if failed:
@@ -185,7 +195,7 @@ def write(answered, out, names):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    count, failed, nodes = 0, [], set()
+    count, failed, nodes, doubtful = 0, [], set(), []
     tmp = Path(f"{out}.part")
     parquet = str(out).endswith(".parquet")
     with open(tmp, "w", newline="") as f:
@@ -199,6 +209,7 @@ def write(answered, out, names):
             unreadable = batch.filter(bad)
             failed += zip(unreadable.column("file").to_pylist(), unreadable.column("error").to_pylist(), strict=True)
             batch = batch.filter(pc.invert(bad)).select(names)
+            doubtful += not_sure_rows(batch)
             count += batch.num_rows
             if parquet:
                 sink = sink or pq.ParquetWriter(tmp, batch.schema)
@@ -208,7 +219,32 @@ def write(answered, out, names):
         if parquet:
             (sink or pq.ParquetWriter(tmp, pa.schema([(c, pa.string()) for c in names]))).close()
     tmp.replace(out)
-    return count, failed, nodes
+    return count, failed, nodes, doubtful
+
+
+def not_sure_rows(batch):
+    """(file, answer, confidence or None, not a digit) of the answers in `batch` that are not sure."""
+    rows = batch.to_pylist()  # flags as booleans, or as text where a batch had an unreadable row
+    if "number" in batch.column_names:  # --read
+        return [(r["file"], r["number"], None, "?" in r["number"]) for r in rows if str(r["sure"]) != "True"]
+    return [
+        (r["file"], r["digit"], float(r["confidence"]), str(r["not_a_digit"]) == "True")
+        for r in rows
+        if str(r["not_sure"]) == "True"
+    ]
+
+
+def send_to_review(queue, doubtful, parquet, read):
+    """Each doubtful answer into the review queue: its file copied, or its bytes from the Parquet file."""
+    import pyarrow.parquet as pq
+
+    contents = {}
+    if parquet and doubtful:
+        names = [file for file, *_ in doubtful]
+        table = pq.read_table(parquet, columns=["file", "image"], filters=[("file", "in", names)])
+        contents = dict(zip(table.column("file").to_pylist(), table.column("image").to_pylist(), strict=True))
+    for file, answer, confidence, not_a_digit in doubtful:
+        queue.add(file, "number" if read else "digit", answer, confidence, not_a_digit, contents.get(file))
 
 
 def main(args):
@@ -231,6 +267,11 @@ def add_arguments(parser):
     parser.add_argument("--read", action="store_true", help="read each image as a whole number, as `digits read`")
     parser.add_argument(
         "--reader", default=DEFAULT_READER, help=f"with --read: the line reader (default {DEFAULT_READER}) or `segment`"
+    )
+    parser.add_argument(
+        "--review",
+        metavar="DIR",
+        help="copy each image whose answer is not sure into DIR, as `digits predict --review`",
     )
     parser.add_argument("--actors", type=int, help="model copies (default: one per CPU of the cluster)")
     parser.add_argument("--cpus-per-actor", type=float, default=1)

@@ -14,6 +14,7 @@ import sys
 
 from pipeline.core import normalize
 from pipeline.serving import answers, feedback, images, review
+from pipeline.serving.finetune import positive
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES
 from pipeline.serving.reader import DEFAULT_READER
 
@@ -159,14 +160,6 @@ def promote(args):
         f"test accuracy {version.tags.get('test_accuracy', '?')})"
     )
     return 0
-
-
-def positive(text):
-    import argparse
-
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return int(text)
 
 
 def add_commands(commands):

@@ -62,19 +62,23 @@ class ReviewQueue:
             else:
                 read_rows(self.folder)  # a folder of another layout is refused before anything is added
 
-    def add(self, source, kind, answer, confidence, not_a_digit):
-        """Copy the image file `source` into the queue, with a row for a person to label."""
-        source = Path(source)
+    def add(self, source, kind, answer, confidence, not_a_digit, data=None):
+        """Copy the image file `source` (or write its bytes `data`, from a Parquet file) into the
+        queue, with a row for a person to label. `confidence` may be None (not known)."""
+        name = Path(source)
         row = {
             "label": "",
             "answer": answer,
-            "confidence": f"{confidence:.4f}",
+            "confidence": "" if confidence is None else f"{confidence:.4f}",
             "reason": "not a digit" if not_a_digit else "not sure",
             "kind": kind,
-            "group": source.parent.name,
+            "group": name.parent.name,
             "source": str(source),
         }
-        return self.store(lambda path: shutil.copyfile(source, path), source.suffix.lower(), row)
+        write = (
+            (lambda path: path.write_bytes(data)) if data is not None else (lambda path: shutil.copyfile(name, path))
+        )
+        return self.store(write, name.suffix.lower(), row)
 
     def store(self, write_image, suffix, row, most=None):
         """Write an image (write_image(path)) under a new name, then append its row (COLUMNS but file

@@ -3,8 +3,8 @@ CTC loss, Shi et al. 2015; keras-io's OCR examples show the Keras idiom).
 
 Its eyes are the trained digit CNN, slid along the line: the same layers, made fully
 convolutional, answer for a 28-pixel window every 4 columns (the last pooling keeps every
-column, and the dense head becomes a 3x3 convolution dilated to match). Two convolutions along the
-row of windows give each window its neighbours' view (about one digit either side; a recurrent
+column, and the dense head becomes a 3x3 convolution dilated to match). Three convolutions along
+the row of windows give each window its neighbours' view (about two digits either side; a recurrent
 layer would see further, but its loops convert poorly to ONNX and cost more on two cores), and a
 softmax over the ten digits and a blank answers each window. CTC training needs only each line's
 text, never where its digits are.
@@ -28,6 +28,7 @@ HALF_WIDTH = 0.7  # of the line's ink height: a digit's box reaches no further f
 FIRST_CENTRE = 14  # line column at the centre of window 0 (the CNN's 28-pixel view)
 CONTEXT_FILTERS = 128  # of each convolution along the row of windows
 CONTEXT_WIDTH = 5  # windows each of them sees
+CONTEXT_DILATIONS = (1, 2, 4)  # one convolution each: together they see 29 windows, two digits either side
 # The whole number's confidence, in the order calibration tries them:
 CONFIDENCES = (
     "path",  # the decoded path's probability, after the windows' temperature
@@ -92,8 +93,11 @@ def build(digit_model):
     digit_log_probabilities = layers.Activation("log_softmax", name="digit_log_probabilities")(eyes.output)
     x = layers.Concatenate()([features, digit_log_probabilities])
     x = layers.Reshape((-1, x.shape[-1]))(x)  # one row of windows
-    context = layers.Conv1D(CONTEXT_FILTERS, CONTEXT_WIDTH, padding="same", activation="relu")(x)
-    context = layers.Conv1D(CONTEXT_FILTERS, CONTEXT_WIDTH, padding="same", dilation_rate=2, activation="relu")(context)
+    context = x
+    for dilation in CONTEXT_DILATIONS:
+        context = layers.Conv1D(
+            CONTEXT_FILTERS, CONTEXT_WIDTH, padding="same", dilation_rate=dilation, activation="relu"
+        )(context)
     answer = layers.Dense(CLASSES, name="windows")
     logits = answer(layers.Concatenate()([x, context]))
     # Start from the digit CNN's own answers: each window's digit logits are its log-probabilities,
@@ -214,9 +218,9 @@ def read(image, graph, digits):
     """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
     ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
     ink (digit_ink), each digit voted. A mark the gate calls not a digit, unless the digit model
-    reads the same digit surely, is "?". The number's confidence is number_confidence by the calibrated rule; it is sure
-    when that reaches the calibrated threshold and no mark is "?". normalize.ImageError when
-    nothing can be read."""
+    reads the line reader's digit surely, is "?". The number's confidence is number_confidence by
+    the calibrated rule; it is sure when that reaches the calibrated threshold and no mark is "?".
+    normalize.ImageError when nothing can be read."""
     ink = lines.ink_of(image)
     line, (scale, left) = lines.to_line(ink)
     batch, _ = lines.padded([line])
