@@ -165,20 +165,22 @@ def team_server():
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
-    while True:
+    try:  # stopped however the block ends: a failing test must not leave a server behind
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (folder / "team-server.log").read_text()[-3000:]
+            assert time.time() < deadline, "the team server did not answer /health in 180 s"
+            time.sleep(1)
+        yield url, (folder / "admin-password").read_text().strip()
+    finally:
+        process.send_signal(signal.SIGTERM)  # the script stops MLflow, then PostgreSQL
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, (folder / "team-server.log").read_text()[-3000:]
-        assert time.time() < deadline, "the team server did not answer /health in 180 s"
-        time.sleep(1)
-    yield url, (folder / "admin-password").read_text().strip()
-    process.send_signal(signal.SIGTERM)  # the script stops MLflow, then PostgreSQL
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
-    shutil.rmtree(folder, ignore_errors=True)
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
