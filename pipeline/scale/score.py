@@ -26,7 +26,7 @@ from pipeline.core import normalize
 from pipeline.scale import cluster
 from pipeline.serving import answers, images, review
 from pipeline.serving.predictor import DEFAULT_MODEL, RUNTIMES, check_source
-from pipeline.serving.reader import DEFAULT_READER, SEGMENT
+from pipeline.serving.reader import DEFAULT_READER, SEGMENT, check_reader
 
 # Rows per block and per actor call. The answers do not depend on it (ONNX Runtime answers an image
 # alike in any batch); 512 gave two actors their first block soonest on 10,000 files (docs/scaling.md).
@@ -137,8 +137,8 @@ def score(args):
         if not paths:
             raise ValueError(f"{' '.join(args.images)}: no images found")
     check_source(args.model)
-    if args.read and args.reader != SEGMENT and not Path(args.reader).exists():
-        raise FileNotFoundError(f"{args.reader}: no such line reader (run `dvc repro export`, or use --reader segment)")
+    if args.read:
+        check_reader(args.reader)
     model = args.model if ":/" in args.model else str(Path(args.model).resolve())
     cluster.connect(address, args.cpus)
     total = ray.cluster_resources().get("CPU", 0)

@@ -26,21 +26,22 @@ def served_reader(source):
     return source
 
 
+def check_reader(source):
+    """FileNotFoundError, before any model loads, when `source` is neither "segment" nor a file."""
+    if str(source) != SEGMENT and not Path(source).exists():
+        raise FileNotFoundError(
+            f"{source}: no such line reader (run `dvc repro export`, or `dvc pull`; or use --reader segment)"
+        )
+
+
 class NumberReader:
     def __init__(self, source, predictor, threads=None):
         """`source`: the line reader's .onnx file, or "segment". `predictor`: the digit model."""
         from pipeline.core.graph.runtime import ReaderGraph
 
         self.source, self.predictor = str(source), predictor
-        if self.source == SEGMENT:
-            self.graph = None
-            return
-        path = Path(self.source)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path}: no such line reader (run `dvc repro export`, or `dvc pull`; or use --reader segment)"
-            )
-        self.graph = ReaderGraph(path, threads)
+        check_reader(self.source)
+        self.graph = None if self.source == SEGMENT else ReaderGraph(self.source, threads)
 
     @property
     def identity(self):

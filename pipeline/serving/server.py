@@ -3,10 +3,9 @@ each load their own copy (`digits serve --workers N`)."""
 
 import os
 import tempfile
-from pathlib import Path
 
 from pipeline.serving.predictor import check_source, threads_from_environment
-from pipeline.serving.reader import SEGMENT
+from pipeline.serving.reader import check_reader
 
 GRACEFUL_SECONDS = 30  # on SIGTERM or Ctrl-C, requests in flight get this long to be answered
 
@@ -44,8 +43,7 @@ def run_workers(model, runtime, reader, host, port, workers):
     import uvicorn
 
     check_source(model)
-    if reader != SEGMENT and not Path(reader).exists():
-        raise FileNotFoundError(f"{reader}: no such line reader (run `dvc repro export`, or use --reader segment)")
+    check_reader(reader)
     threads_from_environment()  # a bad DIGITS_THREADS is named here, not in every worker
     os.environ["DIGITS_MODEL"], os.environ["DIGITS_RUNTIME"], os.environ["DIGITS_READER"] = model, runtime, reader
     # Each worker's model gets its share of the cores: N workers with every core each would
