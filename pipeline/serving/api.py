@@ -203,9 +203,23 @@ async def json_body(request, schema, expected, limit=MAX_JSON_BYTES):
         first = e.errors()[0]
         if first["type"] == "json_invalid":  # includes nesting deeper than the parser's limit
             raise HTTPException(400, f"body is not valid JSON: {first['msg']}") from None
-        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
-        more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
-        raise HTTPException(422, f"{where or 'body'}: {first['msg']}{more}; expected {expected}") from None
+        raise HTTPException(422, f"{first_problem(e, 'body')}; expected {expected}") from None
+
+
+def first_problem(error, whole):
+    """A pydantic ValidationError as one line: where its first problem is (`whole` when the whole
+    input), what it is, and how many more there are."""
+    first = error.errors()[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+    more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return f"{where or whole}: {first['msg']}{more}"
+
+
+def rectangle(pixels):
+    """JSON pixel rows as a float32 array; 422 when the rows differ in length."""
+    if len({len(row) for row in pixels}) > 1:
+        raise HTTPException(422, "pixels: rows have different lengths; expected a rectangle")
+    return np.asarray(pixels, np.float32)
 
 
 async def json_pixels(request):
@@ -375,9 +389,7 @@ def number_routes(number_reader):
             body = await json_body(
                 request, ReadPixelsBody, '{"pixels": rows of numbers in [0, 255], any width}', READ_MAX_JSON_BYTES
             )
-            if len({len(row) for row in body.pixels}) > 1:
-                raise HTTPException(422, "pixels: rows have different lengths; expected a rectangle")
-            image = np.asarray(body.pixels, np.float32)
+            image = rectangle(body.pixels)
         else:
             images, _ = await uploaded_images(request, "file", prepare=lambda image: image)
             image = images[0]
@@ -414,16 +426,13 @@ def feedback_routes(kept):
         kept.admit(client)
         if request.headers.get("content-type", "").startswith("application/json"):
             body = await json_body(request, PixelsCorrection, '{"pixels": rows, "label": "7"}', FEEDBACK_MAX_JSON_BYTES)
-            if len({len(row) for row in body.pixels}) > 1:
-                raise HTTPException(422, "pixels: rows have different lengths; expected a rectangle")
-            correction, image = body, body.pixels
+            correction, image = body, rectangle(body.pixels)
         else:
             images, _, fields = await uploaded_images(request, "file", lambda image: image, Correction.model_fields)
             try:
                 correction = Correction.model_validate(fields)
             except ValidationError as e:
-                first = e.errors()[0]
-                raise HTTPException(422, f"{'.'.join(map(str, first['loc'])) or 'form'}: {first['msg']}") from None
+                raise HTTPException(422, first_problem(e, "form")) from None
             image = images[0]
         name = await run_in_threadpool(kept.keep, image, correction, client)
         return {"file": name, "label": correction.label, "kind": correction.kind}

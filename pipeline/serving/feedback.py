@@ -38,14 +38,16 @@ class Feedback:
             raise HTTPException(429, f"at most {self.rate.amount} corrections a minute from one client")
 
     def keep(self, image, correction, client):
-        """Write the image (a PIL image or pixel rows) as a PNG, and its row; returns the file's name.
-        422 for an image without ink or a digit labelled with a number; 429 once the folder is full."""
+        """Write the image (a PIL image or an array of grey levels) as a PNG, and its row; returns the
+        file's name. 422 for an image without ink or a label the review folder cannot use (a number
+        for a digit); 429 once the folder is full."""
         from PIL import Image
 
-        if correction.kind == "digit" and len(correction.label) > 1:
-            raise HTTPException(422, f"label {correction.label!r}: a digit's label is one digit 0-9, or -")
+        problem = review.label_problem({"label": correction.label, "kind": correction.kind})
+        if problem:
+            raise HTTPException(422, problem)
         try:
-            gray = normalize.to_gray(np.asarray(image, np.float32) if isinstance(image, list) else image)
+            gray = normalize.to_gray(image)
             normalize.to_ink(gray)  # refuses a blank image
         except normalize.ImageError as e:
             raise HTTPException(422, str(e)) from None

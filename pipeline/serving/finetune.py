@@ -52,7 +52,7 @@ class FinetuneError(ValueError):
 def labelled_files(source):
     """[(path, label, group or None)] from a CSV, a folder of digit sub-folders or a review folder."""
     source = Path(source)
-    if (source / review.LABELS).is_file():
+    if review.is_review_folder(source):
         return reviewed_files(source)
     if source.is_dir():
         wrong = sorted(p.name for p in source.iterdir() if p.is_dir() and p.name not in map(str, DIGITS))
@@ -111,7 +111,7 @@ def read_labelled(source):
         raise FinetuneError(f"cannot read {errors[0]}{more}")
     labels = np.array([label for _, label, _ in files])
     counts = np.bincount(labels, minlength=NUM_CLASSES)
-    if (Path(source) / review.LABELS).is_file():  # what the model doubted: digits it never doubts may be rare
+    if review.is_review_folder(source):  # what the model doubted: digits it never doubts may be rare
         if len(labels) < MIN_REVIEWED:
             raise FinetuneError(f"{source}: {len(labels)} labelled digits: at least {MIN_REVIEWED} to fine-tune on")
     elif counts.min() < MIN_PER_DIGIT:

@@ -108,10 +108,14 @@ class ReviewQueue:
             os.fsync(f.fileno())
 
 
+def is_review_folder(path):
+    return (Path(path) / LABELS).is_file()
+
+
 def read_rows(folder):
     """The rows of a review folder's labels.csv, as dicts; ReviewError naming the file otherwise."""
     labels = Path(folder) / LABELS
-    if not labels.is_file():
+    if not is_review_folder(folder):
         raise ReviewError(f"{folder}: no {LABELS} here: not a review folder (make one with --review {folder})")
     with labels.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -161,11 +165,11 @@ def show(args):
         if rows and args.show in (title, "all"):
             print(f"\n{title}:")
             for r in rows:
-                problem = label_problem(r) if r["label"].strip() else None
-                label = (
-                    f"\tlabel {r['label'].strip()}" + (f"  ({problem})" if problem else "") if title == "filled" else ""
-                )
-                print(f"{r['file']}\t{r['kind']} {r['answer']}\t{r['confidence']}\t{r['reason']}\t{r['source']}{label}")
+                line = f"{r['file']}\t{r['kind']} {r['answer']}\t{r['confidence']}\t{r['reason']}\t{r['source']}"
+                if title == "filled":
+                    problem = label_problem(r)
+                    line += f"\tlabel {r['label'].strip()}" + (f"  ({problem})" if problem else "")
+                print(line)
     return 0
 
 
