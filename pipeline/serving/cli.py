@@ -118,10 +118,8 @@ def serve(args):
     reader = served_reader(args.reader)
     if args.workers > 1:
         try:
-            if args.feedback:  # made here, so that a bad folder is named before any worker starts
-                review.ReviewQueue(args.feedback, "")
-            feedback.to_environment(args.feedback, args.feedback_per_minute, args.feedback_quota)
-            server.run_workers(args.model, args.runtime, reader, args.host, args.port, args.workers)
+            kept = args.feedback, args.feedback_per_minute, args.feedback_quota
+            server.run_workers(args.model, args.runtime, reader, args.host, args.port, args.workers, kept)
         except (FileNotFoundError, ValueError) as e:
             print(f"digits: {e}", file=sys.stderr)
             return 2

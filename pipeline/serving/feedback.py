@@ -72,10 +72,12 @@ ENVIRONMENT = ("DIGITS_FEEDBACK", "DIGITS_FEEDBACK_PER_MINUTE", "DIGITS_FEEDBACK
 
 
 def to_environment(folder, per_minute, quota):
-    """For worker processes (`digits serve --workers N`): what from_environment reads back."""
+    """For worker processes (`digits serve --workers N`): what from_environment reads back. A folder
+    that cannot be a review folder is named here, before any worker starts."""
     import os
 
     if folder is not None:
+        review.ReviewQueue(folder, "")
         os.environ.update(zip(ENVIRONMENT, (str(folder), str(per_minute), str(quota)), strict=True))
 
 

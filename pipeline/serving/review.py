@@ -54,7 +54,7 @@ class ReviewQueue:
         try:
             (self.folder / IMAGES).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ReviewError(f"--review {folder}: cannot make the review folder ({e.strerror})") from None
+            raise ReviewError(f"{folder}: cannot make a review folder here ({e.strerror})") from None
         self.lock = FileLock(self.folder / f".{LABELS}.lock")
         with self.lock:
             if not self.labels.exists() or self.labels.stat().st_size == 0:

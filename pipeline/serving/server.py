@@ -4,6 +4,7 @@ each load their own copy (`digits serve --workers N`)."""
 import os
 import tempfile
 
+from pipeline.serving import feedback
 from pipeline.serving.predictor import check_source, threads_from_environment
 from pipeline.serving.reader import check_reader
 
@@ -35,16 +36,17 @@ def run(predictor, number_reader, host, port, kept=None):
     )
 
 
-def run_workers(model, runtime, reader, host, port, workers):
-    """Serve with `workers` processes, each loading `model` and `reader` itself
-    (api.app_from_environment). Their metrics are summed through files in a fresh folder
-    (prometheus_client's multiprocess mode). Bad input raises FileNotFoundError or ValueError
-    before any worker starts."""
+def run_workers(model, runtime, reader, host, port, workers, kept=(None, 0, 0)):
+    """Serve with `workers` processes, each loading `model` and `reader` itself, and keeping
+    feedback as `kept` (folder or None, per minute, quota) says (api.app_from_environment). Their
+    metrics are summed through files in a fresh folder (prometheus_client's multiprocess mode). Bad
+    input raises FileNotFoundError or ValueError before any worker starts."""
     import uvicorn
 
     check_source(model)
     check_reader(reader)
     threads_from_environment()  # a bad DIGITS_THREADS is named here, not in every worker
+    feedback.to_environment(*kept)
     os.environ["DIGITS_MODEL"], os.environ["DIGITS_RUNTIME"], os.environ["DIGITS_READER"] = model, runtime, reader
     # Each worker's model gets its share of the cores: N workers with every core each would
     # oversubscribe them.
