@@ -72,7 +72,9 @@ def ours(kind, params, data):
     model_params = params.model(kind)
     training.seed_everything(params.seed)
     model = training.compiled_model(model_params, params.epochs, len(data["x_train"]))
-    rows, seconds = training.fit(model, model_params, data, params.epochs, params.seed, to_mlflow=False)
+    rows, seconds = training.fit(
+        model, model_params, data, params.epochs, params.seed, params.shifts.strengths, to_mlflow=False
+    )
     return model, seconds, len(rows)
 
 
@@ -215,7 +217,7 @@ def main(argv=None):
     data = load_arrays(PROCESSED_DIR, [f"{xy}_{s}" for s in splits for xy in "xy"])
     started = time.perf_counter()
 
-    # The seed does not change the corruptions (robustness.seed does), so one set serves every run;
+    # The seed does not change the shifted copies (shifts.seed does), so one set serves every run;
     # keras-io's recipe trains on the validation images, so it gets none.
     corrupted_val = None
     if set(args.models) - {"kerasio"}:

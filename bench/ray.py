@@ -68,7 +68,7 @@ for seed in {seeds}:
     params = params_module.load(overrides={{"epochs": {epochs}, "seed": seed}})
     training.seed_everything(seed)
     model = training.compiled_model(params.cnn, params.epochs, len(data["x_train"]))
-    training.fit(model, params.cnn, data, params.epochs, seed, to_mlflow=False, verbose=0)
+    training.fit(model, params.cnn, data, params.epochs, seed, params.shifts.strengths, to_mlflow=False, verbose=0)
     confidence.validation_scorecard(
         model, data["x_val"], data["y_val"].argmax(1), corrupted, params.calibrate.accepted_accuracy, 1000
     )

@@ -1,10 +1,11 @@
 """Stage calibrate: make each model's confidence mean what it says, on the validation split.
 
 Label smoothing trains both models to be under-confident. For each model this stage
-  1. answers the validation images and corrupted copies of them (pipeline.core.shifts.corruptions,
-     the robustness section's strengths), and searches the temperatures and the "not sure"
+  1. answers the validation images and shifted copies of them (pipeline.core.shifts.corruptions,
+     the `shifts` section's strengths), and searches the temperatures and the "not sure"
      threshold that keep every promise on them (pipeline.core.trust.calibration: the one rule,
-     which `digits finetune` uses too);
+     which `digits finetune` uses too), and again on `calibrate.bootstrap_resamples` resamples of
+     them, to measure how far each copy's coverage would move;
   2. fits the "not a digit" gate (pipeline.core.trust.gate) on training digits against generated
      non-digits (pipeline.core.trust.nondigits, seeded by `seed`), flagging at most
      `calibrate.digit_flag_rate` of the validation digits.
@@ -15,8 +16,9 @@ Writes
   models/<model>.gate.pkl          the fitted gate (scikit-learn, pickled: load only your own)
   reports/calibration.json         validation ECE, NLL and mean confidence before and after, the
                                    threshold clean digits alone ask for, the coverage each soft
-                                   share tried keeps, and the coverage and accuracy of sure answers
-                                   on each validation copy (dvc metrics)
+                                   share tried keeps, the coverage and accuracy of sure answers
+                                   on each validation copy, and the range of that coverage over
+                                   calibrations on resamples of them (dvc metrics)
 and adds the same to the model's MLflow run (params, metrics, calibration.json, gate/, and
 `calibrated_model`: the model with its sharp images' temperature built in, for anyone who loads it with MLflow
 alone) and its registered version (tags). The test split is not read here: evaluate measures the result on it.
@@ -38,8 +40,9 @@ def calibrate(model_path, data, labels, corrupted_val, params):
     model = keras.models.load_model(model_path, compile=False)
     sets = {"clean": (data["x_val"], labels), **{name: (x, labels) for name, x in corrupted_val.items()}}
     copies = calibration.copies_of(model, sets, clean={"clean"})
-    fitted, record = calibration.search(copies, params.calibrate)
     settings = params.calibrate
+    fitted, record = calibration.search(copies, settings)
+    spread = calibration.coverage_spread(copies, settings, settings.bootstrap_resamples, params.seed)
     fitted_gate, non_digit_count = gate.fit(
         model, data["x_train"], data["x_val"], params.seed, settings.nondigits_per_kind, settings.digit_flag_rate
     )
@@ -54,6 +57,8 @@ def calibrate(model_path, data, labels, corrupted_val, params):
         "sure": {
             name: confidence.selective_scores(p, labels, fitted["not_sure_below"]) for name, p in calibrated.items()
         },
+        # The same search on resamples of the validation images: how far each copy's coverage would move.
+        "coverage_spread": spread,
         "gate_threshold": fitted_gate.threshold,
         "gate_training_non_digits": non_digit_count,
     }
@@ -97,6 +102,11 @@ def calibrate_models(params):
                     **{f"val_{name}_after": v for name, v in scores["after"].items()},
                     "val_coverage": scores["coverage"],
                     **{f"val_sure_{name}_{k}": v for name, sure in scores["sure"].items() for k, v in sure.items()},
+                    **{
+                        f"val_coverage_spread_{name}_{end}": v
+                        for name, ends in scores["coverage_spread"].items()
+                        for end, v in ends.items()
+                    },
                 }
             )
             # The names the predictor looks for in a model's run.
@@ -108,12 +118,16 @@ def calibrate_models(params):
         )
         before, after = scores["before"], scores["after"]
         worst = min(scores["sure"], key=lambda name: scores["sure"][name]["accepted_accuracy"])
+        spread = scores["coverage_spread"]
+        widest = max(spread, key=lambda name: spread[name]["high"] - spread[name]["low"])
         print(
             f"calibrate {model}: temperature {file['temperature']:.3f} ({file['soft_temperature']:.3f} for soft "
             f"images); validation ECE {before['ece']:.2%} -> {after['ece']:.2%}, NLL {before['nll']:.4f} -> "
             f"{after['nll']:.4f}; not sure below {file['not_sure_below']:.2%} (keeps "
             f"{scores['coverage']:.2%} of clean validation answers, {scores['accepted_accuracy']:.2%} right; "
-            f"sure answers at worst {scores['sure'][worst]['accepted_accuracy']:.2%} right, on {worst}); "
+            f"sure answers at worst {scores['sure'][worst]['accepted_accuracy']:.2%} right, on {worst}; "
+            f"coverage over {params.calibrate.bootstrap_resamples} resamples at most {spread[widest]['low']:.1%}-"
+            f"{spread[widest]['high']:.1%}, on {widest}); "
             f"not-a-digit gate fitted on {scores['gate_training_non_digits']:,} generated non-digits",
             flush=True,
         )

@@ -71,7 +71,7 @@ def train(model_name, params):
         datasets = {context: dataset for dataset, context in tracking.training_datasets(data)}
         for context, dataset in datasets.items():
             mlflow.log_input(dataset, context=context)
-        rows, seconds = training.fit(model, model_params, data, params.epochs, params.seed)
+        rows, seconds = training.fit(model, model_params, data, params.epochs, params.seed, params.shifts.strengths)
         best = max(rows, key=lambda r: r["val_accuracy"])
         summary = {
             "val_accuracy": rows[-1]["val_accuracy"],

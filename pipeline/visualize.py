@@ -7,8 +7,8 @@
   reliability.png           accuracy against confidence, before and after calibration, both models
   risk_coverage.png         error rate of the answers kept against the share kept, both models,
                             with the "not sure" threshold marked
-  robustness.png            one test image under each corruption, and each model's accuracy
-  sure_under_shift.png      on the clean and each corrupted test copy: the share of answers that are
+  robustness.png            test images under each shift, and each model's accuracy
+  sure_under_shift.png      on the clean and each shifted test copy: the share of answers that are
                             sure, and how many of those are right, against the validation promise
   samples.png               examples of each digit and the class distribution of each split
   reading_examples.png      numbers read by the reader (read_eval), each digit's box and answer,
@@ -191,14 +191,14 @@ def risk_coverage(predictions):
 
 
 def robustness(report, x_test, params, examples=4):
-    names = list(params.robustness.corruptions)
-    fig = plt.figure(figsize=(13, 7))
+    names = list(params.shifts.strengths)
+    fig = plt.figure(figsize=(1.1 * len(names) + 2, 7))
     grid = fig.add_gridspec(examples + 4, len(names) + 1)
     for column, name in enumerate(["clean", *names]):
         images = (
             x_test[:examples]
             if name == "clean"
-            else corruptions.corrupt(x_test[:examples], name, params.robustness.corruptions[name], 0)
+            else corruptions.corrupt(x_test[:examples], name, params.shifts.strengths[name], 0)
         )
         for row in range(examples):
             ax = fig.add_subplot(grid[row, column])
@@ -216,20 +216,20 @@ def robustness(report, x_test, params, examples=4):
             ]
             for model, scores in report.items()
         },
-        index=["clean", *(n.replace("_", " ") for n in names), "mean corrupted"],
+        index=["clean", *(n.replace("_", " ") for n in names), "mean shifted"],
     )
     accuracy.plot.bar(ax=bars, rot=15)
     bars.set(ylabel="Test accuracy", ylim=(0, 1))
     bars.axhline(0.98, linestyle=":", color="black", label="98 %")
     bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle("Corrupted copies of the test images (pipeline/core/shifts/corruptions.py, params.yaml robustness)")
+    fig.suptitle("Shifted copies of the test images (pipeline/core/shifts/corruptions.py, params.yaml shifts)")
     return fig
 
 
 def sure_under_shift(report, accepted_accuracy, accepted_accuracy_under_shift):
     """Does "sure" keep its promise off MNIST? Per test copy: how many answers are sure, and how many
     of those are right, against the promise on clean digits and the one under shift."""
-    fig, (share, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (share, right) = plt.subplots(1, 2, figsize=(16, 4.5))
     copies = list(next(iter(report.values()))["sure"])
     labels = [name.replace("_", " ") for name in copies]
     for key, ax, ylabel in [
@@ -240,7 +240,7 @@ def sure_under_shift(report, accepted_accuracy, accepted_accuracy_under_shift):
             {NAMES[model]: [scores["sure"][name][key] for name in copies] for model, scores in report.items()},
             index=labels,
         )
-        frame.plot.bar(ax=ax, rot=30)
+        frame.plot.bar(ax=ax, rot=45)
         ax.set(ylabel=ylabel)
     share.set_ylim(0, 1)
     lowest = min(scores["sure"][name]["accepted_accuracy"] for scores in report.values() for name in copies)
@@ -253,7 +253,7 @@ def sure_under_shift(report, accepted_accuracy, accepted_accuracy_under_shift):
         label=f"under shift ({accepted_accuracy_under_shift:.1%})",
     )
     right.legend(loc="lower left")
-    fig.suptitle('"Not sure" under shift: fitted on clean and corrupted validation copies, measured on test copies')
+    fig.suptitle('"Not sure" under shift: fitted on clean and shifted validation copies, measured on test copies')
     fig.tight_layout()
     return fig
 

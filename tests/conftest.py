@@ -150,12 +150,20 @@ def trained_model_file(tmp_path_factory, mnist):
     settings = params.load(
         ROOT / "params.yaml",
         # Small batches: BatchNorm's running averages settle within the few steps of two epochs.
-        {"epochs": 2, "cnn.batch_size": 32, "calibrate.nondigits_per_kind": 100, "calibrate.accepted_accuracy": 0.99},
+        {
+            "epochs": 2,
+            "cnn.batch_size": 32,
+            "calibrate.nondigits_per_kind": 100,
+            "calibrate.accepted_accuracy": 0.99,
+            "calibrate.bootstrap_resamples": 2,
+        },
     )
     path = tmp_path_factory.mktemp("reading-model") / "cnn.keras"
     training.seed_everything(settings.seed)
     model = training.compiled_model(settings.cnn, settings.epochs, 12000)
-    training.fit(model, settings.cnn, data, settings.epochs, settings.seed, to_mlflow=False, verbose=0)
+    training.fit(
+        model, settings.cnn, data, settings.epochs, settings.seed, settings.shifts.strengths, to_mlflow=False, verbose=0
+    )
     model.save(path)
     # No corrupted copies: the threshold from clean validation digits alone (the reader's tests need
     # a model that reads, not the promise under shift).

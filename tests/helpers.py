@@ -85,7 +85,7 @@ def tiny_repo(repo, **env_extra):
     tree["mlp"].update(hidden_units=[32], batch_size=64)
     tree["cnn"].update(filters=[8, 16], convs_per_block=[1, 1], dense_units=16, batch_size=64)
     tree["visualize"]["grid_images"] = 10
-    tree["calibrate"]["nondigits_per_kind"] = 30
+    tree["calibrate"].update(nondigits_per_kind=30, bootstrap_resamples=3)
     tree["evaluate"]["nondigits_per_kind"] = 20
     tree["read_eval"].update(strings_per_kind=4, strings_per_length=2)
     tree["read"].update(training_lines=200, validation_lines=40, epochs=1, batch_size=16)

@@ -91,26 +91,36 @@ def test_the_keras_form_of_temperature_scaling_matches_the_numpy_form_and_keeps_
     np.testing.assert_array_equal(same_features, features)
 
 
+def soft_copies(n=3000, seed=0):
+    """Clean digits: solid ink, calibrated answers. A "low resolution" copy: faint ink, and 10 % of
+    its answers confidently wrong, as models are on 8x8 scans. ({name: Copy}, raw, images, labels)"""
+    from pipeline.core.trust import calibration
+
+    rng = np.random.default_rng(seed)
+    logits, labels = sampled(n, sharpness=4.0, seed=seed)
+    sharp = np.zeros((n, 28, 28, 1), np.float32)
+    sharp[:, 8:20, 12:16] = 1.0
+    soft = sharp * 0.3
+    for image, faint_pixels in zip(sharp, rng.integers(0, 4, n), strict=True):
+        image[21, 12 : 12 + faint_pixels] = 0.3  # clean digits have a little faint ink too, some more
+    wrong = rng.random(n) < 0.1
+    blurred = logits.copy()
+    blurred[np.arange(n), labels] += 4.0  # confident where right ...
+    blurred[np.arange(n), (labels + 1) % 10] += np.where(wrong, 12.0, 0.0)  # ... and where wrong
+    raw = {"clean": softmax(logits), "low_resolution": softmax(blurred)}
+    images = {"clean": sharp, "low_resolution": soft}
+    copies = {name: calibration.Copy(raw[name], images[name], labels, name == "clean") for name in raw}
+    return copies, raw, images, labels
+
+
 def test_soft_images_get_their_own_temperature_so_every_copy_keeps_its_promise():
-    # Clean digits: solid ink, calibrated answers. A "low resolution" copy: faint ink, and 10 % of
-    # its answers confidently wrong, as models are on 8x8 scans. One temperature cannot keep the
-    # under-shift promise there without making clean digits "not sure"; a soft one can.
+    # One temperature cannot keep the under-shift promise on the low-resolution copy without making
+    # clean digits "not sure"; a soft one can.
     from pipeline.core import params
     from pipeline.core.trust import calibration as search
 
     settings = params.load(ROOT / "params.yaml")
-    rng = np.random.default_rng(0)
-    logits, labels = sampled(3000, sharpness=4.0)
-    sharp = np.zeros((3000, 28, 28, 1), np.float32)
-    sharp[:, 8:20, 12:16] = 1.0
-    soft = sharp * 0.3
-    wrong = rng.random(3000) < 0.1
-    blurred = logits.copy()
-    blurred[np.arange(3000), labels] += 4.0  # confident where right ...
-    blurred[np.arange(3000), (labels + 1) % 10] += np.where(wrong, 12.0, 0.0)  # ... and where wrong
-    raw = {"clean": softmax(logits), "low_resolution": softmax(blurred)}
-    images = {"clean": sharp, "low_resolution": soft}
-    copies = {name: search.Copy(raw[name], images[name], labels, name == "clean") for name in raw}
+    copies, raw, images, labels = soft_copies()
 
     calibration, record = search.search(copies, settings.calibrate)
     temperature, rule, clean_threshold = calibration["temperature"], calibration, record["clean_digits_alone_ask"]
@@ -123,3 +133,18 @@ def test_soft_images_get_their_own_temperature_so_every_copy_keeps_its_promise()
         assert confidence.selective_scores(probabilities, labels, rule["not_sure_below"])["accepted_accuracy"] >= target
     one_temperature = confidence.with_temperature(raw["low_resolution"], temperature)
     assert confidence.selective_scores(one_temperature, labels, clean_threshold)["accepted_accuracy"] < 0.996
+
+
+def test_the_coverage_spread_over_resamples_narrows_with_more_validation_images():
+    from pipeline.core import params
+    from pipeline.core.trust import calibration
+
+    settings = params.load(ROOT / "params.yaml").calibrate
+    few = calibration.coverage_spread(soft_copies(400)[0], settings, resamples=8, seed=0)
+    many = calibration.coverage_spread(soft_copies(4000)[0], settings, resamples=8, seed=0)
+    assert set(few) == set(many) == {"clean", "low_resolution"}
+    for spread in (few, many):
+        assert all(0 <= s["low"] <= s["high"] <= 1 for s in spread.values())
+    width = {name: (s["high"] - s["low"], many[name]["high"] - many[name]["low"]) for name, s in few.items()}
+    assert width["clean"][0] > width["clean"][1] > 0
+    assert calibration.coverage_spread(soft_copies(400)[0], settings, resamples=8, seed=0) == few

@@ -21,7 +21,14 @@ def test_default_params_load(project):
         ("cnn__weight_decay", -0.01, "cnn.weight_decay: got -0.01, expected float in [0.0, 1.0]"),
         ("mlp__hidden_units", [], "mlp.hidden_units: got [], expected a non-empty list"),
         ("cnn__augment__rotation_degrees", -5, "cnn.augment.rotation_degrees: got -5.0"),
-        ("cnn__augment__corruption_share", 1.5, "cnn.augment.corruption_share: got 1.5, expected float in [0.0, 1.0]"),
+        ("cnn__augment__shift_share", 1.5, "cnn.augment.shift_share: got 1.5, expected float in [0.0, 1.0]"),
+        ("cnn__augment__shifts", ["smudge"], "cnn.augment.shifts: unknown ['smudge'], expected names from"),
+        (
+            "shifts__jpeg",
+            [5.5, 9],
+            "shifts.jpeg: got [5.5, 9], expected [low, high] of int with 1 <= low <= high <= 95",
+        ),
+        ("shifts__blur", [2, 1], "shifts.blur: got [2, 1], expected [low, high] of float"),
         ("fetch__sources", ["ftp"], "fetch.sources: got ['ftp'], expected a non-empty list drawn from"),
         ("preprocess__val_size", 5, "preprocess.val_size: got 5, expected int in [10, 30000]"),
     ],
@@ -55,10 +62,10 @@ def test_stage_entry_point_exits_with_the_message(project):
     assert str(stop.value).startswith("train cnn: ") and "epochs: got 0" in str(stop.value)
 
 
-def test_augment_strengths_are_needed_only_where_a_share_draws_them():
-    """The MLP's recipe draws no shifts and names no strengths; a share without them is refused by name."""
+def test_a_shift_share_needs_shifts_to_draw():
+    """The MLP's recipe draws no shifts and names none; a share without them is refused by name."""
     tree = params.read_tree(ROOT / "params.yaml")
-    assert params.from_tree(tree).mlp.augment.noise == ()
-    tree["mlp"]["augment"]["corruption_share"] = 0.2
-    with pytest.raises(params.ParamsError, match="mlp.augment.noise: missing"):
+    assert params.from_tree(tree).mlp.augment.shifts == ()
+    tree["mlp"]["augment"]["shift_share"] = 0.2
+    with pytest.raises(params.ParamsError, match="mlp.augment.shifts: empty, but shift_share is 0.2"):
         params.from_tree(tree)

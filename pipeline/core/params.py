@@ -38,13 +38,8 @@ class AugmentParams:
     rotation_degrees: float
     shift_fraction: float
     zoom_fraction: float
-    corruption_share: float  # of each batch, replaced by noisy, blurred, low-resolution, re-inked or tilted copies
-    low_resolution_share: float  # of each batch, besides corruption_share: shrunk to a low_resolution side and back
-    # The shifts drawn (names and meanings as in SHIFTS); () where no share draws them.
-    noise: tuple  # [low, high] of the added Gaussian noise's standard deviation
-    blur: tuple  # the Gaussian blurs drawn from, in pixels
-    low_resolution: tuple  # [low, high] side (pixels) a digit is shrunk to and scaled back from
-    rotation: tuple  # [low, high] degrees either way, beyond rotation_degrees
+    shift_share: float  # of each batch, given one of `shifts` each, at the `shifts` section's strengths
+    shifts: tuple  # the names drawn from (SHIFTS), uniformly
 
 
 @dataclass(frozen=True)
@@ -95,6 +90,7 @@ class CalibrateParams:
     soft_share_of_clean: tuple  # candidates: the share of clean validation digits counted soft (blurred, low-res)
     nondigits_per_kind: int  # generated non-digits of each kind the "not a digit" gate learns from
     digit_flag_rate: float  # the most validation digits the gate may flag
+    bootstrap_resamples: int  # calibrations on resamples of the validation copies, to measure the coverage's spread
 
 
 @dataclass(frozen=True)
@@ -104,9 +100,9 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
-class RobustnessParams:
+class ShiftParams:
     seed: int
-    corruptions: dict  # name -> strength (a number, or a [low, high] range), see pipeline/core/shifts/corruptions.py
+    strengths: dict  # name -> (low, high), drawn per image; see pipeline/core/shifts/corruptions.py
 
 
 @dataclass(frozen=True)
@@ -147,7 +143,7 @@ class Params:
     cnn: CNNParams
     calibrate: CalibrateParams
     evaluate: EvaluateParams
-    robustness: RobustnessParams
+    shifts: ShiftParams
     read: ReadParams
     read_eval: ReadEvalParams
     visualize: VisualizeParams
@@ -234,30 +230,36 @@ class _Reader:
         return tuple(values)
 
 
-# The shifts: the ways real handwriting and scans differ from MNIST, each named once, with the type
-# and valid range of its strength. Each has a corruption of the same name (pipeline/core/shifts/
-# corruptions.py). robustness gives every one a strength (a [low, high] range to draw from, or one
-# number for thickness, noise and low_resolution); a model's `augment` section uses the same names
-# for the ones its training draws (noise, blur, low_resolution, rotation).
+# The shifts: the ways real handwriting and capture differ from MNIST, each named once, with the
+# type and valid range of its strength. Each has a function of the same name in pipeline/core/shifts/
+# corruptions.py. params.yaml's `shifts` section gives each a [low, high] strength, drawn per image,
+# used by the robustness stage (test copies), calibrate (validation copies) and a model's
+# augmentation (its `augment.shifts`).
 SHIFTS = {
-    "shear": (float, 0.0, 2.0),  # horizontal shear factor
+    "shear": (float, 0.0, 2.0),  # slant: horizontal shear factor, either way
     "rotation": (float, 0.0, 180.0),  # degrees either way
+    "elastic": (float, 0.0, 100.0),  # a hand's wobble: scale of a smooth random displacement field
     "scale": (float, 0.1, 3.0),  # factor about the centre
-    "translation": (float, 0.0, 14.0),  # pixels
-    "thickness": (int, 1, 5),  # grey dilation or erosion window, pixels
+    "translation": (float, 0.0, 14.0),  # off-centre: pixels, in a random direction
+    "cut": (float, 0.0, 14.0),  # moved this many pixels toward one edge, cut by the frame
+    "thick": (float, 0.0, 4.0),  # strokes widened by this many pixels, drawn at 4x resolution
+    "thin": (float, 0.0, 4.0),  # strokes narrowed by this many pixels, drawn at 4x resolution
     "blur": (float, 0.0, 5.0),  # Gaussian sigma, pixels
     "noise": (float, 0.0, 1.0),  # standard deviation of added Gaussian noise
-    "low_resolution": (int, 2, 27),  # side, pixels, of the copy shrunk and enlarged again
+    "lighting": (float, 0.0, 1.0),  # paper brightness at the lit edge of a gradient, with its texture
+    "jpeg": (int, 1, 95),  # JPEG quality
+    "low_resolution": (int, 2, 27),  # side of a copy *sampled* down (thin strokes alias away), enlarged again
+    "anti_aliased": (int, 2, 27),  # side of a copy area-averaged down, as scanners do, enlarged bicubic
 }
-RANGED = ("shear", "rotation", "scale", "translation", "blur")  # robustness draws these from [low, high]
 
 
-def _corruptions(r):
-    strengths = {}
-    for name, (value_type, lo, hi) in SHIFTS.items():
-        key = f"robustness.{name}"
-        strengths[name] = r.float_range(key, lo, hi, value_type) if name in RANGED else r.get(key, value_type, lo, hi)
-    return strengths
+def _shifts(r):
+    return ShiftParams(
+        seed=r.get("shifts.seed", int, 0, 2**31 - 1),
+        strengths={
+            name: r.float_range(f"shifts.{name}", lo, hi, value_type) for name, (value_type, lo, hi) in SHIFTS.items()
+        },
+    )
 
 
 def _training(r, section):
@@ -274,25 +276,19 @@ def _training(r, section):
 
 
 def _augment(r, section):
-    """A model's augment section. The shifts' strengths are needed only where a share draws them."""
-    shares = {
-        share: r.get(f"{section}.{share}", float, 0.0, 1.0) for share in ("corruption_share", "low_resolution_share")
-    }
-    drawn = any(shares.values())
-
-    def strength(name, read):
-        key = f"{section}.{name}"
-        return read(key) if drawn or r.has(key) else ()
-
+    shifts = r.get(f"{section}.shifts", list, default=[])
+    unknown = [name for name in shifts if name not in SHIFTS]
+    if unknown:
+        r.errors.append(f"{section}.shifts: unknown {unknown}, expected names from {list(SHIFTS)}")
+    share = r.get(f"{section}.shift_share", float, 0.0, 1.0)
+    if share and not shifts:
+        r.errors.append(f"{section}.shifts: empty, but shift_share is {share}: name the shifts to draw")
     return AugmentParams(
         rotation_degrees=r.get(f"{section}.rotation_degrees", float, 0.0, 45.0),
         shift_fraction=r.get(f"{section}.shift_fraction", float, 0.0, 0.3),
         zoom_fraction=r.get(f"{section}.zoom_fraction", float, 0.0, 0.3),
-        **shares,
-        noise=strength("noise", lambda key: r.float_range(key, *SHIFTS["noise"][1:])),
-        blur=strength("blur", lambda key: r.float_list(key, 0.1, SHIFTS["blur"][2])),
-        low_resolution=strength("low_resolution", lambda key: r.float_range(key, *SHIFTS["low_resolution"][1:], int)),
-        rotation=strength("rotation", lambda key: r.float_range(key, 0.0, 90.0)),
+        shift_share=share,
+        shifts=tuple(shifts),
     )
 
 
@@ -390,12 +386,13 @@ def from_tree(tree, path="params.yaml"):
             soft_share_of_clean=r.float_list("calibrate.soft_share_of_clean", 0.0001, 0.5),
             nondigits_per_kind=r.get("calibrate.nondigits_per_kind", int, 10, 100000),
             digit_flag_rate=r.get("calibrate.digit_flag_rate", float, 0.0, 0.5),
+            bootstrap_resamples=r.get("calibrate.bootstrap_resamples", int, 0, 1000),
         ),
         evaluate=EvaluateParams(
             batch_size=r.get("evaluate.batch_size", int, 1, 10000),
             nondigits_per_kind=r.get("evaluate.nondigits_per_kind", int, 10, 100000),
         ),
-        robustness=RobustnessParams(seed=r.get("robustness.seed", int, 0, 2**31 - 1), corruptions=_corruptions(r)),
+        shifts=_shifts(r),
         read=ReadParams(
             seed=r.get("read.seed", int, 0, 2**31 - 1),
             training_lines=r.get("read.training_lines", int, 10, 1_000_000),

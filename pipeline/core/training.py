@@ -25,43 +25,29 @@ def steps_per_epoch(train_size, model_params):
     return int(np.ceil(train_size / model_params.batch_size))
 
 
-def training_dataset(x, y, model_params, seed):
-    """Shuffled batches with on-the-fly augmentation (pipeline/core/shifts/augmentation.py: small rotations,
-    shifts and zooms in one resampling, then corruptions, `augment.corruption_share`), run in the tf.data
+def training_dataset(x, y, model_params, seed, shift_strengths):
+    """Shuffled batches with on-the-fly augmentation (pipeline/core/shifts/augmentation.py: small
+    rotations, shifts and zooms in one resampling, then `augment.shift_share` of each batch given
+    one of `augment.shifts` at `shift_strengths`, params.yaml's `shifts`), run in the tf.data
     pipeline so the saved model stays a plain inference model. Endless: one epoch is
     steps_per_epoch() batches, reshuffled each time round."""
-    import keras
     import tensorflow as tf
 
-    from pipeline.core.shifts.augmentation import RandomAffine, RandomCorruption
+    from pipeline.core.shifts.augmentation import RandomAffine, with_shifts
 
-    strength = model_params.augment
-    augment = keras.Sequential(
-        [
-            layer
-            for layer, active in [
-                (
-                    RandomAffine(strength.rotation_degrees, strength.shift_fraction, strength.zoom_fraction, seed=seed),
-                    strength.rotation_degrees or strength.shift_fraction or strength.zoom_fraction,
-                ),
-                (
-                    RandomCorruption(strength, seed=seed + 3),
-                    strength.corruption_share or strength.low_resolution_share,
-                ),
-            ]
-            if active
-        ],
-        name="augment",
-    )
+    augment = model_params.augment
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     # One iterator for the whole run: fit() starting a new one each epoch stalls the epoch's first
     # step (docs/experiments.md, "Measurements behind the code").
     ds = ds.batch(model_params.batch_size).repeat()
-    if augment.layers:
-        # One call at a time: the layers draw from seed generators, and parallel calls race for
-        # their state (on small batches, two runs with one seed gave different batches). Augmenting
-        # a batch takes a fraction of a training step, and prefetch runs it ahead.
-        ds = ds.map(lambda images, labels: (augment(images, training=True), labels))
+    if augment.rotation_degrees or augment.shift_fraction or augment.zoom_fraction:
+        pose = RandomAffine(augment.rotation_degrees, augment.shift_fraction, augment.zoom_fraction, seed=seed)
+        # One call at a time: the layer draws from a seed generator, and parallel calls race for its
+        # state (on small batches, two runs with one seed gave different batches). Augmenting a
+        # batch takes a fraction of a training step, and prefetch runs it ahead.
+        ds = ds.map(lambda images, labels: (pose(images, training=True), labels))
+    if augment.shift_share:
+        ds = with_shifts(ds, augment, shift_strengths, seed + 3)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -144,14 +130,15 @@ def compile_with_recipe(model, model_params, epochs, train_size):
     return model
 
 
-def fit(model, model_params, data, epochs, seed, to_mlflow=True, callbacks=(), verbose=None):
-    """Train in place on data's x_train and y_train (validated on x_val and y_val, where given);
+def fit(model, model_params, data, epochs, seed, shift_strengths, to_mlflow=True, callbacks=(), verbose=None):
+    """Train in place on data's x_train and y_train (validated on x_val and y_val, where given),
+    augmented as training_dataset says;
     returns the per-epoch rows and the training seconds. `callbacks` see each epoch after the row
     is logged (a sweep reports it to Ray Tune)."""
     epoch_log = EpochLog.create(to_mlflow)
     start = time.perf_counter()
     model.fit(
-        training_dataset(data["x_train"], data["y_train"], model_params, seed),
+        training_dataset(data["x_train"], data["y_train"], model_params, seed, shift_strengths),
         epochs=epochs,
         steps_per_epoch=steps_per_epoch(len(data["x_train"]), model_params),
         validation_data=(data["x_val"], data["y_val"]) if "x_val" in data else None,

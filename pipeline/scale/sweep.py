@@ -139,7 +139,15 @@ def trial(config, tree, data, corrupted_val):
     training.seed_everything(params.seed)
     model = training.compiled_model(model_params, params.epochs, len(data["x_train"]))
     _, seconds = training.fit(
-        model, model_params, data, params.epochs, params.seed, to_mlflow=False, callbacks=[ReportEpoch()], verbose=0
+        model,
+        model_params,
+        data,
+        params.epochs,
+        params.seed,
+        params.shifts.strengths,
+        to_mlflow=False,
+        callbacks=[ReportEpoch()],
+        verbose=0,
     )
 
     scorecard, _, _ = confidence.validation_scorecard(

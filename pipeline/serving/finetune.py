@@ -165,14 +165,13 @@ def parent_model(source):
 def recipe(model_params, args):
     """How fine-tuning trains: the model's own recipe (params.yaml), with these changes. A small
     constant rate (--learning-rate, decaying to zero) and no weight decay, so that it adapts rather
-    than relearns; small random rotations, shifts and zooms, and no corruptions."""
+    than relearns; small random rotations, shifts and zooms, and none of the `shifts`."""
     augment = dataclasses.replace(
         model_params.augment,
         rotation_degrees=10,
         shift_fraction=0.1,
         zoom_fraction=0.1,
-        corruption_share=0.0,
-        low_resolution_share=0.0,
+        shift_share=0.0,
     )
     return dataclasses.replace(
         model_params,
@@ -206,7 +205,7 @@ def fine_tune(model, model_params, x, y, mnist_x, mnist_y, args):
     }
     settings = recipe(model_params, args)
     training.compile_with_recipe(model, settings, args.epochs, len(data["x_train"]))
-    training.fit(model, settings, data, args.epochs, args.seed, to_mlflow=False, verbose=2)
+    training.fit(model, settings, data, args.epochs, args.seed, shift_strengths={}, to_mlflow=False, verbose=2)
 
 
 def recalibrate(model, held, data, params):
