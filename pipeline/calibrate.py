@@ -119,15 +119,20 @@ def calibrate_models(params):
         before, after = scores["before"], scores["after"]
         worst = min(scores["sure"], key=lambda name: scores["sure"][name]["accepted_accuracy"])
         spread = scores["coverage_spread"]
-        widest = max(spread, key=lambda name: spread[name]["high"] - spread[name]["low"])
+        widest = max(spread, key=lambda name: spread[name]["high"] - spread[name]["low"], default=None)
+        spread_said = (
+            f"; coverage over {params.calibrate.bootstrap_resamples} resamples at most "
+            f"{spread[widest]['low']:.1%}-{spread[widest]['high']:.1%}, on {widest}"
+            if widest
+            else ""
+        )
         print(
             f"calibrate {model}: temperature {file['temperature']:.3f} ({file['soft_temperature']:.3f} for soft "
             f"images); validation ECE {before['ece']:.2%} -> {after['ece']:.2%}, NLL {before['nll']:.4f} -> "
             f"{after['nll']:.4f}; not sure below {file['not_sure_below']:.2%} (keeps "
             f"{scores['coverage']:.2%} of clean validation answers, {scores['accepted_accuracy']:.2%} right; "
-            f"sure answers at worst {scores['sure'][worst]['accepted_accuracy']:.2%} right, on {worst}; "
-            f"coverage over {params.calibrate.bootstrap_resamples} resamples at most {spread[widest]['low']:.1%}-"
-            f"{spread[widest]['high']:.1%}, on {widest}); "
+            f"sure answers at worst {scores['sure'][worst]['accepted_accuracy']:.2%} right, on {worst}"
+            f"{spread_said}); "
             f"not-a-digit gate fitted on {scores['gate_training_non_digits']:,} generated non-digits",
             flush=True,
         )

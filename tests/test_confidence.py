@@ -148,3 +148,4 @@ def test_the_coverage_spread_over_resamples_narrows_with_more_validation_images(
     width = {name: (s["high"] - s["low"], many[name]["high"] - many[name]["low"]) for name, s in few.items()}
     assert width["clean"][0] > width["clean"][1] > 0
     assert calibration.coverage_spread(soft_copies(400)[0], settings, resamples=8, seed=0) == few
+    assert calibration.coverage_spread(soft_copies(400)[0], settings, resamples=0, seed=0) == {}  # off

@@ -142,3 +142,19 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_registered(finetune_proje
     assert re.search(message, capsys.readouterr().err)
     assert not registered_versions()
     assert not list((finetune_project / "models").glob("finetuned*"))
+
+
+def test_the_held_out_split_keeps_every_digit_on_both_sides_or_says_which_it_cannot():
+    """Whole groups (writers, page visits) can leave a digit on one side; another random split is
+    tried before giving up, and the digit is named when none works."""
+    from pipeline.serving.finetune import FinetuneError, held_out
+
+    # Ten writers; the 2s come from only two of them, so many splits hold out no 2.
+    labels = np.array([d for writer in range(10) for d in ([2] * 6 if writer < 2 else [0, 1] * 6)])
+    groups = np.array([writer for writer in range(10) for _ in range(6 if writer < 2 else 12)])
+    train, hold = held_out(labels, groups, 0.2, seed=0)
+    assert {0, 1, 2} <= set(labels[train]) and {0, 1, 2} <= set(labels[hold])
+    assert not set(groups[train]) & set(groups[hold])
+    only_one_writes_twos = np.array([2] * 12 + [0, 1] * 6 * 9)
+    with pytest.raises(FinetuneError, match="has no image of the digit 2 in 20 random splits"):
+        held_out(only_one_writes_twos, np.repeat(np.arange(10), 12), 0.2, seed=0)

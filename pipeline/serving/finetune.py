@@ -121,21 +121,35 @@ def read_labelled(source):
     return np.stack(read)[..., None], labels, groups
 
 
+SPLITS_TRIED = 20  # random held-out splits tried until every digit is in both shares
+
+
 def held_out(labels, groups, share, seed):
     """(fine-tuning indices, held-out indices): whole groups, or a stratified share. Each digit
-    with MIN_PER_DIGIT images or more must be in both (every digit, in a set a user assembled)."""
+    with MIN_PER_DIGIT images or more must be in both (every digit, in a set a user assembled): the
+    first of SPLITS_TRIED random splits where it is (whole groups can leave a digit on one side)."""
     from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit, StratifiedShuffleSplit
 
     counts = np.bincount(labels, minlength=NUM_CLASSES)
+    needed = set(np.flatnonzero(counts >= MIN_PER_DIGIT).tolist())
     grouped = len(set(groups)) < len(groups)
     stratified = not grouped and counts[counts > 0].min() >= 2
     splitter = GroupShuffleSplit if grouped else StratifiedShuffleSplit if stratified else ShuffleSplit
-    train, hold = next(splitter(1, test_size=share, random_state=seed).split(np.zeros(len(labels)), labels, groups))
-    for name, part in (("fine-tuning", train), ("held-out", hold)):
-        missing = sorted(set(np.flatnonzero(counts >= MIN_PER_DIGIT).tolist()) - set(labels[part].tolist()))
-        if missing:
-            raise FinetuneError(f"the {name} share has no image of the digit {missing[0]}: add images or groups")
-    return train, hold
+    splits = splitter(SPLITS_TRIED, test_size=share, random_state=seed).split(np.zeros(len(labels)), labels, groups)
+    problem = None
+    for train, hold in splits:
+        missing = [
+            (name, sorted(needed - set(labels[part].tolist())))
+            for name, part in (("fine-tuning", train), ("held-out", hold))
+        ]
+        missing = [(name, digits) for name, digits in missing if digits]
+        if not missing:
+            return train, hold
+        problem = problem or missing[0]
+    name, digits = problem
+    raise FinetuneError(
+        f"the {name} share has no image of the digit {digits[0]} in {SPLITS_TRIED} random splits: add images or groups"
+    )
 
 
 def parent_model(source):

@@ -50,14 +50,14 @@ def _sure(copy, threshold, temperature, soft, soft_temperature):
     return confidence.selective_scores(calibrated, copy.labels, threshold)
 
 
-def _weights(copies):
+def coverage_weights(copies):
     """How much each copy's coverage counts: clean digits, what most inputs are, as much as all the
     shifted copies together."""
     clean = sum(copy.clean for copy in copies.values())
     return {name: 0.5 / clean if copy.clean else 0.5 / (len(copies) - clean) for name, copy in copies.items()}
 
 
-def shift_aware(copies, faint, temperature, settings, soft_share):
+def shift_aware(copies, faint, temperature, settings, soft_share, weight):
     """The rule for one soft share: ({not_sure_below, soft_from, soft_temperature}, the threshold the
     clean copies alone ask for, {copy: share kept sure}). A model that cannot keep every promise
     within the bounds tried (the MLP on noisy digits) keeps its clean threshold and the most careful
@@ -68,7 +68,6 @@ def shift_aware(copies, faint, temperature, settings, soft_share):
         for name, copy in copies.items()
     }
     clean = [name for name, copy in copies.items() if copy.clean]
-    weight = _weights(copies)
     soft_from = float(np.quantile(np.concatenate([faint[name] for name in clean]), 1 - soft_share))
     soft = {name: share >= soft_from for name, share in faint.items()}
     clean_threshold = max(
@@ -117,13 +116,15 @@ def search(copies, settings, faint=None):
     {clean_digits_alone_ask, soft_share_of_clean, coverage_by_soft_share}). `settings`: params.yaml's
     `calibrate` section; `faint`: each copy's faint ink shares, when already known."""
     faint = _faint_shares(copies) if faint is None else faint
+    weight = coverage_weights(copies)
     clean = [copy for copy in copies.values() if copy.clean]
     temperature = confidence.fit_temperature(
         np.concatenate([copy.raw for copy in clean]), np.concatenate([copy.labels for copy in clean])
     )
-    tried = {share: shift_aware(copies, faint, temperature, settings, share) for share in settings.soft_share_of_clean}
-
-    weight = _weights(copies)
+    tried = {
+        share: shift_aware(copies, faint, temperature, settings, share, weight)
+        for share in settings.soft_share_of_clean
+    }
     share = max(tried, key=lambda share: sum(weight[name] * kept for name, kept in tried[share][2].items()))
     rule, clean_threshold, _ = tried[share]
     record = {
@@ -137,7 +138,9 @@ def search(copies, settings, faint=None):
 def coverage_spread(copies, settings, resamples, seed):
     """How much each copy's share marked sure hangs on the draw of validation images: the search
     rerun on `resamples` resamples of every copy (with replacement), each result applied to the
-    whole copies. {copy: {"low", "high"}}: the 2.5 and 97.5 % points of its coverage."""
+    whole copies. {copy: {"low", "high"}}: the 2.5 and 97.5 % points of its coverage; {} for none."""
+    if not resamples:
+        return {}
     rng = np.random.default_rng(seed)
     faint = _faint_shares(copies)
     coverage = {name: [] for name in copies}
