@@ -149,3 +149,15 @@ def test_the_coverage_spread_over_resamples_narrows_with_more_validation_images(
     assert width["clean"][0] > width["clean"][1] > 0
     assert calibration.coverage_spread(soft_copies(400)[0], settings, resamples=8, seed=0) == few
     assert calibration.coverage_spread(soft_copies(400)[0], settings, resamples=0, seed=0) == {}  # off
+
+
+def test_a_model_that_asks_for_a_threshold_of_one_still_gets_a_calibration():
+    """Tiny runs can leave a model whose clean answers all need a threshold of 1."""
+    from pipeline.core import params
+    from pipeline.core.trust import calibration
+
+    copies, _, _, labels = soft_copies(200)
+    wrong = np.eye(10)[(labels + 1) % 10] * 0.98 + 0.002  # every answer confidently wrong
+    copies["clean"] = calibration.Copy(wrong, copies["clean"].images, labels, True)
+    fitted, record = calibration.search(copies, params.load(ROOT / "params.yaml").calibrate)
+    assert record["clean_digits_alone_ask"] >= fitted["not_sure_below"] - 1e-9 >= 0.9999 - 1e-9

@@ -78,7 +78,8 @@ def shift_aware(copies, faint, temperature, settings, soft_share, weight):
     )
 
     soft_temperatures = temperature * np.geomspace(1.0, 20.0, SOFT_TEMPERATURES)
-    thresholds = np.maximum(1 - np.geomspace(1 - clean_threshold, 1e-4, THRESHOLDS), clean_threshold)
+    # (A model right on every clean image can ask for a threshold of 1: geomspace cannot start at 0.)
+    thresholds = np.maximum(1 - np.geomspace(max(1 - clean_threshold, 1e-4), 1e-4, THRESHOLDS), clean_threshold)
     # promise_kept[i, j]: every copy keeps its promise at thresholds[i] with soft_temperatures[j];
     # coverage[i, j]: the mean share of a copy's answers sure there.
     promise_kept = np.ones((THRESHOLDS, SOFT_TEMPERATURES), bool)
