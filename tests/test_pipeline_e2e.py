@@ -55,6 +55,9 @@ def test_repro_produces_every_output(repo):
         assert test["calibration"]["temperature"] == val["temperature"]
         assert {"ece_before", "ece_after", "nll_after"} <= set(test["calibration"])
         assert test["not_sure"]["threshold"] == val["not_sure_below"]
+        # The coverage's range over calibrations on resamples, for every validation copy.
+        assert set(val["coverage_spread"]) == set(val["sure"])
+        assert all(0 <= s["low"] <= s["high"] <= 1 for s in val["coverage_spread"].values())
         assert 0 <= test["not_a_digit"]["digits_flagged"] <= 1 and 0 <= test["not_a_digit"]["letters_flagged"] <= 1
         assert (repo / f"models/{kind}.gate.pkl").exists()
         # The ONNX graph answered as Keras did on every validation image.
@@ -67,7 +70,7 @@ def test_repro_produces_every_output(repo):
         corrupted = robustness[kind]["corrupted"]
         assert set(corrupted) == {
             "mean_accuracy",
-            *yaml.safe_load((repo / "params.yaml").read_text())["robustness"],
+            *yaml.safe_load((repo / "params.yaml").read_text())["shifts"],
         } - {"seed"}
         assert corrupted["mean_accuracy"] == pytest.approx(
             np.mean([v for k, v in corrupted.items() if k != "mean_accuracy"])
