@@ -14,9 +14,8 @@ sure, and corrupted copies of them, each promised `accepted_accuracy_under_shift
      keeps its promise, the one that keeps the most answers sure, averaged over the copies, is used.
   4. Each soft share of `calibrate.soft_share_of_clean` is tried the same way, and the one that
      keeps the most answers sure, averaged over the copies, is used.
-Taking the lowest threshold first instead (as this rule did until 2026-12-06) let a few clean
-errors decide everything: calibrated on resamples of the same validation images, blurred digits
-were sure from 7 % to 82 % of the time (docs/off_mnist.md).
+Why not the lowest threshold first: then a few clean errors decide how many soft answers are sure,
+and that swings with the draw of validation images (docs/off_mnist.md measures it).
 """
 
 from dataclasses import dataclass
