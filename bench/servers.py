@@ -120,10 +120,11 @@ def start_ray_node(args, env, temp_dir, log):
 
 
 def stop_ray_nodes(nodes):
-    """SIGTERM to each `ray start --block` (it stops its node's processes), then SIGKILL to whatever
-    is left in their process groups. Returns the PIDs still alive (none expected)."""
-    for node in reversed(nodes):
+    """SIGTERM to every `ray start --block` at once (each stops its node's processes), then SIGKILL to
+    whatever is left in their process groups. Returns the PIDs still alive (none expected)."""
+    for node in nodes:
         node.send_signal(signal.SIGTERM)
+    for node in nodes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             node.wait(timeout=60)
     for node in nodes:

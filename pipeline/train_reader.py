@@ -9,12 +9,10 @@ Then
      (pipeline/core/reading/lines.py);
   2. trains with a CTC loss for `read.epochs` epochs, and keeps the epoch whose model reads the
      most validation lines exactly (the rule, chosen before any run: docs/reading.md);
-  3. calibrates the number's confidence: a temperature on the windows' logits, fitted on the
-     validation lines so that a path's probability matches how often such readings are right;
-     then, of the confidences in sequence.CONFIDENCES, the one that keeps the most numbers sure in
-     the median of calibrations on resamples, and its threshold: the lowest confidence at which
-     the numbers kept are `read.accepted_accuracy` right both among the validation lines and among
-     as many plain numbers of validation digits, written as read_eval writes its numbers.
+  3. calibrates the number's confidence on the validation lines: a temperature on the windows'
+     logits, fitted so that a path's probability matches how often such readings are right; then,
+     of the confidences in sequence.CONFIDENCES, the one that keeps the most numbers sure, and its
+     threshold, the lowest confidence at which the numbers kept are `read.accepted_accuracy` right.
 Writes
   models/reader.keras, models/reader.calibration.json, models/reader.run.json
   reports/train/reader.json          validation scores of the kept epoch and of the calibration
@@ -34,28 +32,23 @@ from pipeline.core.reading import lines, sequence
 from pipeline.core.trust import confidence
 
 HISTORY_COLUMNS = ["epoch", "loss", "val_exact", "learning_rate", "seconds"]
-CHOICE_RESAMPLES = 20  # calibrations on resamples of the lines, for the choice of the number's confidence
 
 
 def line_sets(data, settings):
-    """(training lines, validation lines, plain validation numbers): the first two [(line, text)]
-    with a scanner's variety, the third [(line, text, spacing kind)] written as read_eval writes
-    numbers (lines.plain_lines), as many as the validation lines. The test digits are not read."""
+    """(training lines, validation lines), each [(line, text)]; the test digits are not read."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [("train", settings.seed + i, n) for i, n in enumerate(_chunked(settings.training_lines))]
     jobs += [("val", settings.seed + 10_000 + i, n) for i, n in enumerate(_chunked(settings.validation_lines))]
-    jobs += [("plain", settings.seed + 20_000 + i, n) for i, n in enumerate(_chunked(settings.validation_lines))]
     digits = {split: (data[f"x_{split}"][..., 0], data[f"y_{split}"].argmax(1)) for split in ("train", "val")}
     # Chunks with their own seeds: the lines are the same however many processes write them.
     # spawn, not fork: the workers need NumPy and PIL, not a copy of this process's TensorFlow.
     with ProcessPoolExecutor(2, multiprocessing.get_context("spawn"), _share, (digits,)) as pool:
         made = list(pool.map(_lines, jobs))
-    return tuple(
-        [line for (split, _, _), part in zip(jobs, made, strict=True) if split == wanted for line in part]
-        for wanted in ("train", "val", "plain")
-    )
+    train = [line for (split, _, _), part in zip(jobs, made, strict=True) if split == "train" for line in part]
+    val = [line for (split, _, _), part in zip(jobs, made, strict=True) if split == "val" for line in part]
+    return train, val
 
 
 def _chunked(count, size=2000):
@@ -71,8 +64,6 @@ def _share(digits):
 
 def _lines(job):
     split, seed, count = job
-    if split == "plain":
-        return lines.plain_lines(*_digits["val"], count, seed)
     return lines.training_lines(*_digits[split], count, seed)
 
 
@@ -167,13 +158,11 @@ def fit(reader, train, val, settings, to_mlflow=True):
     return epoch_log.rows, best["epoch"]
 
 
-def digit_answers(digit_model, digit_calibration, logits, written, stride):
-    """Per line: what it decodes to, and the digit model's calibrated probabilities for each
-    decoded digit's ink (sequence.digit_ink), as the served digit model would answer them."""
+def digit_answers(digit_model, digit_calibration, logits, val, stride):
+    """Per validation line: what it decodes to, and the digit model's calibrated probabilities for
+    each decoded digit's ink (sequence.digit_ink), as the served digit model would answer them."""
     found = [sequence.decode(sequence.softmax(z))[0] for z in logits]  # argmax: the same at any temperature
-    crops = [
-        sequence.digit_ink(line, f, 1.0, lines.PAD, stride)[1] for (line, _), f in zip(written, found, strict=True)
-    ]
+    crops = [sequence.digit_ink(line, f, 1.0, lines.PAD, stride)[1] for (line, _), f in zip(val, found, strict=True)]
     counts = np.cumsum([0, *(len(c) for c in crops)])
     if counts[-1] == 0:  # a reader that reads nothing yet (a tiny test run)
         return found, [np.zeros((0, 10), np.float32)] * len(found)
@@ -182,100 +171,48 @@ def digit_answers(digit_model, digit_calibration, logits, written, stride):
     return found, [answers[a:b] for a, b in zip(counts[:-1], counts[1:], strict=True)]
 
 
-def served(reader, digit_model, digit_calibration, written, logits, temperature):
-    """`written` lines, whose window_logits are `logits`, read as serving reads them (each digit
-    voted): (whether each is read exactly, {rule: each number's confidence} for every rule of
-    sequence.CONFIDENCES, whether the digit model agrees with the line reader on every digit)."""
-    paths, _ = judged(logits, [text for _, text in written], temperature)
-    found, answers = digit_answers(digit_model, digit_calibration, logits, written, sequence.geometry(reader)[0])
-    readings = [
-        sequence.text_of(sequence.voted(f, sequence.softmax(z, temperature), a))
-        for f, z, a in zip(found, logits, answers, strict=True)
-    ]
-    right = np.array([reading == text for reading, (_, text) in zip(readings, written, strict=True)])
-    confidences = {
-        rule: np.array([sequence.number_confidence(rule, *line) for line in zip(paths, found, answers, strict=True)])
-        for rule in sequence.CONFIDENCES
-    }
-    return right, confidences, np.array([sequence.agree(*line) for line in zip(found, answers, strict=True)])
-
-
-def sure_from(confidences, right, accepted_accuracy):
-    """The lowest threshold at which the numbers kept are `accepted_accuracy` right in every family
-    of lines: {family: confidences}, {family: whether each is right}."""
-    return max(confidence.threshold_for(confidences[f], right[f], accepted_accuracy) for f in right)
-
-
-def steadiest(confidences, right, accepted_accuracy, seed):
-    """The rule of sequence.CONFIDENCES that keeps the most numbers sure (the families' mean share)
-    in the median of CHOICE_RESAMPLES calibrations on resamples of the lines, and each rule's 2.5,
-    50 and 97.5 % points of that share: a rule whose share hangs on a few numbers loses to a
-    steadier one."""
-    rng = np.random.default_rng(seed)
-    shares = {rule: [] for rule in sequence.CONFIDENCES}
-    for _ in range(CHOICE_RESAMPLES):
-        picks = {f: rng.integers(len(right[f]), size=len(right[f])) for f in right}
-        resampled = {f: right[f][picks[f]] for f in right}
-        for rule, share in shares.items():
-            scores = {f: confidences[f][rule][picks[f]] for f in right}
-            threshold = sure_from(scores, resampled, accepted_accuracy)
-            share.append(np.mean([np.mean(scores[f] >= threshold) for f in right]))
-    spread = {rule: np.percentile(share, [2.5, 50, 97.5]).tolist() for rule, share in shares.items()}
-    return max(sequence.CONFIDENCES, key=lambda rule: spread[rule][1]), spread  # the first, on a tie
-
-
-def calibrate(reader, digit_model, digit_calibration, val, plain, accepted_accuracy, seed=0):
+def calibrate(reader, digit_model, digit_calibration, val, accepted_accuracy):
     """The temperature of the windows' logits at which a reading's path probability best predicts
-    whether it is right (log-likelihood, on the validation lines); then the number's confidence
-    (steadiest) and its threshold (sure_from), on both families of lines: the validation lines, with
-    a scanner's variety, and the plain numbers [(line, text, spacing kind)], as read_eval's are."""
+    whether it is right (log-likelihood); then, of the number's confidences (sequence.CONFIDENCES),
+    the one that keeps the most validation numbers sure at `accepted_accuracy` right (read as
+    serving reads them: each digit voted), with its threshold."""
     from scipy.optimize import minimize_scalar
 
-    families = {"val": val, "val_plain": [(line, text) for line, text, _ in plain]}
-    logits = {family: window_logits(reader, written) for family, written in families.items()}
+    logits = window_logits(reader, val)
     texts = [text for _, text in val]
 
     def loss(log_t):
-        c, right = judged(logits["val"], texts, np.exp(log_t))
+        c, right = judged(logits, texts, np.exp(log_t))
         c = np.clip(c, 1e-7, 1 - 1e-7)
         return -np.mean(np.where(right, np.log(c), np.log(1 - c)))
 
     temperature = float(np.exp(minimize_scalar(loss, bounds=(np.log(0.2), np.log(5.0)), method="bounded").x))
-    _, right_alone = judged(logits["val"], texts, temperature)
-    right, confidences, agreed = {}, {}, {}
-    for family, written in families.items():
-        right[family], confidences[family], agreed[family] = served(
-            reader, digit_model, digit_calibration, written, logits[family], temperature
-        )
-    chosen, spread = steadiest(confidences, right, accepted_accuracy, seed)
-    threshold = sure_from({f: confidences[f][chosen] for f in right}, right, accepted_accuracy)
-    kept = {f: confidences[f][chosen] >= threshold for f in right}
-    kinds = np.array([kind for *_, kind in plain])
+    paths, right_alone = judged(logits, texts, temperature)
+    found, answers = digit_answers(digit_model, digit_calibration, logits, val, sequence.geometry(reader)[0])
+    # What serving answers: each digit voted by both models (sequence.voted).
+    served = [
+        sequence.text_of(sequence.voted(f, sequence.softmax(z, temperature), a))
+        for f, z, a in zip(found, logits, answers, strict=True)
+    ]
+    right = np.array([text == truth for text, truth in zip(served, texts, strict=True)])
+    rules = {}
+    for rule in sequence.CONFIDENCES:
+        scores = np.array([sequence.number_confidence(rule, *line) for line in zip(paths, found, answers, strict=True)])
+        sure_from = confidence.threshold_for(scores, right, accepted_accuracy)
+        rules[rule] = {"sure_from": sure_from, "kept": scores >= sure_from}
+    chosen = max(sequence.CONFIDENCES, key=lambda rule: rules[rule]["kept"].mean())  # the first, on a tie
+    sure_from, kept = rules[chosen]["sure_from"], rules[chosen]["kept"]
     return {
         "temperature": temperature,
         "confidence": chosen,
-        "sure_from": threshold,
-        "val_exact": float(right["val"].mean()),
+        "sure_from": sure_from,
+        "val_exact": float(right.mean()),
         "val_exact_line_reader_alone": float(right_alone.mean()),
-        "val_agreement_share": float(agreed["val"].mean()),
-        **{f"val_sure_share_{rule}": share for rule, share in spread.items()},
-        **{f"{f}_exact": float(right[f].mean()) for f in families if f != "val"},
-        **{f"{f}_sure_share": float(kept[f].mean()) for f in families},
-        **{f"{f}_sure_accuracy": float(right[f][kept[f]].mean()) if kept[f].any() else None for f in families},
-        **{
-            f"val_plain_{kind}_{measure}": value
-            for kind in dict.fromkeys(kinds)
-            for measure, value in _kept_scores(right["val_plain"][kinds == kind], kept["val_plain"][kinds == kind])
-        },
+        "val_agreement_share": float(np.mean([sequence.agree(*line) for line in zip(found, answers, strict=True)])),
+        **{f"val_sure_share_{rule}": float(rules[rule]["kept"].mean()) for rule in sequence.CONFIDENCES},
+        "val_sure_share": float(kept.mean()),
+        "val_sure_accuracy": float(right[kept].mean()) if kept.any() else None,
     }
-
-
-def _kept_scores(right, kept):
-    return (
-        ("exact", float(right.mean())),
-        ("sure_share", float(kept.mean())),
-        ("sure_accuracy", float(right[kept].mean()) if kept.any() else None),
-    )
 
 
 def train_reader(params):
@@ -287,31 +224,27 @@ def train_reader(params):
     digit_calibration = confidence.read_calibration(beside(model_file("cnn"), "calibration"))
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
     training.seed_everything(settings.seed)
-    train, val, plain = line_sets(data, settings)
+    train, val = line_sets(data, settings)
     digit_model = keras.models.load_model(model_file("cnn"), compile=False)
     reader = sequence.build(digit_model)
     print(
         f"train_reader: {reader.count_params():,} parameters, {len(train):,} training and {len(val):,} "
-        f"validation lines, {len(plain):,} plain validation numbers, {settings.epochs} epochs",
+        f"validation lines, {settings.epochs} epochs",
         flush=True,
     )
     with tracking.training_run(READER, "train_reader", params.mlflow.experiment) as (run, tags):
         mlflow.log_params({"model": READER, **{f"read.{k}": v for k, v in vars(settings).items()}})
         rows, best_epoch = fit(reader, train, val, settings)
-        scores = calibrate(
-            reader, digit_model, digit_calibration, val, plain, settings.accepted_accuracy, settings.seed
-        )
+        scores = calibrate(reader, digit_model, digit_calibration, val, settings.accepted_accuracy)
         scores["best_epoch"] = best_epoch
         mlflow.log_param("read.confidence", scores["confidence"])
         mlflow.log_metrics({k: float(v) for k, v in scores.items() if isinstance(v, float | int)})
-        mlflow.log_metrics({f"{k}_median": v[1] for k, v in scores.items() if isinstance(v, list)})
         write_outputs(reader, rows, scores, settings)
         version = register(reader, data, val, run, tags, scores)
     print(
         f"train_reader: {scores['val_exact']:.2%} of validation lines read exactly (epoch {best_epoch}); "
-        f"sure when {scores['confidence']} reaches {scores['sure_from']:.4f}: {scores['val_sure_share']:.1%} of them "
-        f"({scores['val_sure_accuracy'] or 0:.2%} right) and {scores['val_plain_sure_share']:.1%} of the plain numbers "
-        f"({scores['val_plain_sure_accuracy'] or 0:.2%} right); registered {version.name} v{version.version}",
+        f"sure when {scores['confidence']} reaches {scores['sure_from']:.4f}: {scores['val_sure_share']:.1%} of them, "
+        f"{scores['val_sure_accuracy'] or 0:.2%} of those right; registered {version.name} v{version.version}",
         flush=True,
     )
 

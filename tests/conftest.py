@@ -178,8 +178,8 @@ def trained_model_file(tmp_path_factory, mnist):
 @pytest.fixture(scope="session")
 def trained_reader_file(trained_model_file, mnist):
     """A line reader trained briefly by train_reader's own code (on lines of 1-3 digits written from
-    8,000 real MNIST training digits, its eyes the trained CNN above), calibrated on lines and plain
-    numbers from 1,000 others, and exported beside that CNN as the export stage exports it."""
+    8,000 real MNIST training digits, its eyes the trained CNN above), calibrated on lines from 1,000
+    others, and exported beside that CNN as the export stage exports it."""
     import types
 
     import keras
@@ -200,9 +200,7 @@ def trained_reader_file(trained_model_file, mnist):
     train_reader.fit(reader, train, val, settings, to_mlflow=False)
     path = trained_model_file.with_name("reader.keras")
     digit_calibration = confidence.read_calibration(beside(trained_model_file, "calibration"))
-    plain = lines.plain_lines(x[8000:], y[8000:], 300, seed=4)
-    scores = train_reader.calibrate(reader, digit_model, digit_calibration, val, plain, 0.99)
-    train_reader.save(reader, scores, 0.99, path)
+    train_reader.save(reader, train_reader.calibrate(reader, digit_model, digit_calibration, val, 0.99), 0.99, path)
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
     return path.with_suffix(".onnx")

@@ -4,8 +4,7 @@ The reader sees a line as MNIST sees a digit: white ink on black, the ink's heig
 INK_HEIGHT pixels and centred in HEIGHT rows, any width. Training lines are numbers written from
 MNIST digits (numbers.make_number) with the variety real forms have on top: any length up to
 MAX_LENGTH, every spacing kind, slant, thinner or thicker strokes, scanner blur, anti-aliased low
-resolution, paper noise and either polarity; and now and then a mark that is no digit (a letter,
-a dash, a scribble), read as "?".
+resolution, paper noise and either polarity.
 """
 
 import numpy as np
@@ -13,13 +12,11 @@ from PIL import Image, ImageFilter
 
 from pipeline.core import normalize
 from pipeline.core.reading import numbers
-from pipeline.core.trust import nondigits
 
 HEIGHT = 28  # rows, as MNIST's digits
 INK_HEIGHT = 20  # rows the line's ink spans, as MNIST's digits' larger side
 PAD = 8  # columns of background either side: room for the windows that read the first and last digit
 MAX_LENGTH = 12  # digits in a training line
-PLAIN_MAX_LENGTH = 10  # digits in a plain number (plain_lines), as read_eval's longest
 WIDTH_STEP = 32  # lines are padded on the right to a multiple of this, in training and in serving alike
 MIN_WIDTH = 48  # columns: a narrower line (a lone 1) is padded on the right, so that it has windows
 MAX_WIDTH = 512  # columns: a wider line is squeezed to it (about 20 digits with clear gaps)
@@ -29,8 +26,6 @@ BLUR_SHARE, BLUR_RADIUS = 0.25, (0.5, 1.2)  # lines a scanner blurs, and how muc
 LOW_RESOLUTION_SHARE, LOW_RESOLUTION_HEIGHT = 0.2, (10, 16)  # lines scanned small: ink rows
 THIN_SHARE = 0.15  # lines written with a thinner pen
 INVERTED_SHARE = 0.2  # light ink on dark paper
-MARK_SHARE = 0.15  # lines with a mark that is no digit in place of one digit, read as "?"
-MARK_KINDS = ("letters", "scribbles", "lines")  # of nondigits: marks a number may hold (a dash is a line)
 
 
 def ink_of(image):
@@ -92,49 +87,21 @@ def varied(image, rng):
     return 255 - array if rng.random() < INVERTED_SHARE else array
 
 
-def mark(rng):
-    """A mark that is no digit, in MNIST's form: a letter of the fonts the gate is fitted on, a
-    scribble or a dash (pipeline.core.trust.nondigits)."""
-    kind = MARK_KINDS[rng.integers(len(MARK_KINDS))]
-    made = nondigits.letters(rng, nondigits.FIT_FONTS) if kind == "letters" else getattr(nondigits, kind)(rng)
-    return normalize.to_mnist(made)
-
-
 def training_line(x, labels, rng, max_length=MAX_LENGTH):
-    """One training line: (the line in the reader's form, its text: digits, and "?" for a mark that
-    is no digit). A draw whose ink the variety washed out (a faint 1 scanned small) is drawn again."""
+    """One training line: (the line in the reader's form, its digits as text). A draw whose ink the
+    variety washed out (a faint 1 scanned small) is drawn again."""
     while True:
         length = int(rng.integers(1, max_length + 1))
         chosen = rng.integers(len(x), size=length)
-        written, text = x[chosen], [str(int(d)) for d in labels[chosen]]
-        if rng.random() < MARK_SHARE:
-            at = int(rng.integers(length))
-            written, text[at] = written.copy(), "?"
-            written[at] = mark(rng)
-        image, _ = numbers.make_number(written, numbers.KINDS[rng.integers(len(numbers.KINDS))], rng)
+        image, _ = numbers.make_number(x[chosen], numbers.KINDS[rng.integers(len(numbers.KINDS))], rng)
         try:
             line, _ = to_line(ink_of(varied(image, rng)))
         except normalize.ImageError:
             continue
-        return line, "".join(text)
+        return line, "".join(str(int(d)) for d in labels[chosen])
 
 
 def training_lines(x, labels, count, seed, max_length=MAX_LENGTH):
     """`count` training lines from digit images x with integer labels, seeded: [(line, text)]."""
     rng = np.random.default_rng(seed)
     return [training_line(x, labels, rng, max_length) for _ in range(count)]
-
-
-def plain_lines(x, labels, count, seed):
-    """`count` numbers written as read_eval writes them (numbers.make_number, without a scanner's
-    variety), in the reader's form: [(line, text, spacing kind)], the kinds in turn, 1 to
-    PLAIN_MAX_LENGTH digits."""
-    rng = np.random.default_rng(seed)
-    written = []
-    for i in range(count):
-        kind = numbers.KINDS[i % len(numbers.KINDS)]
-        chosen = rng.integers(len(x), size=int(rng.integers(1, PLAIN_MAX_LENGTH + 1)))
-        image, _ = numbers.make_number(x[chosen], kind, rng)
-        line, _ = to_line(ink_of(image))
-        written.append((line, "".join(str(int(d)) for d in labels[chosen]), kind))
-    return written
