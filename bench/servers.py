@@ -119,20 +119,32 @@ def start_ray_node(args, env, temp_dir, log):
     )
 
 
-def stop_ray_nodes(nodes):
-    """SIGTERM to every `ray start --block` at once (each stops its node's processes), then SIGKILL to
-    whatever is left in their process groups. Returns the PIDs still alive (none expected)."""
+def stop_ray_nodes(nodes, grace=5):
+    """SIGTERM to every `ray start --block` at once (each stops its node's processes), then, after
+    `grace` seconds, SIGKILL to whatever is left in their process groups: a node's own stop waits
+    about 30 s for its workers. Returns the PIDs still alive (none expected)."""
     for node in nodes:
         node.send_signal(signal.SIGTERM)
+    deadline = time.time() + grace
     for node in nodes:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            node.wait(timeout=60)
+            node.wait(timeout=max(0.1, deadline - time.time()))
     for node in nodes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
-    time.sleep(1)
-    groups = {node.pid for node in nodes}
-    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _pgid(pid) in groups]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=10)  # reaped: no zombie left in the group
+    groups, deadline = {node.pid for node in nodes}, time.time() + 15
+    while True:  # killed processes leave once their new parent has reaped them
+        left = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _pgid(pid) in groups]
+        if not left or time.time() > deadline:
+            return [f"{pid} ({_state(pid)})" for pid in left]
+        time.sleep(0.5)
+
+
+def _state(pid):
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def _pgid(pid):

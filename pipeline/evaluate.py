@@ -147,15 +147,15 @@ def predictions_csv(labels, predicted, calibrated, raw, threshold):
 
 
 def evaluate_models(params):
-    import keras
-    import mlflow
-
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     require(
         *map(model_file, MODELS),
         *map(calibration_file, MODELS),
         *map(gate_file, MODELS),
     )
+    import keras  # after the checks: a missing input is named at once, not after TensorFlow's start
+    import mlflow
+
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     tracking.use_experiment(params.mlflow.experiment)
     # Another seed than calibrate's, test digits in the strips, and fonts the gate never saw.

@@ -24,11 +24,11 @@ from pipeline.core.trust import confidence
 
 
 def measure(params):
-    import keras
-    import mlflow
-
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     require(*map(model_file, MODELS), *map(calibration_file, MODELS))
+    import keras  # after the checks: a missing input is named at once, not after TensorFlow's start
+    import mlflow
+
     x_test, labels = data["x_test"], data["y_test"].argmax(axis=1)
     copies = corruptions.corrupted_copies(x_test, params)
     tracking.use_experiment(params.mlflow.experiment)
