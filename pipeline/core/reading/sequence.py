@@ -226,10 +226,11 @@ def number_confidence(rule, path, found, digit_probabilities):
 def read(image, graph, digits):
     """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
     ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
-    ink (digit_ink), each digit voted. A mark the gate calls not a digit, unless the digit model
-    reads the line reader's digit surely, is "?". The number's confidence is number_confidence by
-    the calibrated rule; it is sure when that reaches the calibrated threshold and no mark is "?".
-    normalize.ImageError when nothing can be read."""
+    ink (digit_ink), each digit voted. A mark the line reader reads as no digit is "?" (the digit
+    model's gate is not asked: on validation numbers it refused more real digits than the line
+    reader's own mark, and caught fewer marks; docs/reading.md). The number's confidence is
+    number_confidence by the calibrated rule; it is sure when that reaches the calibrated threshold
+    and no mark is "?". normalize.ImageError when nothing can be read."""
     ink = lines.ink_of(image)
     line, (scale, left) = lines.to_line(ink)
     batch, _ = lines.padded([line])
@@ -242,15 +243,9 @@ def read(image, graph, digits):
     if len(found) > segment.MAX_PIECES:
         raise segment.TooManyPieces(f"{len(found)} digits found: at most {segment.MAX_PIECES} are read in one image")
     boxes, crops = digit_ink(ink, found, scale, left, shape[0])
-    digit_probabilities, flagged = digits.predict(crops)
+    digit_probabilities, _ = digits.predict(crops)
     number = number_confidence(calibration["confidence"], path, found, digit_probabilities)
-    # A mark is "?" when the gate calls its ink no digit and the digit model, looking at the same
-    # ink, does not confirm the line reader's digit: touching digits' boxes hold a bit of their
-    # neighbours, which the gate alone would often refuse.
-    not_a_digit = [
-        d == MARK or (bool(flag) and (int(np.argmax(p)) != d or digits.not_sure(p, False)))
-        for (d, _, _, _), p, flag in zip(found, digit_probabilities, flagged, strict=True)
-    ]
+    not_a_digit = [d == MARK for d, *_ in found]
     found = voted(found, probabilities, digit_probabilities)
     confident = number >= calibration["sure_from"]
     return segment.Reading(
