@@ -71,14 +71,10 @@ def test_a_line_is_the_same_in_either_polarity_and_at_any_scale():
 
 def test_training_lines_are_seeded_and_vary(mnist):
     x, y = mnist["x_train"][:500].astype(np.float32) / 255, mnist["y_train"][:500]
-    first, again = lines.training_lines(x, y, 60, seed=5), lines.training_lines(x, y, 60, seed=5)
+    first, again = lines.training_lines(x, y, 20, seed=5), lines.training_lines(x, y, 20, seed=5)
     assert all(np.array_equal(a, b) and s == t for (a, s), (b, t) in zip(first, again, strict=True))
     assert {len(text) for _, text in first} > {1, 2} and all(1 <= len(t) <= lines.MAX_LENGTH for _, t in first)
     assert len({line.shape[1] for line, _ in first}) > 10
-    # Now and then one character is a mark that is no digit, read as "?"; the rest are digits.
-    marked = [text for _, text in first if "?" in text]
-    assert 0 < len(marked) < 30 and all(text.count("?") == 1 for text in marked)
-    assert all(c.isdigit() or c == "?" for _, text in first for c in text)
 
 
 @pytest.fixture(scope="module")

@@ -153,9 +153,8 @@ def export(model_path, calibration_path, gate_path, onnx_path, x_val):
 
 
 def reader_function(reader, temperature):
-    """lines (n, 28, width, 1) float32 -> {"windows": (n, windows, classes)}: each window's
-    probabilities of the ten digits, a mark and the blank (pipeline.core.reading.sequence.CLASSES),
-    at the calibrated temperature. Decoding stays outside."""
+    """lines (n, 28, width, 1) float32 -> {"windows": (n, windows, 11)}: each window's probabilities
+    of the ten digits and the blank, at the calibrated temperature. Decoding stays outside."""
     import tensorflow as tf
 
     def serve(lines):

@@ -6,8 +6,8 @@ convolutional, answer for a 28-pixel window every 4 columns (the last pooling ke
 column, and the dense head becomes a 3x3 convolution dilated to match). Three convolutions along
 the row of windows give each window its neighbours' view (about two digits either side; a recurrent
 layer would see further, but its loops convert poorly to ONNX and cost more on two cores), and a
-softmax over the ten digits, a mark that is no digit ("?") and a blank answers each window. CTC
-training needs only each line's text, never where its digits are.
+softmax over the ten digits and a blank answers each window. CTC training needs only each line's
+text, never where its digits are.
 
 Decoding (greedy) keeps the likeliest answer of each window, merges repeats and drops blanks; each
 digit's confidence is the highest probability it has in the windows that emit it. The digit model
@@ -22,10 +22,8 @@ from pipeline.core import normalize
 from pipeline.core.reading import lines, segment
 
 BLANK = 10  # the CTC blank: the windows between and around digits
-MARK = 11  # a mark that is no digit (a letter, a dash, a scribble): read as "?"
-CLASSES = 12
+CLASSES = 11
 BLANK_UNTIL = 0.5  # at the start of training, a window is blank where the CNN is less sure than this
-MARK_FROM = 0.01  # at the start of training, a window's probability of a mark, before the softmax
 HALF_WIDTH = 0.7  # of the line's ink height: a digit's box reaches no further from its window's centre
 FIRST_CENTRE = 14  # line column at the centre of window 0 (the CNN's 28-pixel view)
 CONTEXT_FILTERS = 128  # of each convolution along the row of windows
@@ -109,19 +107,18 @@ def build(digit_model):
     first_digit = features.shape[-1]
     kernel[first_digit : first_digit + BLANK, :BLANK] = np.eye(BLANK)
     bias = np.zeros(CLASSES, np.float32)
-    bias[BLANK], bias[MARK] = np.log(BLANK_UNTIL), np.log(MARK_FROM)
+    bias[BLANK] = np.log(BLANK_UNTIL)
     answer.set_weights([kernel, bias])
     return keras.Model(line, logits, name="reader")
 
 
 def targets(texts, window_counts, max_length):
     """CTC targets as one array: the text's length, the line's own windows (those of a batch's
-    padding are not the line's: a digit must be read where the line is), then the digits ("?": a
-    mark)."""
+    padding are not the line's: a digit must be read where the line is), then the digits."""
     y = np.zeros((len(texts), max_length + 2), np.int32)
     for i, (text, count) in enumerate(zip(texts, window_counts, strict=True)):
         y[i, :2] = len(text), count
-        y[i, 2 : 2 + len(text)] = [MARK if c == "?" else int(c) for c in text]
+        y[i, 2 : 2 + len(text)] = [int(c) for c in text]
     return y
 
 
@@ -157,7 +154,7 @@ def decode(probabilities):
 
 
 def text_of(digits):
-    return "".join("?" if d == MARK else str(d) for d, *_ in digits)
+    return "".join(str(d) for d, *_ in digits)
 
 
 def centre_column(window, stride):
@@ -185,8 +182,7 @@ def digit_ink(ink, found, scale, left, stride):
 
 
 def agree(found, digit_probabilities):
-    """Whether the digit model, looking at each digit's ink, reads the digit the line reader read
-    (never a mark's)."""
+    """Whether the digit model, looking at each digit's ink, reads the digit the line reader read."""
     return all(int(np.argmax(p)) == d for (d, *_), p in zip(found, digit_probabilities, strict=True))
 
 
@@ -194,12 +190,9 @@ def voted(found, probabilities, digit_probabilities):
     """The decoded digits, each now the digit with the highest sum of the two models' log-
     probabilities: the line reader's (each digit's highest probability in the windows that emit it,
     made to sum to one) and the digit model's, looking at its ink. Where the two agree nothing
-    changes; where they differ, the surer one wins. A mark stays a mark."""
+    changes; where they differ, the surer one wins."""
     chosen = []
-    for (d, c, first, last), p in zip(found, digit_probabilities, strict=True):
-        if d == MARK:  # no digit to vote on
-            chosen.append((d, c, first, last))
-            continue
+    for (_, _, first, last), p in zip(found, digit_probabilities, strict=True):
         line = probabilities[first : last + 1, :BLANK].max(axis=0)
         line = line / line.sum()
         digit = int(np.argmax(np.log(np.maximum(line, 1e-30)) + np.log(np.maximum(p, 1e-30))))
@@ -209,11 +202,9 @@ def voted(found, probabilities, digit_probabilities):
 
 def number_confidence(rule, path, found, digit_probabilities):
     """The whole number's confidence by `rule`, one of CONFIDENCES; `found` as the line reader
-    decoded it (before the vote). 0 for a number with a mark: it is never sure."""
+    decoded it (before the vote)."""
     if rule not in CONFIDENCES:
         raise ValueError(f"number confidence {rule!r}: expected one of {', '.join(CONFIDENCES)}")
-    if any(d == MARK for d, *_ in found):
-        return 0.0
     if rule == "path":
         return path
     if not found or not agree(found, digit_probabilities):
@@ -226,11 +217,10 @@ def number_confidence(rule, path, found, digit_probabilities):
 def read(image, graph, digits):
     """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
     ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
-    ink (digit_ink), each digit voted. A mark the line reader reads as no digit is "?" (the digit
-    model's gate is not asked: on validation numbers it refused more real digits than the line
-    reader's own mark, and caught fewer marks; docs/reading.md). The number's confidence is
-    number_confidence by the calibrated rule; it is sure when that reaches the calibrated threshold
-    and no mark is "?". normalize.ImageError when nothing can be read."""
+    ink (digit_ink), each digit voted. A mark the gate calls not a digit, unless the digit model
+    reads the line reader's digit surely, is "?". The number's confidence is number_confidence by
+    the calibrated rule; it is sure when that reaches the calibrated threshold and no mark is "?".
+    normalize.ImageError when nothing can be read."""
     ink = lines.ink_of(image)
     line, (scale, left) = lines.to_line(ink)
     batch, _ = lines.padded([line])
@@ -243,14 +233,20 @@ def read(image, graph, digits):
     if len(found) > segment.MAX_PIECES:
         raise segment.TooManyPieces(f"{len(found)} digits found: at most {segment.MAX_PIECES} are read in one image")
     boxes, crops = digit_ink(ink, found, scale, left, shape[0])
-    digit_probabilities, _ = digits.predict(crops)
+    digit_probabilities, flagged = digits.predict(crops)
     number = number_confidence(calibration["confidence"], path, found, digit_probabilities)
-    not_a_digit = [d == MARK for d, *_ in found]
+    # A mark is "?" when the gate calls its ink no digit and the digit model, looking at the same
+    # ink, does not confirm the line reader's digit: touching digits' boxes hold a bit of their
+    # neighbours, which the gate alone would often refuse.
+    not_a_digit = [
+        bool(flag) and (int(np.argmax(p)) != d or digits.not_sure(p, False))
+        for (d, _, _, _), p, flag in zip(found, digit_probabilities, flagged, strict=True)
+    ]
     found = voted(found, probabilities, digit_probabilities)
     confident = number >= calibration["sure_from"]
     return segment.Reading(
-        [  # a mark's digit is the digit model's guess, as the segmenter's is
-            segment.Digit(box, int(np.argmax(p)) if d == MARK else d, c, not confident, flag, p)
+        [
+            segment.Digit(box, d, c, not confident, flag, p)
             for (d, c, _, _), box, p, flag in zip(found, boxes, digit_probabilities, not_a_digit, strict=True)
         ],
         confidence=number,
