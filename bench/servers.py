@@ -122,7 +122,8 @@ def start_ray_node(args, env, temp_dir, log):
 def stop_ray_nodes(nodes, grace=5):
     """SIGTERM to every `ray start --block` at once (each stops its node's processes), then, after
     `grace` seconds, SIGKILL to whatever is left in their process groups: a node's own stop waits
-    about 30 s for its workers. Returns the PIDs still alive (none expected)."""
+    about 30 s for its workers. Returns what is still alive in those groups, as "PID (state)"
+    (nothing expected)."""
     for node in nodes:
         node.send_signal(signal.SIGTERM)
     deadline = time.time() + grace
