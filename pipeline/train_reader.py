@@ -2,7 +2,8 @@
 
 Reads data/processed (training and validation digits; the test digits are read_eval's) and the
 trained digit CNN (models/cnn.keras), which gives the reader its eyes (pipeline/core/reading/
-sequence.py) and, with its calibration (models/cnn.calibration.json), looks at each digit read.
+sequence.py) and, with its calibration and gate (models/cnn.calibration.json, cnn.gate.pkl), looks
+at each digit read, as served.
 Then
   1. writes `read.training_lines` lines from training digits and `read.validation_lines` from
      validation digits, every length up to 12, every spacing kind, with scanner variety
@@ -11,8 +12,9 @@ Then
      most validation lines exactly (the rule, chosen before any run: docs/reading.md);
   3. calibrates the number's confidence on the validation lines: a temperature on the windows'
      logits, fitted so that a path's probability matches how often such readings are right; then,
-     of the confidences in sequence.CONFIDENCES, the one that keeps the most numbers sure, and its
-     threshold, the lowest confidence at which the numbers kept are `read.accepted_accuracy` right.
+     of the confidences in sequence.CONFIDENCES (one asks the segmenter too), the one that keeps the
+     most numbers sure, and its threshold, the lowest confidence at which the numbers kept are
+     `read.accepted_accuracy` right.
 Writes
   models/reader.keras, models/reader.calibration.json, models/reader.run.json
   reports/train/reader.json          validation scores of the kept epoch and of the calibration
@@ -27,6 +29,7 @@ import numpy as np
 from pipeline.core import params as params_module
 from pipeline.core import tracking, training
 from pipeline.core.files import atomic_path, load_arrays, require, sha256, write_json, write_text
+from pipeline.core.graph.convert import KerasGraph, load_gate
 from pipeline.core.layout import PROCESSED_DIR, READER, TRAIN_REPORTS_DIR, beside, model_file
 from pipeline.core.reading import lines, sequence
 from pipeline.core.trust import confidence
@@ -158,24 +161,36 @@ def fit(reader, train, val, settings, to_mlflow=True):
     return epoch_log.rows, best["epoch"]
 
 
-def digit_answers(digit_model, digit_calibration, logits, val, stride):
+def digit_answers(digits, logits, val, stride):
     """Per validation line: what it decodes to, and the digit model's calibrated probabilities for
-    each decoded digit's ink (sequence.digit_ink), as the served digit model would answer them."""
+    each decoded digit's ink (sequence.digit_ink), as the served digit model (`digits`) answers."""
     found = [sequence.decode(sequence.softmax(z))[0] for z in logits]  # argmax: the same at any temperature
     crops = [sequence.digit_ink(line, f, 1.0, lines.PAD, stride)[1] for (line, _), f in zip(val, found, strict=True)]
     counts = np.cumsum([0, *(len(c) for c in crops)])
     if counts[-1] == 0:  # a reader that reads nothing yet (a tiny test run)
         return found, [np.zeros((0, 10), np.float32)] * len(found)
-    images = np.concatenate(crops)[..., None]
-    answers = confidence.calibrated(digit_model.predict(images, batch_size=1000, verbose=0), images, digit_calibration)
+    answers, _ = digits.predict(np.concatenate(crops))
     return found, [answers[a:b] for a, b in zip(counts[:-1], counts[1:], strict=True)]
 
 
-def calibrate(reader, digit_model, digit_calibration, val, accepted_accuracy):
+def both_readers_agree(digits, val, served, asked):
+    """Per validation line: whether the segmenter reads the number served, asked only where `asked`
+    (elsewhere False), as serving asks it only about numbers that would be sure."""
+    from tqdm import tqdm
+
+    agree = np.zeros(len(val), bool)
+    for i in tqdm(np.flatnonzero(asked), desc="train_reader: the segmenter reads", unit="line", mininterval=10):
+        line = val[i][0]
+        image = 255 - np.round(line * 255).astype(np.uint8)  # dark ink on light paper, as uploads come
+        agree[i] = sequence.segmenter_reads(image, digits) == served[i]
+    return agree
+
+
+def calibrate(reader, digits, val, accepted_accuracy):
     """The temperature of the windows' logits at which a reading's path probability best predicts
     whether it is right (log-likelihood); then, of the number's confidences (sequence.CONFIDENCES),
     the one that keeps the most validation numbers sure at `accepted_accuracy` right (read as
-    serving reads them: each digit voted), with its threshold."""
+    serving reads them: each digit voted, `digits` the served digit model), with its threshold."""
     from scipy.optimize import minimize_scalar
 
     logits = window_logits(reader, val)
@@ -188,18 +203,23 @@ def calibrate(reader, digit_model, digit_calibration, val, accepted_accuracy):
 
     temperature = float(np.exp(minimize_scalar(loss, bounds=(np.log(0.2), np.log(5.0)), method="bounded").x))
     paths, right_alone = judged(logits, texts, temperature)
-    found, answers = digit_answers(digit_model, digit_calibration, logits, val, sequence.geometry(reader)[0])
+    found, answers = digit_answers(digits, logits, val, sequence.geometry(reader)[0])
     # What serving answers: each digit voted by both models (sequence.voted).
     served = [
         sequence.text_of(sequence.voted(f, sequence.softmax(z, temperature), a))
         for f, z, a in zip(found, logits, answers, strict=True)
     ]
     right = np.array([text == truth for text, truth in zip(served, texts, strict=True)])
+    scores = {
+        rule: np.array([sequence.number_confidence(rule, *line) for line in zip(paths, found, answers, strict=True)])
+        for rule in sequence.CONFIDENCES
+    }
+    both = scores[sequence.BOTH_READERS]
+    both[~both_readers_agree(digits, val, served, both > 0)] = 0.0
     rules = {}
-    for rule in sequence.CONFIDENCES:
-        scores = np.array([sequence.number_confidence(rule, *line) for line in zip(paths, found, answers, strict=True)])
-        sure_from = confidence.threshold_for(scores, right, accepted_accuracy)
-        rules[rule] = {"sure_from": sure_from, "kept": scores >= sure_from}
+    for rule, score in scores.items():
+        sure_from = confidence.threshold_for(score, right, accepted_accuracy)
+        rules[rule] = {"sure_from": sure_from, "kept": score >= sure_from}
     chosen = max(sequence.CONFIDENCES, key=lambda rule: rules[rule]["kept"].mean())  # the first, on a tie
     sure_from, kept = rules[chosen]["sure_from"], rules[chosen]["kept"]
     return {
@@ -220,7 +240,7 @@ def train_reader(params):
     import mlflow
 
     settings = params.read
-    require(model_file("cnn"), beside(model_file("cnn"), "calibration"))
+    require(model_file("cnn"), beside(model_file("cnn"), "calibration"), beside(model_file("cnn"), "gate"))
     digit_calibration = confidence.read_calibration(beside(model_file("cnn"), "calibration"))
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
     training.seed_everything(settings.seed)
@@ -235,7 +255,8 @@ def train_reader(params):
     with tracking.training_run(READER, "train_reader", params.mlflow.experiment) as (run, tags):
         mlflow.log_params({"model": READER, **{f"read.{k}": v for k, v in vars(settings).items()}})
         rows, best_epoch = fit(reader, train, val, settings)
-        scores = calibrate(reader, digit_model, digit_calibration, val, settings.accepted_accuracy)
+        digits = KerasGraph(digit_model, digit_calibration, load_gate(beside(model_file("cnn"), "gate")))
+        scores = calibrate(reader, digits, val, settings.accepted_accuracy)
         scores["best_epoch"] = best_epoch
         mlflow.log_param("read.confidence", scores["confidence"])
         mlflow.log_metrics({k: float(v) for k, v in scores.items() if isinstance(v, float | int)})

@@ -92,7 +92,7 @@ class Predictor:
         import keras
         import tensorflow as tf
 
-        from pipeline.core.graph.convert import serving_function
+        from pipeline.core.graph.convert import KerasGraph, load_gate
 
         path = files["keras"]
         if path is None:
@@ -110,8 +110,8 @@ class Predictor:
         self.calibration = read_calibration(calibration_path) if calibration_path else None
         if self.calibration is None:
             print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
-        self.gate = _load_gate(gate_path) if gate_path else None
-        self._serve = serving_function(keras.models.load_model(path, compile=False), self.calibration, self.gate)
+        fitted_gate = load_gate(gate_path) if gate_path else None
+        self.graph = KerasGraph(keras.models.load_model(path, compile=False), self.calibration, fitted_gate)
 
     @staticmethod
     def _calibration_beside(files, model_sha256):
@@ -193,23 +193,10 @@ class Predictor:
     def predict(self, images):
         """(n, 28, 28) float32 in MNIST form -> (n, 10) calibrated probabilities, and (n,) whether
         the gate says each image is not a digit (all False without a gate)."""
-        if self.runtime == "onnx":
-            return self.graph.predict(images)
-        batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
-        outputs = self._serve(batch)
-        probabilities = outputs["probabilities"].numpy()
-        if self.gate is None:
-            return probabilities, np.zeros(len(batch), bool)
-        return probabilities, self.gate.not_a_digit_from(outputs["tree_inputs"].numpy())
+        return self.graph.predict(images)
 
     def probabilities(self, images):
         return self.predict(images)[0]
 
     def not_sure(self, probabilities, not_a_digit):
         return is_not_sure(probabilities, not_a_digit, self.not_sure_below)
-
-
-def _load_gate(path):
-    import joblib
-
-    return joblib.load(path)  # a pickle: only load gates this project's calibrate stage wrote

@@ -39,6 +39,42 @@ def serving_function(model, calibration=None, fitted_gate=None):
     return tf.function(serve, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")])
 
 
+def load_gate(path):
+    """A "not a digit" gate the calibrate stage or `digits finetune` saved: a pickle, so load only
+    this project's own."""
+    import joblib
+
+    return joblib.load(path)
+
+
+class KerasGraph:
+    """The serving function in-process on TensorFlow, answering as runtime.OnnxGraph answers: for
+    `--runtime tf`, and for train_reader, which reads numbers before the export stage has made the
+    ONNX graph."""
+
+    BATCH = 1000  # images per call: a line's worth of crops, or a validation set's in steps
+
+    def __init__(self, model, calibration=None, fitted_gate=None):
+        self.serve = serving_function(model, calibration, fitted_gate)
+        self.calibration, self.gate = calibration, fitted_gate
+
+    def predict(self, images):
+        """(n, 28, 28) float32 in MNIST form -> (n, 10) calibrated probabilities, and (n,) whether
+        the gate says each image is not a digit (all False without a gate)."""
+        batch = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
+        outputs = [self.serve(batch[i : i + self.BATCH]) for i in range(0, max(len(batch), 1), self.BATCH)]
+        probabilities = np.concatenate([out["probabilities"].numpy() for out in outputs])
+        if self.gate is None:
+            return probabilities, np.zeros(len(batch), bool)
+        tree_inputs = np.concatenate([out["tree_inputs"].numpy() for out in outputs])
+        return probabilities, self.gate.not_a_digit_from(tree_inputs)
+
+    def not_sure(self, probabilities, not_a_digit):
+        return confidence.is_not_sure(
+            probabilities, not_a_digit, self.calibration["not_sure_below"] if self.calibration else 0.0
+        )
+
+
 OPSET = 17  # the newest that tf2onnx 1.17 converts to; ONNX Runtime runs it everywhere
 ATOL = 1e-5  # largest difference in a probability allowed between ONNX Runtime and Keras
 # The gate's score in float32 (ONNX) and float64 (scikit-learn) differ by rounding: an image this close
@@ -153,8 +189,9 @@ def export(model_path, calibration_path, gate_path, onnx_path, x_val):
 
 
 def reader_function(reader, temperature):
-    """lines (n, 28, width, 1) float32 -> {"windows": (n, windows, 11)}: each window's probabilities
-    of the ten digits and the blank, at the calibrated temperature. Decoding stays outside."""
+    """lines (n, 28, width, 1) float32 -> {"windows": (n, windows, classes)}: each window's
+    probabilities of the ten digits, a mark and the blank (pipeline.core.reading.sequence.CLASSES),
+    at the calibrated temperature. Decoding stays outside."""
     import tensorflow as tf
 
     def serve(lines):

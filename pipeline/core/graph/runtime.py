@@ -55,6 +55,6 @@ class ReaderGraph:
         self.calibration = {key: float(metadata[key]) for key in READER_KEYS} | {READER_RULE: metadata[READER_RULE]}
 
     def windows(self, lines):
-        """(n, 28, width, 1) float32 -> (n, windows, 11)."""
+        """(n, 28, width, 1) float32 -> (n, windows, classes): the ten digits, a mark, the blank."""
         (probabilities,) = self.session.run(None, {"lines": np.asarray(lines, np.float32)})
         return probabilities

@@ -4,14 +4,16 @@ The reader sees a line as MNIST sees a digit: white ink on black, the ink's heig
 INK_HEIGHT pixels and centred in HEIGHT rows, any width. Training lines are numbers written from
 MNIST digits (numbers.make_number) with the variety real forms have on top: any length up to
 MAX_LENGTH, every spacing kind, slant, thinner or thicker strokes, scanner blur, anti-aliased low
-resolution, paper noise and either polarity.
+resolution, paper noise and either polarity; and now and then a mark that is no digit (a letter,
+a dash, a scribble), read as "?".
 """
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.core import normalize
 from pipeline.core.reading import numbers
+from pipeline.core.trust import nondigits
 
 HEIGHT = 28  # rows, as MNIST's digits
 INK_HEIGHT = 20  # rows the line's ink spans, as MNIST's digits' larger side
@@ -26,6 +28,9 @@ BLUR_SHARE, BLUR_RADIUS = 0.25, (0.5, 1.2)  # lines a scanner blurs, and how muc
 LOW_RESOLUTION_SHARE, LOW_RESOLUTION_HEIGHT = 0.2, (10, 16)  # lines scanned small: ink rows
 THIN_SHARE = 0.15  # lines written with a thinner pen
 INVERTED_SHARE = 0.2  # light ink on dark paper
+MARK_SHARE = 0.15  # lines with a mark that is no digit in place of one digit, read as "?"
+MARK_KINDS = ("letters", "scribbles", "dash")  # marks a number may hold
+DASH_LENGTH, DASH_THICKNESS = (40, 120), (4, 16)  # pixels, before MNIST's form makes it 20 wide
 
 
 def ink_of(image):
@@ -87,18 +92,40 @@ def varied(image, rng):
     return 255 - array if rng.random() < INVERTED_SHARE else array
 
 
+def mark(rng):
+    """A mark that is no digit, in MNIST's form: a letter of the fonts the gate is fitted on or a
+    scribble (pipeline.core.trust.nondigits), or a dash of any thickness, a little askew."""
+    kind = MARK_KINDS[rng.integers(len(MARK_KINDS))]
+    if kind == "letters":
+        return normalize.to_mnist(nondigits.letters(rng, nondigits.FIT_FONTS))
+    if kind == "scribbles":
+        return normalize.to_mnist(nondigits.scribbles(rng))
+    length, thickness = rng.integers(*DASH_LENGTH), rng.integers(*DASH_THICKNESS)
+    dash = Image.new("L", (160, 160), 255)
+    rise = int(rng.integers(-length // 8, length // 8 + 1))
+    ImageDraw.Draw(dash).line(
+        [(80 - length // 2, 80 + rise), (80 + length // 2, 80 - rise)], fill=0, width=int(thickness)
+    )
+    return normalize.to_mnist(np.asarray(dash))
+
+
 def training_line(x, labels, rng, max_length=MAX_LENGTH):
-    """One training line: (the line in the reader's form, its digits as text). A draw whose ink the
-    variety washed out (a faint 1 scanned small) is drawn again."""
+    """One training line: (the line in the reader's form, its text: digits, and "?" for a mark that
+    is no digit). A draw whose ink the variety washed out (a faint 1 scanned small) is drawn again."""
     while True:
         length = int(rng.integers(1, max_length + 1))
         chosen = rng.integers(len(x), size=length)
-        image, _ = numbers.make_number(x[chosen], numbers.KINDS[rng.integers(len(numbers.KINDS))], rng)
+        written, text = x[chosen], [str(int(d)) for d in labels[chosen]]
+        if rng.random() < MARK_SHARE:
+            at = int(rng.integers(length))
+            written, text[at] = written.copy(), "?"
+            written[at] = mark(rng)
+        image, _ = numbers.make_number(written, numbers.KINDS[rng.integers(len(numbers.KINDS))], rng)
         try:
             line, _ = to_line(ink_of(varied(image, rng)))
         except normalize.ImageError:
             continue
-        return line, "".join(str(int(d)) for d in labels[chosen])
+        return line, "".join(text)
 
 
 def training_lines(x, labels, count, seed, max_length=MAX_LENGTH):

@@ -6,14 +6,18 @@ convolutional, answer for a 28-pixel window every 4 columns (the last pooling ke
 column, and the dense head becomes a 3x3 convolution dilated to match). Three convolutions along
 the row of windows give each window its neighbours' view (about two digits either side; a recurrent
 layer would see further, but its loops convert poorly to ONNX and cost more on two cores), and a
-softmax over the ten digits and a blank answers each window. CTC training needs only each line's
-text, never where its digits are.
+softmax over the ten digits, a mark that is no digit ("?") and a blank answers each window. CTC
+training needs only each line's text, never where its digits are.
 
 Decoding (greedy) keeps the likeliest answer of each window, merges repeats and drops blanks; each
 digit's confidence is the highest probability it has in the windows that emit it. The digit model
 then looks at each decoded digit's own ink, and each digit is the one both models find likeliest
 together (voted). The number's confidence is one of CONFIDENCES, the one that train_reader's
-calibration chose on validation lines.
+calibration chose on validation lines. By the last of them, a number is sure only when the
+segmenter, cutting the same ink into digits (pipeline/core/reading/segment.py), reads the same
+number: the two readers miss in different ways (a digit too few or too many in the line reader's
+surest misses; a wrong cut in the segmenter's), so their agreement is rarely wrong. The segmenter
+is asked only about numbers the line reader would mark sure: it takes longer than the line reader.
 """
 
 import numpy as np
@@ -22,18 +26,22 @@ from pipeline.core import normalize
 from pipeline.core.reading import lines, segment
 
 BLANK = 10  # the CTC blank: the windows between and around digits
-CLASSES = 11
+MARK = 11  # a mark that is no digit (a letter, a dash, a scribble): read as "?"
+CLASSES = 12
 BLANK_UNTIL = 0.5  # at the start of training, a window is blank where the CNN is less sure than this
+MARK_FROM = 0.01  # at the start of training, a window's probability of a mark, before the softmax
 HALF_WIDTH = 0.7  # of the line's ink height: a digit's box reaches no further from its window's centre
 FIRST_CENTRE = 14  # line column at the centre of window 0 (the CNN's 28-pixel view)
 CONTEXT_FILTERS = 128  # of each convolution along the row of windows
 CONTEXT_WIDTH = 5  # windows each of them sees
 CONTEXT_DILATIONS = (1, 2, 4)  # one convolution each: together they see 29 windows, two digits either side
+BOTH_READERS = "digits_if_both_readers_agree"
 # The whole number's confidence, in the order calibration tries them:
 CONFIDENCES = (
     "path",  # the decoded path's probability, after the windows' temperature
     "path_if_digits_agree",  # the same, or 0 where the digit model reads any digit otherwise
     "digits_if_they_agree",  # the digit model's lowest probability of the digits read, or 0 likewise
+    BOTH_READERS,  # the same, and sure only where the segmenter reads the same number
 )
 
 
@@ -107,18 +115,19 @@ def build(digit_model):
     first_digit = features.shape[-1]
     kernel[first_digit : first_digit + BLANK, :BLANK] = np.eye(BLANK)
     bias = np.zeros(CLASSES, np.float32)
-    bias[BLANK] = np.log(BLANK_UNTIL)
+    bias[BLANK], bias[MARK] = np.log(BLANK_UNTIL), np.log(MARK_FROM)
     answer.set_weights([kernel, bias])
     return keras.Model(line, logits, name="reader")
 
 
 def targets(texts, window_counts, max_length):
     """CTC targets as one array: the text's length, the line's own windows (those of a batch's
-    padding are not the line's: a digit must be read where the line is), then the digits."""
+    padding are not the line's: a digit must be read where the line is), then the digits ("?": a
+    mark)."""
     y = np.zeros((len(texts), max_length + 2), np.int32)
     for i, (text, count) in enumerate(zip(texts, window_counts, strict=True)):
         y[i, :2] = len(text), count
-        y[i, 2 : 2 + len(text)] = [int(c) for c in text]
+        y[i, 2 : 2 + len(text)] = [MARK if c == "?" else int(c) for c in text]
     return y
 
 
@@ -154,7 +163,7 @@ def decode(probabilities):
 
 
 def text_of(digits):
-    return "".join(str(d) for d, *_ in digits)
+    return "".join("?" if d == MARK else str(d) for d, *_ in digits)
 
 
 def centre_column(window, stride):
@@ -182,7 +191,8 @@ def digit_ink(ink, found, scale, left, stride):
 
 
 def agree(found, digit_probabilities):
-    """Whether the digit model, looking at each digit's ink, reads the digit the line reader read."""
+    """Whether the digit model, looking at each digit's ink, reads the digit the line reader read
+    (never a mark's)."""
     return all(int(np.argmax(p)) == d for (d, *_), p in zip(found, digit_probabilities, strict=True))
 
 
@@ -190,9 +200,12 @@ def voted(found, probabilities, digit_probabilities):
     """The decoded digits, each now the digit with the highest sum of the two models' log-
     probabilities: the line reader's (each digit's highest probability in the windows that emit it,
     made to sum to one) and the digit model's, looking at its ink. Where the two agree nothing
-    changes; where they differ, the surer one wins."""
+    changes; where they differ, the surer one wins. A mark stays a mark."""
     chosen = []
-    for (_, _, first, last), p in zip(found, digit_probabilities, strict=True):
+    for (d, c, first, last), p in zip(found, digit_probabilities, strict=True):
+        if d == MARK:  # no digit to vote on
+            chosen.append((d, c, first, last))
+            continue
         line = probabilities[first : last + 1, :BLANK].max(axis=0)
         line = line / line.sum()
         digit = int(np.argmax(np.log(np.maximum(line, 1e-30)) + np.log(np.maximum(p, 1e-30))))
@@ -202,9 +215,12 @@ def voted(found, probabilities, digit_probabilities):
 
 def number_confidence(rule, path, found, digit_probabilities):
     """The whole number's confidence by `rule`, one of CONFIDENCES; `found` as the line reader
-    decoded it (before the vote)."""
+    decoded it (before the vote). 0 for a number with a mark: it is never sure. (BOTH_READERS's
+    condition on the segmenter is read's and the calibration's: it needs the image.)"""
     if rule not in CONFIDENCES:
         raise ValueError(f"number confidence {rule!r}: expected one of {', '.join(CONFIDENCES)}")
+    if any(d == MARK for d, *_ in found):
+        return 0.0
     if rule == "path":
         return path
     if not found or not agree(found, digit_probabilities):
@@ -214,12 +230,23 @@ def number_confidence(rule, path, found, digit_probabilities):
     return float(min(p[d] for (d, *_), p in zip(found, digit_probabilities, strict=True)))
 
 
+def segmenter_reads(image, digits):
+    """The number the segmenter reads in `image` (with the digit model `digits`), or None where it
+    reads none."""
+    try:
+        return segment.read(image, digits).text
+    except normalize.ImageError:
+        return None
+
+
 def read(image, graph, digits):
     """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
     ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
-    ink (digit_ink), each digit voted. A mark the gate calls not a digit, unless the digit model
-    reads the line reader's digit surely, is "?". The number's confidence is number_confidence by
-    the calibrated rule; it is sure when that reaches the calibrated threshold and no mark is "?".
+    ink (digit_ink), each digit voted. A mark the line reader reads as no digit is "?" (the digit
+    model's gate is not asked: on validation numbers it refused more real digits than the line
+    reader's own mark, and caught fewer marks; docs/reading.md). The number's confidence is
+    number_confidence by the calibrated rule; it is sure when that reaches the calibrated threshold
+    and no mark is "?" (and, by BOTH_READERS, the segmenter reads the same number).
     normalize.ImageError when nothing can be read."""
     ink = lines.ink_of(image)
     line, (scale, left) = lines.to_line(ink)
@@ -233,20 +260,16 @@ def read(image, graph, digits):
     if len(found) > segment.MAX_PIECES:
         raise segment.TooManyPieces(f"{len(found)} digits found: at most {segment.MAX_PIECES} are read in one image")
     boxes, crops = digit_ink(ink, found, scale, left, shape[0])
-    digit_probabilities, flagged = digits.predict(crops)
+    digit_probabilities, _ = digits.predict(crops)
     number = number_confidence(calibration["confidence"], path, found, digit_probabilities)
-    # A mark is "?" when the gate calls its ink no digit and the digit model, looking at the same
-    # ink, does not confirm the line reader's digit: touching digits' boxes hold a bit of their
-    # neighbours, which the gate alone would often refuse.
-    not_a_digit = [
-        bool(flag) and (int(np.argmax(p)) != d or digits.not_sure(p, False))
-        for (d, _, _, _), p, flag in zip(found, digit_probabilities, flagged, strict=True)
-    ]
+    not_a_digit = [d == MARK for d, *_ in found]
     found = voted(found, probabilities, digit_probabilities)
     confident = number >= calibration["sure_from"]
+    if confident and calibration["confidence"] == BOTH_READERS:
+        confident = segmenter_reads(image, digits) == text_of(found)
     return segment.Reading(
-        [
-            segment.Digit(box, d, c, not confident, flag, p)
+        [  # a mark's digit is the digit model's guess, as the segmenter's is
+            segment.Digit(box, int(np.argmax(p)) if d == MARK else d, c, not confident, flag, p)
             for (d, c, _, _), box, p, flag in zip(found, boxes, digit_probabilities, not_a_digit, strict=True)
         ],
         confidence=number,
