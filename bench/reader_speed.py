@@ -6,7 +6,9 @@ read it (one image at a time), one run, JSON in reports/reader_speed.json:
 5-digit numbers of each spacing kind written from *validation* digits (pipeline/core/reading/
 numbers.py), each read from its uint8 image to the answer: the line reader (models/reader.onnx with
 models/cnn.onnx, the default) and the segmenter (`--reader segment`). Reported: p50 and p95 ms per
-number over all kinds, and the line reader's time as a ratio of the segmenter's in the same run.
+number over all kinds (and for the line reader, apart for the numbers it marks sure: with the "both
+readers" confidence it asks the segmenter about those), and the line reader's time as a ratio of
+the segmenter's in the same run.
 """
 
 import argparse
@@ -25,15 +27,20 @@ from pipeline.core.reading import numbers, segment, sequence
 OUT = "reports/reader_speed.json"
 
 
-def timings_ms(read, images, warmup=20):
+def percentiles(spent):
+    return {"p50_ms": round(float(np.percentile(spent, 50)), 2), "p95_ms": round(float(np.percentile(spent, 95)), 2)}
+
+
+def timed_ms(read, images, warmup=20):
+    """Each image's reading and the ms it took, after `warmup` reads."""
     for image in images[:warmup]:
         read(image)
-    spent = []
+    readings, spent = [], []
     for image in images:
         begin = time.perf_counter()
-        read(image)
+        readings.append(read(image))
         spent.append((time.perf_counter() - begin) * 1000)
-    return {"p50_ms": round(float(np.percentile(spent, 50)), 2), "p95_ms": round(float(np.percentile(spent, 95)), 2)}
+    return readings, np.array(spent)
 
 
 def main(argv=None):
@@ -49,9 +56,15 @@ def main(argv=None):
         for image, _, _ in numbers.sample(data["x_val"], data["y_val"], [5], kind, args.numbers, rng)
     ]
     digits, reader = OnnxGraph(onnx_file("cnn")), ReaderGraph(onnx_file("reader"))
+    readings, by_line = timed_ms(lambda image: sequence.read(image, reader, digits), images)
+    _, by_cuts = timed_ms(lambda image: segment.read(image, digits), images)
+    sure = np.array([reading.sure for reading in readings])
     measured = {
-        "line reader": timings_ms(lambda image: sequence.read(image, reader, digits), images),
-        "segmenter": timings_ms(lambda image: segment.read(image, digits), images),
+        "line reader": percentiles(by_line),
+        # With the "both readers" confidence the segmenter is asked too, about these only.
+        "line reader, numbers it marks sure": {"share": round(float(sure.mean()), 3), **percentiles(by_line[sure])},
+        "line reader, the others": percentiles(by_line[~sure]),
+        "segmenter": percentiles(by_cuts),
     }
     report = {
         "date": date.today().isoformat(),
