@@ -1,13 +1,6 @@
 import hashlib
 import json
-import os
 import shutil
-
-# One OpenMP thread for the tests and what they start (stages, CLI runs): the "not a digit" gate's
-# trees (scikit-learn 1.9.1's HistGradientBoosting with class weights) bin their features in
-# threads that spend their time waiting on each other, and on 2 cores one thread fits a gate about
-# 40 % sooner (docs/pipeline.md). Set before NumPy and scikit-learn load their thread pools.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
