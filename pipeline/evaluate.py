@@ -20,7 +20,6 @@ training run, and the test accuracy to its registered model version.
 import io
 import time
 
-import joblib
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
@@ -170,7 +169,7 @@ def evaluate_models(params):
         summary["images_per_second"] = round(images_per_second, 1)
         calibration = confidence.read_calibration(calibration_file(model_name))
         calibrated, trust = trust_scores(raw, x_test, labels, calibration)
-        trust["not_a_digit"] = gate_scores(model, joblib.load(gate_file(model_name)), x_test, non_digits)
+        trust["not_a_digit"] = gate_scores(model, gate.load(gate_file(model_name)), x_test, non_digits)
         metrics[model_name] = {"test": {**summary, **trust}}
 
         report_path, predictions_path = (

@@ -29,10 +29,10 @@ import numpy as np
 from pipeline.core import params as params_module
 from pipeline.core import tracking, training
 from pipeline.core.files import atomic_path, load_arrays, require, sha256, write_json, write_text
-from pipeline.core.graph.convert import KerasGraph, load_gate
+from pipeline.core.graph.convert import KerasGraph
 from pipeline.core.layout import PROCESSED_DIR, READER, TRAIN_REPORTS_DIR, beside, model_file
 from pipeline.core.reading import lines, sequence
-from pipeline.core.trust import confidence
+from pipeline.core.trust import confidence, gate
 
 HISTORY_COLUMNS = ["epoch", "loss", "val_exact", "learning_rate", "seconds"]
 
@@ -255,7 +255,7 @@ def train_reader(params):
     with tracking.training_run(READER, "train_reader", params.mlflow.experiment) as (run, tags):
         mlflow.log_params({"model": READER, **{f"read.{k}": v for k, v in vars(settings).items()}})
         rows, best_epoch = fit(reader, train, val, settings)
-        digits = KerasGraph(digit_model, digit_calibration, load_gate(beside(model_file("cnn"), "gate")))
+        digits = KerasGraph(digit_model, digit_calibration, gate.load(beside(model_file("cnn"), "gate")))
         scores = calibrate(reader, digits, val, settings.accepted_accuracy)
         scores["best_epoch"] = best_epoch
         mlflow.log_param("read.confidence", scores["confidence"])

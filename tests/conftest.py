@@ -188,10 +188,10 @@ def trained_reader_file(trained_model_file, mnist):
     import keras
 
     from pipeline import preprocess, train_reader
-    from pipeline.core.graph.convert import KerasGraph, export_reader, load_gate
+    from pipeline.core.graph.convert import KerasGraph, export_reader
     from pipeline.core.layout import beside
     from pipeline.core.reading import lines
-    from pipeline.core.trust import confidence
+    from pipeline.core.trust import confidence, gate
 
     x, y = preprocess.scale(mnist["x_train"][20000:29000])[..., 0], mnist["y_train"][20000:29000]
     train = lines.training_lines(x[:8000], y[:8000], 6000, seed=1, max_length=3)
@@ -203,7 +203,7 @@ def trained_reader_file(trained_model_file, mnist):
     train_reader.fit(reader, train, val, settings, to_mlflow=False)
     path = trained_model_file.with_name("reader.keras")
     calibration = confidence.read_calibration(beside(trained_model_file, "calibration"))
-    digits = KerasGraph(digit_model, calibration, load_gate(beside(trained_model_file, "gate")))
+    digits = KerasGraph(digit_model, calibration, gate.load(beside(trained_model_file, "gate")))
     train_reader.save(reader, train_reader.calibrate(reader, digits, val, 0.99), 0.99, path)
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)

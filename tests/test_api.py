@@ -112,7 +112,9 @@ def test_a_calibration_fitted_to_another_model_is_refused_and_none_means_the_mod
     uncalibrated.write_bytes(model_file.read_bytes())
     predictor = Predictor(uncalibrated, "tf")
     assert "no calibration found" in capsys.readouterr().err
-    assert predictor.temperature == 1.0 and predictor.not_sure_below == 0.0 and predictor.graph.gate is None
+    assert predictor.temperature == 1.0 and predictor.graph.gate is None
+    # Without a calibration no answer is "not sure", however unsure the model is.
+    assert not predictor.not_sure(np.full(10, 0.1, np.float32), False)
 
 
 def test_the_onnx_graph_belongs_to_its_keras_file_and_serves_alone(model_file, tmp_path):

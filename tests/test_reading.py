@@ -82,6 +82,18 @@ def test_a_digit_written_in_separate_strokes_is_one_piece():
         assert left <= min(xs) and max(xs) < right  # the piece holds every stroke of its digit
 
 
+def test_a_piece_cut_from_the_ink_reaches_the_model_as_the_same_ink_uploaded_would():
+    """Both readers bring each cut piece to MNIST's form without re-measuring the paper (it is the
+    zero background already); the form must be the one an upload of the piece gets."""
+    four, five = [[(20, 20), (14, 55), (44, 55)], [(40, 28), (40, 85)]], [[(84, 38), (80, 58), (104, 74)]]
+    ink = normalize.to_ink(normalize.to_gray(strokes_image(four + five)))
+    for _, piece in segment.ink_pieces(ink):
+        for part in (piece, piece[:, : piece.shape[1] // 2], 0.4 * piece):  # a whole piece, a split, faint ink
+            assert np.array_equal(segment.mnist_form(part), normalize.to_mnist(np.pad(part, 2)))
+    with pytest.raises(normalize.ImageError, match="blank"):
+        segment.mnist_form(np.zeros((30, 20), np.float32))
+
+
 def test_blank_and_cluttered_images_are_refused_with_a_reason(predictor):
     with pytest.raises(normalize.ImageError, match="blank"):
         segment.read(np.full((60, 200), 255, np.uint8), predictor)

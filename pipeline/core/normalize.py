@@ -67,10 +67,11 @@ def to_gray(image):
     return np.asarray(image.convert("L"), dtype=np.float32) / np.float32(255.0)
 
 
-def to_ink(gray):
-    """Grey levels -> ink in [0, 1] on a zero background, whichever the polarity of the original."""
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
+def to_ink(gray, background=None):
+    """Grey levels -> ink in [0, 1] on a zero background, whichever the polarity of the original.
+    The background is the border's median level unless given (a piece already cut from ink)."""
+    if background is None:
+        background = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
     ink = 1.0 - gray if background > 0.5 else gray  # light paper: dark ink becomes bright
     background = 1.0 - background if background > 0.5 else background
     span = ink.max() - background
@@ -98,7 +99,12 @@ def centre_by_mass(digit, size=28):
 
 def to_mnist(image):
     """A PIL image or NumPy array of any size, colour or grey, either polarity -> (28, 28) float32."""
-    ink = to_ink(to_gray(image))
+    return ink_to_mnist(to_ink(to_gray(image)))
+
+
+def ink_to_mnist(ink):
+    """Ink in [0, 1] on a zero background (to_ink's) -> (28, 28) float32: fitted into a 20x20 box
+    and centred by its mass."""
     rows, cols = np.nonzero(ink > INK_THRESHOLD)
     crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = crop.shape

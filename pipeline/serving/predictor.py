@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.core.files import sha256
 from pipeline.core.graph.runtime import OnnxGraph
 from pipeline.core.layout import beside
-from pipeline.core.trust.confidence import is_not_sure, read_calibration
+from pipeline.core.trust.confidence import read_calibration
 
 DEFAULT_MODEL = "models/cnn.keras"
 RUNTIMES = ("onnx", "tf")
@@ -63,8 +63,6 @@ class Predictor:
         else:
             self._load_tf(files, threads)
         self.temperature = self.calibration["temperature"] if self.calibration else 1.0
-        # Answers less confident than this are marked "not sure" (0: no calibration, never).
-        self.not_sure_below = self.calibration["not_sure_below"] if self.calibration else 0.0
         self.predict(np.zeros((1, 28, 28), np.float32))  # warm up now, not in the first request
 
     def _local(self, path):
@@ -92,7 +90,8 @@ class Predictor:
         import keras
         import tensorflow as tf
 
-        from pipeline.core.graph.convert import KerasGraph, load_gate
+        from pipeline.core.graph.convert import KerasGraph
+        from pipeline.core.trust import gate
 
         path = files["keras"]
         if path is None:
@@ -110,7 +109,7 @@ class Predictor:
         self.calibration = read_calibration(calibration_path) if calibration_path else None
         if self.calibration is None:
             print(f"{self.source}: no calibration found; confidences are the model's own", file=sys.stderr)
-        fitted_gate = load_gate(gate_path) if gate_path else None
+        fitted_gate = gate.load(gate_path) if gate_path else None
         self.graph = KerasGraph(keras.models.load_model(path, compile=False), self.calibration, fitted_gate)
 
     @staticmethod
@@ -199,4 +198,5 @@ class Predictor:
         return self.predict(images)[0]
 
     def not_sure(self, probabilities, not_a_digit):
-        return is_not_sure(probabilities, not_a_digit, self.not_sure_below)
+        """Whether each answer is "not sure": by the calibrated threshold (never without a calibration)."""
+        return self.graph.not_sure(probabilities, not_a_digit)

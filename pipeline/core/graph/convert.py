@@ -39,14 +39,6 @@ def serving_function(model, calibration=None, fitted_gate=None):
     return tf.function(serve, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")])
 
 
-def load_gate(path):
-    """A "not a digit" gate the calibrate stage or `digits finetune` saved: a pickle, so load only
-    this project's own."""
-    import joblib
-
-    return joblib.load(path)
-
-
 class KerasGraph:
     """The serving function in-process on TensorFlow, answering as runtime.OnnxGraph answers: for
     `--runtime tf`, and for train_reader, which reads numbers before the export stage has made the
@@ -77,6 +69,9 @@ class KerasGraph:
 
 OPSET = 17  # the newest that tf2onnx 1.17 converts to; ONNX Runtime runs it everywhere
 ATOL = 1e-5  # largest difference in a probability allowed between ONNX Runtime and Keras
+# The line reader's answers sum many more float32 terms (a line's width of windows, their context)
+# and its temperature sharpens the rounding: it is held to every window's answer, and to this.
+READER_ATOL = 1e-4
 # The gate's score in float32 (ONNX) and float64 (scikit-learn) differ by rounding: an image this close
 # to the "not a digit" threshold may fall on either side (a quantile of validation scores can be one).
 GATE_ATOL = 1e-6
@@ -171,7 +166,6 @@ def check(path, serve, fitted_gate, x_val):
 
 def export(model_path, calibration_path, gate_path, onnx_path, x_val):
     """Write and check one model's ONNX graph; returns the check's numbers."""
-    import joblib
     import keras
 
     calibration = confidence.read_calibration(calibration_path)
@@ -179,7 +173,7 @@ def export(model_path, calibration_path, gate_path, onnx_path, x_val):
     if calibration["model_sha256"] != model_sha256:
         raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro calibrate`")
     model = keras.models.load_model(model_path, compile=False)
-    fitted_gate = joblib.load(gate_path)
+    fitted_gate = gate.load(gate_path)
     serve = serving_function(model, calibration, fitted_gate)
     joined = to_onnx(serve, fitted_gate, {**calibration, "model_sha256": model_sha256})
     with atomic_path(onnx_path) as tmp:
@@ -231,6 +225,6 @@ def export_reader(model_path, calibration_path, onnx_path, check_lines):
             "same_windows": float(np.mean(answered.argmax(-1) == expected.argmax(-1))),
             "file_bytes": tmp.stat().st_size,
         }
-        if scores["max_probability_difference"] > ATOL or scores["same_windows"] < 1:
+        if scores["max_probability_difference"] > READER_ATOL or scores["same_windows"] < 1:
             raise ExportError(f"{onnx_path} does not answer as Keras does on the validation lines: {scores}")
     return scores

@@ -151,7 +151,7 @@ def _with_flat_marks_joined(groups, slices):
 
 def mnist_form(piece):
     """A piece's ink (zero background) -> 28x28 in MNIST's form, as normalize does for an upload."""
-    return normalize.to_mnist(np.pad(piece, 2))
+    return normalize.ink_to_mnist(normalize.to_ink(piece.astype(np.float32), background=0.0))
 
 
 def candidate_cuts(piece, narrowest):
