@@ -24,8 +24,6 @@ and adds the same to the model's MLflow run (params, metrics, calibration.json, 
 alone) and its registered version (tags). The test split is not read here: evaluate measures the result on it.
 """
 
-import joblib
-
 from pipeline.core import params as params_module
 from pipeline.core import tracking
 from pipeline.core.files import atomic_path, load_arrays, require, sha256, write_json
@@ -87,7 +85,7 @@ def calibrate_models(params):
         run_file = tracking.read_run_file(model)
         file, scores, fitted_gate, calibrated_model = calibrate(model_file(model), data, labels, corrupted_val, params)
         with atomic_path(gate_file(model)) as tmp:
-            joblib.dump(fitted_gate, tmp)
+            gate.save(fitted_gate, tmp)
         file["gate_sha256"] = sha256(gate_file(model))
         write_json(calibration_file(model), file)
         report[model] = {"val": scores}

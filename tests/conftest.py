@@ -92,7 +92,6 @@ def model_file(tmp_path_factory):
     calibration and a "not a digit" gate beside it as the calibrate stage writes them: the serving
     code's behaviour does not depend on how well the model was trained. Its answers (~10 % each)
     are all "not sure"; its gate learned drawn sevens against generated non-digits."""
-    import joblib
     import keras
 
     from pipeline.core import models, normalize, params
@@ -110,7 +109,7 @@ def model_file(tmp_path_factory):
         features.predict(sevens, verbose=0)[1], sevens, features.predict(others, verbose=0)[1], others
     )
     fitted.set_threshold(fitted.scores(features.predict(sevens, verbose=0)[1], sevens), 0.01)
-    joblib.dump(fitted, path.with_name("cnn.gate.pkl"))
+    gate.save(fitted, path.with_name("cnn.gate.pkl"))
     calibration = {
         "temperature": CALIBRATION_TEMPERATURE,
         "not_sure_below": 0.9,
@@ -139,11 +138,10 @@ def trained_model_file(tmp_path_factory, mnist):
     its 2,000 validation digits, measured once on this machine): the default architecture trained for 2
     epochs on 12,000 real MNIST training digits, calibrated by the calibrate stage's own code on
     the 2,000 others, and exported."""
-    import joblib
-
     from pipeline import calibrate, preprocess
     from pipeline.core import params, training
     from pipeline.core.graph.convert import export
+    from pipeline.core.trust import gate
 
     x, y = preprocess.scale(mnist["x_train"][:14000]), preprocess.one_hot(mnist["y_train"][:14000])
     data = {"x_train": x[:12000], "y_train": y[:12000], "x_val": x[12000:], "y_val": y[12000:]}
@@ -171,7 +169,7 @@ def trained_model_file(tmp_path_factory, mnist):
     small = {**data, "x_train": data["x_train"][:4000]}
     file, _, fitted_gate, _ = calibrate.calibrate(path, small, data["y_val"].argmax(axis=1), {}, settings)
     beside = path.with_name("cnn.calibration.json"), path.with_name("cnn.gate.pkl"), path.with_suffix(".onnx")
-    joblib.dump(fitted_gate, beside[1])
+    gate.save(fitted_gate, beside[1])
     beside[0].write_text(json.dumps({**file, "gate_sha256": hashlib.sha256(beside[1].read_bytes()).hexdigest()}))
     export(path, *beside, data["x_val"][:500])
     return path

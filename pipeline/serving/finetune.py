@@ -247,15 +247,14 @@ def write_files(out, model, fitted_gate, calibration, x_check):
     """OUT.keras, .calibration.json, .gate.pkl and .onnx, all or none: each is made and checked in a
     scratch folder, and moved beside the others (one file system: each appears whole) only when the
     block that logs them ends without an error. Gives the staged files and the calibration written."""
-    import joblib
-
     from pipeline.core.graph import convert
+    from pipeline.core.trust import gate
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".finetune-") as folder:
         staged = {part: beside(Path(folder) / out.name, part) for part in ("keras", "calibration", "gate", "onnx")}
         model.save(staged["keras"])
-        joblib.dump(fitted_gate, staged["gate"])
+        gate.save(fitted_gate, staged["gate"])
         calibration = {
             **calibration,
             "model_sha256": sha256(staged["keras"]),

@@ -16,6 +16,7 @@ from pipeline.core.normalize import INK_THRESHOLD
 from pipeline.core.trust import nondigits
 
 PIXEL_COMPONENTS = 40
+DIGIT, NOT_A_DIGIT = 0, 1  # the trees' two classes
 
 
 def with_features(model):
@@ -85,8 +86,15 @@ def tree_inputs(model_features, images, pca_mean, pca_components):
     )
 
 
+def save(fitted, path):
+    """The gate at `path` (joblib), for load()."""
+    import joblib
+
+    joblib.dump(fitted, path)
+
+
 def load(path):
-    """A gate the calibrate stage or `digits finetune` saved (joblib): a pickle, so load only this
+    """A gate the calibrate stage or `digits finetune` saved (save()): a pickle, so load only this
     project's own."""
     import joblib
 
@@ -114,18 +122,18 @@ class Gate:
     def fit(self, digit_features, digits, other_features, others):
         self.pca.fit(digits.reshape(len(digits), -1))  # whiten=False: a shift and a rotation
         x = np.concatenate([self._features(digit_features, digits), self._features(other_features, others)])
-        y = np.r_[np.zeros(len(digits)), np.ones(len(others))]
+        y = np.r_[np.full(len(digits), DIGIT), np.full(len(others), NOT_A_DIGIT)]
         # Both classes weigh the same: the rarer one's rows repeated until it is as many, rather than
-        # class_weight="balanced". scikit-learn 1.8+ bins weighted rows one quantile at a time, 40
-        # times slower at this size (scikit-learn PR #34248); repeated rows bin as weighted ones do.
-        rarer = np.flatnonzero(y == (len(others) < len(digits)))
+        # class_weight="balanced". scikit-learn 1.8+ bins weighted rows one quantile at a time, far
+        # slower (scikit-learn PR #34248; docs/experiments.md); repeated rows bin as weighted ones do.
+        rarer = np.flatnonzero(y == (NOT_A_DIGIT if len(others) < len(digits) else DIGIT))
         repeated = np.resize(rarer, abs(len(digits) - len(others)))
         self.trees.fit(np.concatenate([x, x[repeated]]), np.concatenate([y, y[repeated]]))
         return self
 
     def scores(self, model_features, images):
         """Probability-like score that each image is not a digit."""
-        return self.trees.predict_proba(self._features(model_features, images))[:, 1]
+        return self.trees.predict_proba(self._features(model_features, images))[:, NOT_A_DIGIT]
 
     def set_threshold(self, digit_scores, flag_rate):
         """Flag no more than `flag_rate` of these (validation) digits."""
@@ -137,7 +145,7 @@ class Gate:
 
     def not_a_digit_from(self, tree_inputs):
         """not_a_digit() from tree_inputs() already computed (the serving graph's output)."""
-        return self.trees.predict_proba(tree_inputs)[:, 1] > self.threshold
+        return self.trees.predict_proba(tree_inputs)[:, NOT_A_DIGIT] > self.threshold
 
 
 GATE_TRAINING_DIGITS = 20000  # of the 55,000 training digits; half as MNIST has them, half as uploads
