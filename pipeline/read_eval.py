@@ -24,8 +24,6 @@ from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph
 from pipeline.core.layout import PROCESSED_DIR, READING_EXAMPLES_DIR, READING_FILE, onnx_file
 from pipeline.core.reading import numbers, segment, sequence
 
-LENGTHS = range(1, 11)
-SPACED_LENGTH = 5  # the strings of each spacing kind
 EXAMPLES_PER_KIND = 4
 
 
@@ -67,9 +65,7 @@ def measure(params):
         "segment": lambda image: segment.read(image, digits),
     }
     rng = np.random.default_rng(params.read_eval.seed)
-    p = params.read_eval
-    sets = {f"kind/{kind}": ([SPACED_LENGTH], kind, p.strings_per_kind) for kind in numbers.KINDS}
-    sets |= {f"length/{n}": ([n], "clear", p.strings_per_length) for n in LENGTHS}
+    sets = numbers.evaluation_sets(params.read_eval.strings_per_kind, params.read_eval.strings_per_length)
     total = sum(count for _, _, count in sets.values()) * len(readers)
     reports = {name: {"by_kind": {}, "by_length": {}} for name in readers}
     everything = {name: [] for name in readers}

@@ -7,14 +7,15 @@ at each digit read, as served.
 Then
   1. writes `read.training_lines` lines from training digits and `read.validation_lines` from
      validation digits, every length up to 12, every spacing kind, with scanner variety
-     (pipeline/core/reading/lines.py);
+     (pipeline/core/reading/lines.py), and plain numbers from validation digits as read_eval writes
+     its own (pipeline/core/reading/numbers.py, `read.validation_numbers_per_kind`, `_per_length`);
   2. trains with a CTC loss for `read.epochs` epochs, and keeps the epoch whose model reads the
      most validation lines exactly (the rule, chosen before any run: docs/reading.md);
-  3. calibrates the number's confidence on the validation lines: a temperature on the windows'
-     logits, fitted so that a path's probability matches how often such readings are right; then,
-     of the confidences in sequence.CONFIDENCES (one asks the segmenter too), the one that keeps the
-     most numbers sure, and its threshold, the lowest confidence at which the numbers kept are
-     `read.accepted_accuracy` right.
+  3. calibrates the number's confidence on both families of validation numbers, the lines and the
+     plain numbers: a temperature on the windows' logits, fitted so that a path's probability
+     matches how often such readings are right; then, of the confidences in sequence.CONFIDENCES
+     (one asks the segmenter too), the one that keeps the most numbers sure, and its threshold, the
+     lowest confidence at which the numbers kept are `read.accepted_accuracy` right in each family.
 Writes
   models/reader.keras, models/reader.calibration.json, models/reader.run.json
   reports/train/reader.json          validation scores of the kept epoch and of the calibration
@@ -31,10 +32,11 @@ from pipeline.core import tracking, training
 from pipeline.core.files import atomic_path, load_arrays, require, sha256, write_json, write_text
 from pipeline.core.graph.convert import KerasGraph
 from pipeline.core.layout import PROCESSED_DIR, READER, TRAIN_REPORTS_DIR, beside, model_file
-from pipeline.core.reading import lines, sequence
+from pipeline.core.reading import lines, numbers, sequence
 from pipeline.core.trust import confidence, gate
 
 HISTORY_COLUMNS = ["epoch", "loss", "val_exact", "learning_rate", "seconds"]
+FAMILIES = ("lines", "numbers")  # the calibration's: validation lines, plain validation numbers
 
 
 def line_sets(data, settings):
@@ -161,11 +163,27 @@ def fit(reader, train, val, settings, to_mlflow=True):
     return epoch_log.rows, best["epoch"]
 
 
-def digit_answers(digits, logits, val, stride):
-    """Per validation line: what it decodes to, and the digit model's calibrated probabilities for
-    each decoded digit's ink (sequence.digit_ink), as the served digit model (`digits`) answers."""
+def plain_numbers(data, settings):
+    """Plain numbers written from validation digits as read_eval writes its own from test digits
+    (numbers.evaluation_sets), seeded: [(image, text)], the calibration's second family."""
+    rng = np.random.default_rng(settings.seed + 20_000)
+    sets = numbers.evaluation_sets(settings.validation_numbers_per_kind, settings.validation_numbers_per_length)
+    return [
+        (image, text)
+        for lengths, kind, count in sets.values()
+        for image, text, _ in numbers.sample(data["x_val"], data["y_val"], lengths, kind, count, rng)
+    ]
+
+
+def digit_answers(digits, logits, looks, stride):
+    """Per number: what it decodes to, and the digit model's calibrated probabilities for each
+    decoded digit's ink (sequence.digit_ink), as the served digit model (`digits`) answers. `looks`:
+    each number's (line, ink, (scale, left)), as sequence.line_of gives them."""
     found = [sequence.decode(sequence.softmax(z))[0] for z in logits]  # argmax: the same at any temperature
-    crops = [sequence.digit_ink(line, f, 1.0, lines.PAD, stride)[1] for (line, _), f in zip(val, found, strict=True)]
+    crops = [
+        sequence.digit_ink(ink, f, scale, left, stride)[1]
+        for (_, ink, (scale, left)), f in zip(looks, found, strict=True)
+    ]
     counts = np.cumsum([0, *(len(c) for c in crops)])
     if counts[-1] == 0:  # a reader that reads nothing yet (a tiny test run)
         return found, [np.zeros((0, 10), np.float32)] * len(found)
@@ -173,28 +191,35 @@ def digit_answers(digits, logits, val, stride):
     return found, [answers[a:b] for a, b in zip(counts[:-1], counts[1:], strict=True)]
 
 
-def both_readers_agree(digits, val, served, asked):
-    """Per validation line: whether the segmenter reads the number served, asked only where `asked`
-    (elsewhere False), as serving asks it only about numbers that would be sure."""
+def both_readers_agree(digits, images, served, asked):
+    """Per number: whether the segmenter reads the number served, asked only where `asked`
+    (elsewhere False), as serving asks it only about numbers that would be sure. `images`: each
+    number's image, by index."""
     from tqdm import tqdm
 
-    agree = np.zeros(len(val), bool)
-    for i in tqdm(np.flatnonzero(asked), desc="train_reader: the segmenter reads", unit="line", mininterval=10):
-        line = val[i][0]
-        image = 255 - np.round(line * 255).astype(np.uint8)  # dark ink on light paper, as uploads come
-        agree[i] = sequence.segmenter_reads(image, digits) == served[i]
+    agree = np.zeros(len(served), bool)
+    for i in tqdm(np.flatnonzero(asked), desc="train_reader: the segmenter reads", unit="number", mininterval=10):
+        agree[i] = sequence.segmenter_reads(images(i), digits) == served[i]
     return agree
 
 
-def calibrate(reader, digits, val, accepted_accuracy):
+def calibrate(reader, digits, val, plain, accepted_accuracy):
     """The temperature of the windows' logits at which a reading's path probability best predicts
     whether it is right (log-likelihood); then, of the number's confidences (sequence.CONFIDENCES),
-    the one that keeps the most validation numbers sure at `accepted_accuracy` right (read as
-    serving reads them: each digit voted, `digits` the served digit model), with its threshold."""
+    the one that keeps the most numbers sure (the validation lines' share and the plain validation
+    numbers' averaged) with its threshold: the lowest at which the numbers kept are
+    `accepted_accuracy` right in each of the two families (docs/reading.md, rule 9). Numbers are
+    read as serving reads them: each digit voted, `digits` the served digit model."""
     from scipy.optimize import minimize_scalar
 
-    logits = window_logits(reader, val)
-    texts = [text for _, text in val]
+    # Each number's line, ink and placing (sequence.line_of); a validation line is its own ink.
+    looks = [(line, line, (1.0, lines.PAD)) for line, _ in val] + [sequence.line_of(image) for image, _ in plain]
+    texts = [text for _, text in val] + [text for _, text in plain]
+    family = np.repeat(np.arange(len(FAMILIES)), [len(val), len(plain)])
+    logits = window_logits(reader, [(line, text) for (line, _, _), text in zip(looks, texts, strict=True)])
+
+    def image(i):  # what the segmenter reads: dark ink on light paper, as uploads come
+        return plain[i - len(val)][0] if i >= len(val) else 255 - np.round(val[i][0] * 255).astype(np.uint8)
 
     def loss(log_t):
         c, right = judged(logits, texts, np.exp(log_t))
@@ -203,36 +228,45 @@ def calibrate(reader, digits, val, accepted_accuracy):
 
     temperature = float(np.exp(minimize_scalar(loss, bounds=(np.log(0.2), np.log(5.0)), method="bounded").x))
     paths, right_alone = judged(logits, texts, temperature)
-    found, answers = digit_answers(digits, logits, val, sequence.geometry(reader)[0])
+    found, answers = digit_answers(digits, logits, looks, sequence.geometry(reader)[0])
     # What serving answers: each digit voted by both models (sequence.voted).
     served = [
         sequence.text_of(sequence.voted(f, sequence.softmax(z, temperature), a))
         for f, z, a in zip(found, logits, answers, strict=True)
     ]
     right = np.array([text == truth for text, truth in zip(served, texts, strict=True)])
-    scores = {
-        rule: np.array([sequence.number_confidence(rule, *line) for line in zip(paths, found, answers, strict=True)])
+    confidences = {
+        rule: np.array([sequence.number_confidence(rule, *seen) for seen in zip(paths, found, answers, strict=True)])
         for rule in sequence.CONFIDENCES
     }
-    both = scores[sequence.BOTH_READERS]
-    both[~both_readers_agree(digits, val, served, both > 0)] = 0.0
+    both = confidences[sequence.BOTH_READERS]
+    both[~both_readers_agree(digits, image, served, both > 0)] = 0.0
+
+    def per_family(values):
+        return {name: values[family == f] for f, name in enumerate(FAMILIES)}
+
     rules = {}
-    for rule, score in scores.items():
-        sure_from = confidence.threshold_for(score, right, accepted_accuracy)
-        rules[rule] = {"sure_from": sure_from, "kept": score >= sure_from}
-    chosen = max(sequence.CONFIDENCES, key=lambda rule: rules[rule]["kept"].mean())  # the first, on a tie
-    sure_from, kept = rules[chosen]["sure_from"], rules[chosen]["kept"]
-    return {
+    for rule, score in confidences.items():
+        sure_from = confidence.threshold_for(score, right, accepted_accuracy, family)
+        kept = per_family(score >= sure_from)
+        rules[rule] = {"sure_from": sure_from, "kept": kept, "share": np.mean([k.mean() for k in kept.values()])}
+    chosen = max(sequence.CONFIDENCES, key=lambda rule: rules[rule]["share"])  # the first, on a tie
+    kept, right_in = rules[chosen]["kept"], per_family(right)
+    scores = {
         "temperature": temperature,
         "confidence": chosen,
-        "sure_from": sure_from,
-        "val_exact": float(right.mean()),
-        "val_exact_line_reader_alone": float(right_alone.mean()),
-        "val_agreement_share": float(np.mean([sequence.agree(*line) for line in zip(found, answers, strict=True)])),
-        **{f"val_sure_share_{rule}": float(rules[rule]["kept"].mean()) for rule in sequence.CONFIDENCES},
-        "val_sure_share": float(kept.mean()),
-        "val_sure_accuracy": float(right[kept].mean()) if kept.any() else None,
+        "sure_from": rules[chosen]["sure_from"],
+        "val_exact": float(right_in["lines"].mean()),
+        "val_exact_line_reader_alone": float(right_alone[family == 0].mean()),
+        "val_exact_numbers": float(right_in["numbers"].mean()),
+        "val_agreement_share": float(np.mean([sequence.agree(*seen) for seen in zip(found, answers, strict=True)])),
+        **{f"val_sure_share_{rule}": float(rules[rule]["share"]) for rule in sequence.CONFIDENCES},
+        "val_sure_share": float(rules[chosen]["share"]),
     }
+    for name in FAMILIES:
+        scores[f"val_sure_share_{name}"] = float(kept[name].mean())
+        scores[f"val_sure_accuracy_{name}"] = float(right_in[name][kept[name]].mean()) if kept[name].any() else None
+    return scores
 
 
 def train_reader(params):
@@ -245,18 +279,19 @@ def train_reader(params):
     data = load_arrays(PROCESSED_DIR, ["x_train", "y_train", "x_val", "y_val"])
     training.seed_everything(settings.seed)
     train, val = line_sets(data, settings)
+    plain = plain_numbers(data, settings)
     digit_model = keras.models.load_model(model_file("cnn"), compile=False)
     reader = sequence.build(digit_model)
     print(
         f"train_reader: {reader.count_params():,} parameters, {len(train):,} training and {len(val):,} "
-        f"validation lines, {settings.epochs} epochs",
+        f"validation lines, {len(plain):,} plain validation numbers, {settings.epochs} epochs",
         flush=True,
     )
     with tracking.training_run(READER, "train_reader", params.mlflow.experiment) as (run, tags):
         mlflow.log_params({"model": READER, **{f"read.{k}": v for k, v in vars(settings).items()}})
         rows, best_epoch = fit(reader, train, val, settings)
         digits = KerasGraph(digit_model, digit_calibration, gate.load(beside(model_file("cnn"), "gate")))
-        scores = calibrate(reader, digits, val, settings.accepted_accuracy)
+        scores = calibrate(reader, digits, val, plain, settings.accepted_accuracy)
         scores["best_epoch"] = best_epoch
         mlflow.log_param("read.confidence", scores["confidence"])
         mlflow.log_metrics({k: float(v) for k, v in scores.items() if isinstance(v, float | int)})
@@ -264,8 +299,10 @@ def train_reader(params):
         version = register(reader, data, val, run, tags, scores)
     print(
         f"train_reader: {scores['val_exact']:.2%} of validation lines read exactly (epoch {best_epoch}); "
-        f"sure when {scores['confidence']} reaches {scores['sure_from']:.4f}: {scores['val_sure_share']:.1%} of them, "
-        f"{scores['val_sure_accuracy'] or 0:.2%} of those right; registered {version.name} v{version.version}",
+        f"sure when {scores['confidence']} reaches {scores['sure_from']:.4f}: {scores['val_sure_share_lines']:.1%} "
+        f"of them ({scores['val_sure_accuracy_lines'] or 0:.2%} right) and {scores['val_sure_share_numbers']:.1%} of "
+        f"plain validation numbers ({scores['val_sure_accuracy_numbers'] or 0:.2%} right); "
+        f"registered {version.name} v{version.version}",
         flush=True,
     )
 

@@ -179,8 +179,8 @@ def trained_model_file(tmp_path_factory, mnist):
 def trained_reader_file(trained_model_file, mnist):
     """A line reader trained briefly by train_reader's own code (two epochs on 6,000 lines of 1-3
     digits written from 8,000 real MNIST training digits, some with a mark that is no digit; its
-    eyes the trained CNN above), calibrated on lines from 1,000 others, and exported beside that
-    CNN as the export stage exports it."""
+    eyes the trained CNN above), calibrated on lines and on plain numbers of 1-3 digits from 1,000
+    others, and exported beside that CNN as the export stage exports it."""
     import types
 
     import keras
@@ -188,12 +188,18 @@ def trained_reader_file(trained_model_file, mnist):
     from pipeline import preprocess, train_reader
     from pipeline.core.graph.convert import KerasGraph, export_reader
     from pipeline.core.layout import beside
-    from pipeline.core.reading import lines
+    from pipeline.core.reading import lines, numbers
     from pipeline.core.trust import confidence, gate
 
     x, y = preprocess.scale(mnist["x_train"][20000:29000])[..., 0], mnist["y_train"][20000:29000]
     train = lines.training_lines(x[:8000], y[:8000], 6000, seed=1, max_length=3)
     val = lines.training_lines(x[8000:], y[8000:], 300, seed=2, max_length=3)
+    rng = np.random.default_rng(4)
+    plain = [
+        (image, text)
+        for kind in numbers.KINDS
+        for image, text, _ in numbers.sample(x[8000:], y[8000:], [1, 2, 3], kind, 50, rng)
+    ]
     settings = types.SimpleNamespace(epochs=2, batch_size=32, learning_rate=0.003, seed=3)
     keras.utils.set_random_seed(3)
     digit_model = keras.models.load_model(trained_model_file, compile=False)
@@ -202,7 +208,7 @@ def trained_reader_file(trained_model_file, mnist):
     path = trained_model_file.with_name("reader.keras")
     calibration = confidence.read_calibration(beside(trained_model_file, "calibration"))
     digits = KerasGraph(digit_model, calibration, gate.load(beside(trained_model_file, "gate")))
-    train_reader.save(reader, train_reader.calibrate(reader, digits, val, 0.99), 0.99, path)
+    train_reader.save(reader, train_reader.calibrate(reader, digits, val, plain, 0.99), 0.99, path)
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
     return path.with_suffix(".onnx")

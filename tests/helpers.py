@@ -89,6 +89,7 @@ def tiny_repo(repo, **env_extra):
     tree["evaluate"]["nondigits_per_kind"] = 20
     tree["read_eval"].update(strings_per_kind=4, strings_per_length=2)
     tree["read"].update(training_lines=200, validation_lines=40, epochs=1, batch_size=16)
+    tree["read"].update(validation_numbers_per_kind=2, validation_numbers_per_length=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}

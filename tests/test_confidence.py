@@ -67,6 +67,21 @@ def test_tied_confidences_are_kept_or_refused_together():
     assert confidence.not_sure_threshold(probabilities, labels, accepted_accuracy=1.0) == pytest.approx(0.9)
 
 
+def test_a_threshold_for_groups_keeps_its_promise_in_each_group_even_where_the_pooled_answers_would():
+    # Group 0: right down to 0.5. Group 1: wrong at 0.95 and 0.75, right elsewhere.
+    scores = np.r_[np.linspace(0.99, 0.5, 50), [0.98, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7]]
+    right = np.r_[np.ones(50, bool), [True, False, True, True, True, False, True]]
+    groups = np.r_[np.zeros(50, int), np.ones(7, int)]
+    pooled = confidence.threshold_for(scores, right, 0.95)
+    assert right[scores >= pooled].mean() >= 0.95 and not right[(scores >= pooled) & (groups == 1)].all()
+    each = confidence.threshold_for(scores, right, 0.95, groups)
+    # Group 1's answers at 0.95 and above are 1 wrong in 2: the threshold is the lowest score above it.
+    assert each == pytest.approx(scores[scores > 0.95].min())
+    assert all(right[(scores >= each) & (groups == g)].mean() >= 0.95 for g in (0, 1))
+    # A group with no answer at or above the threshold asks nothing.
+    assert confidence.threshold_for(scores[:50], right[:50], 0.95, groups[:50]) == pytest.approx(0.5)
+
+
 def test_a_broken_calibration_file_is_named(tmp_path):
     path = tmp_path / "cnn.calibration.json"
     path.write_text(json.dumps({"temperature": -1, "not_sure_below": 0.5}))

@@ -119,10 +119,12 @@ class ReadParams:
     seed: int
     training_lines: int  # lines written from training digits
     validation_lines: int  # lines written from validation digits: the epoch kept, the calibration
+    validation_numbers_per_kind: int  # plain numbers from validation digits, as read_eval writes them:
+    validation_numbers_per_length: int  # the calibration's second family (numbers.evaluation_sets)
     epochs: int
     batch_size: int
     learning_rate: float  # at the start, decaying to zero along a cosine
-    accepted_accuracy: float  # of the numbers marked sure, the share read exactly (validation lines)
+    accepted_accuracy: float  # of the numbers marked sure, the share read exactly (in each family)
 
 
 @dataclass(frozen=True)
@@ -397,6 +399,8 @@ def from_tree(tree, path="params.yaml"):
             seed=r.get("read.seed", int, 0, 2**31 - 1),
             training_lines=r.get("read.training_lines", int, 10, 1_000_000),
             validation_lines=r.get("read.validation_lines", int, 10, 100_000),
+            validation_numbers_per_kind=r.get("read.validation_numbers_per_kind", int, 1, 100_000),
+            validation_numbers_per_length=r.get("read.validation_numbers_per_length", int, 1, 100_000),
             epochs=r.get("read.epochs", int, 1, 1000),
             batch_size=r.get("read.batch_size", int, 1, 4096),
             learning_rate=r.get("read.learning_rate", float, 1e-6, 1.0),

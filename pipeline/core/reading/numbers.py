@@ -18,6 +18,8 @@ from PIL import Image
 from pipeline.core.normalize import INK_THRESHOLD
 
 KINDS = ("clear", "tight", "touching", "overlapping")
+SPACED_LENGTH = 5  # digits in the numbers of each spacing kind that are measured
+LENGTHS = range(1, 11)  # the lengths measured, with clear gaps
 CLEAR_GAP = (4, 8)  # pixels between neighbours' ink
 TIGHT_GAP = (1, 2)
 OVERLAP = (1, 2)  # pixels past touching
@@ -116,6 +118,15 @@ def make_number(digits, kind, rng):
     ink += rng.normal(0.0, rng.uniform(*NOISE_STD), ink.shape).astype(np.float32)
     paper = 1.0 - np.clip(ink, 0.0, 1.0) * 0.9  # dark grey ink on white paper
     return (paper * 255).round().astype(np.uint8), boxes
+
+
+def evaluation_sets(per_kind, per_length):
+    """The numbers a reader is measured on, {"kind/K" or "length/N": (lengths, kind, count)}:
+    `per_kind` of SPACED_LENGTH digits in each spacing kind, and `per_length` with clear gaps of each
+    of LENGTHS. read_eval writes them from test digits; train_reader's calibration from validation
+    digits."""
+    sets = {f"kind/{kind}": ([SPACED_LENGTH], kind, per_kind) for kind in KINDS}
+    return sets | {f"length/{n}": ([n], "clear", per_length) for n in LENGTHS}
 
 
 def sample(x, y, lengths, kind, count, rng):

@@ -239,6 +239,14 @@ def segmenter_reads(image, digits):
         return None
 
 
+def line_of(image):
+    """A number's image as the reader takes it: (its line, its ink, (scale, left)): lines.to_line
+    of lines.ink_of, with the ink and how its columns map to the line's, for digit_ink."""
+    ink = lines.ink_of(image)
+    line, placed = lines.to_line(ink)
+    return line, ink, placed
+
+
 def read(image, graph, digits):
     """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
     ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
@@ -248,8 +256,7 @@ def read(image, graph, digits):
     number_confidence by the calibrated rule; it is sure when that reaches the calibrated threshold
     and no mark is "?" (and, by BOTH_READERS, the segmenter reads the same number).
     normalize.ImageError when nothing can be read."""
-    ink = lines.ink_of(image)
-    line, (scale, left) = lines.to_line(ink)
+    line, ink, (scale, left) = line_of(image)
     batch, _ = lines.padded([line])
     calibration = graph.calibration
     shape = int(calibration["stride"]), int(calibration["lost"])

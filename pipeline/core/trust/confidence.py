@@ -97,13 +97,23 @@ def not_sure_threshold(probabilities, labels, accepted_accuracy):
     return threshold_for(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels, accepted_accuracy)
 
 
-def threshold_for(confidence, correct, accepted_accuracy):
-    """not_sure_threshold for any answers: their confidences, and whether each is right."""
-    confidence, accuracy_of_top = most_confident_first(np.asarray(confidence), np.asarray(correct))
-    # Only cut between distinct confidences: a tie is accepted or refused as a whole.
-    cut_allowed = np.append(confidence[1:] < confidence[:-1], True)
-    ok = np.flatnonzero((accuracy_of_top >= accepted_accuracy) & cut_allowed)
-    return float(confidence[ok[-1]]) if len(ok) else 1.0
+def threshold_for(confidence, correct, accepted_accuracy, groups=None):
+    """not_sure_threshold for any answers: their confidences, and whether each is right. With
+    `groups` (a label per answer), the answers kept must be that accurate within each group; a group
+    with none kept asks nothing."""
+    confidence, correct = np.asarray(confidence), np.asarray(correct, bool)
+    groups = np.zeros(len(confidence), int) if groups is None else np.asarray(groups)
+    # Only cut at distinct confidences, highest first: a tie is accepted or refused as a whole.
+    cuts = np.unique(confidence)[::-1]
+    holds = np.ones(len(cuts), bool)
+    for group in np.unique(groups):
+        order = np.argsort(confidence[groups == group], kind="stable")
+        ranked, right = confidence[groups == group][order], correct[groups == group][order]
+        right_from = np.append(np.cumsum(right[::-1])[::-1], 0)  # right answers at each rank and above
+        first_kept = np.searchsorted(ranked, cuts, side="left")
+        kept = len(ranked) - first_kept
+        holds &= (kept == 0) | (right_from[first_kept] / np.maximum(kept, 1) >= accepted_accuracy)
+    return float(cuts[holds][-1]) if holds.any() else 1.0
 
 
 def selective_scores(probabilities, labels, threshold):
