@@ -18,28 +18,11 @@ SLOW_FIXTURES = {
 }
 
 
-# The suite runs on two workers (pytest-xdist, pyproject.toml). Session fixtures are made once per
-# worker, so the tests that share the costliest ones share a worker: the first of these each test
-# uses names its group (`--dist loadgroup`), and the groups run first, the longest first, so that
-# each starts at once on a worker of its own; the other tests go to whichever worker is free.
-SHARED_ON_ONE_WORKER = ("tiny_project", "trained_model_file")
-
-
-def shared_fixture(item):
-    """The first of SHARED_ON_ONE_WORKER the test uses, or None."""
-    return next((name for name in SHARED_ON_ONE_WORKER if name in item.fixturenames), None)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         slow = SLOW_FIXTURES & set(item.fixturenames) or {"e2e", "browser"} & {m.name for m in item.iter_markers()}
         if not slow:
             item.add_marker(pytest.mark.quick)
-        if shared_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(shared_fixture(item)))
-    order = [*SHARED_ON_ONE_WORKER, None]
-    items.sort(key=lambda item: order.index(shared_fixture(item)))  # stable: each group keeps its order
 
 
 @pytest.fixture
