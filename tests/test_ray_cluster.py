@@ -78,8 +78,8 @@ def sweep_runs(world, name):
         patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         patch.setenv("MLFLOW_TRACKING_PASSWORD", world["password"])
         client = MlflowClient(world["url"])
-        experiment = client.get_experiment_by_name("mnist-digits")
-        runs = client.search_runs([experiment.experiment_id], f"tags.sweep = '{name}'")
+        experiment = client.get_experiment_by_name("mnist-digits")  # None until a first run
+        runs = client.search_runs([experiment.experiment_id], f"tags.sweep = '{name}'") if experiment else []
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
         trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         history = {r.info.run_id: client.get_metric_history(r.info.run_id, "val_accuracy") for r in trials}
