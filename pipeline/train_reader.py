@@ -257,7 +257,7 @@ def calibrate(reader, digits, val, plain, accepted_accuracy):
         "confidence": chosen,
         "sure_from": rules[chosen]["sure_from"],
         "val_exact": float(right_in["lines"].mean()),
-        "val_exact_line_reader_alone": float(right_alone[family == 0].mean()),
+        "val_exact_line_reader_alone": float(per_family(right_alone)["lines"].mean()),
         "val_exact_numbers": float(right_in["numbers"].mean()),
         "val_agreement_share": float(np.mean([sequence.agree(*seen) for seen in zip(found, answers, strict=True)])),
         **{f"val_sure_share_{rule}": float(rules[rule]["share"]) for rule in sequence.CONFIDENCES},

@@ -13,11 +13,12 @@ Decoding (greedy) keeps the likeliest answer of each window, merges repeats and 
 digit's confidence is the highest probability it has in the windows that emit it. The digit model
 then looks at each decoded digit's own ink, and each digit is the one both models find likeliest
 together (voted). The number's confidence is one of CONFIDENCES, the one that train_reader's
-calibration chose on validation lines. By the last of them, a number is sure only when the
-segmenter, cutting the same ink into digits (pipeline/core/reading/segment.py), reads the same
-number: the two readers miss in different ways (a digit too few or too many in the line reader's
-surest misses; a wrong cut in the segmenter's), so their agreement is rarely wrong. The segmenter
-is asked only about numbers the line reader would mark sure: it takes longer than the line reader.
+calibration chose on validation numbers (lines with a scanner's variety, and plain numbers). By
+the last of them, a number is sure only when the segmenter, cutting the same ink into digits
+(pipeline/core/reading/segment.py), reads the same number: the two readers miss in different
+ways (a digit too few or too many in the line reader's surest misses; a wrong cut in the
+segmenter's), so their agreement is rarely wrong. The segmenter is asked only about numbers the
+line reader would mark sure: it takes longer than the line reader.
 """
 
 import numpy as np

@@ -107,8 +107,9 @@ def threshold_for(confidence, correct, accepted_accuracy, groups=None):
     cuts = np.unique(confidence)[::-1]
     holds = np.ones(len(cuts), bool)
     for group in np.unique(groups):
-        order = np.argsort(confidence[groups == group], kind="stable")
-        ranked, right = confidence[groups == group][order], correct[groups == group][order]
+        mine = groups == group
+        order = np.argsort(confidence[mine], kind="stable")
+        ranked, right = confidence[mine][order], correct[mine][order]
         right_from = np.append(np.cumsum(right[::-1])[::-1], 0)  # right answers at each rank and above
         first_kept = np.searchsorted(ranked, cuts, side="left")
         kept = len(ranked) - first_kept
