@@ -1,7 +1,8 @@
 """`digits finetune`: adapt a trained model to your own labelled images (transfer learning).
 
     digits finetune LABELS.csv | FOLDER | REVIEW_FOLDER [--model models/cnn.keras] [--out models/finetuned.keras]
-                    [--holdout 0.2] [--train all|head] [--epochs 10] [--champion]
+                    [--holdout 0.2] [--train all|head] [--epochs 10] [--max-mnist-loss 0.001]
+                    [--champion]
 
 The images come as a CSV (columns file, label and, optionally, group; files relative to the CSV),
 as a folder with one sub-folder per digit (0/ ... 9/), or as a review folder that `--review`
@@ -10,7 +11,9 @@ filled and a person labelled (pipeline/serving/review.py: its filled digit rows,
 (one writer, one font, one scanner), so that it measures images unlike the ones trained on. Then:
   1. the model (a .keras file or an MLflow URI, with its calibration) is fine-tuned on the rest,
      mixed with as many MNIST training digits so that it keeps reading handwriting, with small
-     random rotations, shifts and zooms; every layer learns, or only the dense head (--train head);
+     random rotations, shifts and zooms; every layer learns, or only the dense head (--train head).
+     The last epoch that reads MNIST's validation digits at most --max-mnist-loss below the parent
+     is kept; if none does, it stops there (nothing written or registered): it must not forget MNIST;
   2. it is calibrated again by the calibrate stage's rule (pipeline.core.trust.calibration): the
      temperatures and "not sure" threshold that keep the promise on the held-out share and on
      MNIST's validation split alike, and under shift on corrupted copies of the validation split;
@@ -47,6 +50,10 @@ REPEATS = 4  # each epoch sees every fine-tuning image this often (augmented), a
 
 class FinetuneError(ValueError):
     pass
+
+
+class ForgetsMnist(FinetuneError):
+    """No epoch kept MNIST's validation accuracy within --max-mnist-loss of the parent's."""
 
 
 def labelled_files(source):
@@ -198,9 +205,10 @@ def recipe(model_params, args):
     )
 
 
-def fine_tune(model, model_params, x, y, mnist_x, mnist_y, args):
+def fine_tune(model, model_params, x, y, data, keep_from, args):
     """Train every layer (or the dense head only) on the user's images mixed with as many MNIST
-    training digits, by the shared training loop (pipeline.core.training)."""
+    training digits, by the shared training loop (pipeline.core.training); keep the last epoch that
+    reads at least `keep_from` of MNIST's validation digits. Returns that epoch, None if none did."""
     import keras
 
     from pipeline.core import training
@@ -210,16 +218,28 @@ def fine_tune(model, model_params, x, y, mnist_x, mnist_y, args):
         for layer in model.layers[: flatten + 1]:
             layer.trainable = False
     rng = np.random.default_rng(args.seed)
-    mnist = rng.choice(len(mnist_x), min(len(mnist_x), REPEATS * len(x)), replace=False)
-    data = {
-        "x_train": np.concatenate([np.repeat(x, REPEATS, axis=0), mnist_x[mnist]]),
+    mnist = rng.choice(len(data["x_train"]), min(len(data["x_train"]), REPEATS * len(x)), replace=False)
+    mixed = {
+        "x_train": np.concatenate([np.repeat(x, REPEATS, axis=0), data["x_train"][mnist]]),
         "y_train": np.concatenate(
-            [np.repeat(keras.utils.to_categorical(y, NUM_CLASSES), REPEATS, axis=0), mnist_y[mnist]]
+            [np.repeat(keras.utils.to_categorical(y, NUM_CLASSES), REPEATS, axis=0), data["y_train"][mnist]]
         ),
     }
+    kept = {}
+
+    class KeepsMnist(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if accuracy(model, data["x_val"], data["y_val"].argmax(1)) >= keep_from:
+                kept.update(epoch=epoch + 1, weights=model.get_weights())
+
     settings = recipe(model_params, args)
-    training.compile_with_recipe(model, settings, args.epochs, len(data["x_train"]))
-    training.fit(model, settings, data, args.epochs, args.seed, shift_strengths={}, to_mlflow=False, verbose=2)
+    training.compile_with_recipe(model, settings, args.epochs, len(mixed["x_train"]))
+    training.fit(
+        model, settings, mixed, args.epochs, args.seed, {}, to_mlflow=False, callbacks=[KeepsMnist()], verbose=2
+    )
+    if kept:
+        model.set_weights(kept["weights"])
+    return kept.get("epoch")
 
 
 def recalibrate(model, held, data, params):
@@ -281,6 +301,8 @@ def log_and_register(model, model_name, staged, calibration, lineage, record, ar
                 "parent_model": args.model,
                 "train": args.train,
                 "epochs": args.epochs,
+                "max_mnist_loss": args.max_mnist_loss,
+                "kept_epoch": record["kept_epoch"],
                 "learning_rate": args.learning_rate,
                 "holdout": args.holdout,
                 "seed": args.seed,
@@ -331,13 +353,24 @@ def finetune(args):
     )
 
     def scores():
-        mnist_test = (data["x_test"], data["y_test"].argmax(1))
-        return {"held_out": accuracy(model, x[hold], labels[hold]), "mnist_test": accuracy(model, *mnist_test)}
+        return {
+            "held_out": accuracy(model, x[hold], labels[hold]),
+            "mnist_val": accuracy(model, data["x_val"], data["y_val"].argmax(1)),
+            "mnist_test": accuracy(model, data["x_test"], data["y_test"].argmax(1)),
+        }
 
     record = {"images": (x, labels, train, hold), "before": scores()}
+    keep_from = record["before"]["mnist_val"] - args.max_mnist_loss
     keras.utils.set_random_seed(args.seed)
-    fine_tune(model, params.model(model.name), x[train], labels[train], data["x_train"], data["y_train"], args)
-    record["after"] = {**scores(), "mnist_val": accuracy(model, data["x_val"], data["y_val"].argmax(1))}
+    record["kept_epoch"] = fine_tune(model, params.model(model.name), x[train], labels[train], data, keep_from, args)
+    if record["kept_epoch"] is None:
+        raise ForgetsMnist(
+            f"after every one of its {args.epochs} epochs the model read fewer than {keep_from:.2%} of MNIST's "
+            f"validation digits (its parent {record['before']['mnist_val']:.2%}, less --max-mnist-loss "
+            f"{args.max_mnist_loss:.2%}): nothing was written or registered. Try --train head, or a lower "
+            "--learning-rate"
+        )
+    record["after"] = scores()
 
     print('finetune: calibrating again, and fitting the "not a digit" gate', flush=True)
     calibration, record["sure"] = recalibrate(model, (x[hold], labels[hold]), data, params)
@@ -364,6 +397,7 @@ def finetune(args):
     return {
         "finetune_images": len(train),
         "held_out_images": len(hold),
+        "kept_epoch": record["kept_epoch"],
         "before": record["before"],
         "after": record["after"],
         "held_out_sure": record["sure"],
@@ -379,8 +413,9 @@ def report(record, out, version, champion):
         else f"the champion did not move (`digits promote {version.name} {version.version}`)"
     )
     print(
-        f"finetune: held-out accuracy {before['held_out']:.2%} -> {after['held_out']:.2%} "
-        f"({sure['coverage']:.1%} of it sure, {sure['accepted_accuracy']:.2%} of those right); MNIST test "
+        f"finetune: kept epoch {record['kept_epoch']}; held-out accuracy {before['held_out']:.2%} -> "
+        f"{after['held_out']:.2%} ({sure['coverage']:.1%} of it sure, {sure['accepted_accuracy']:.2%} of those "
+        f"right); MNIST validation {before['mnist_val']:.2%} -> {after['mnist_val']:.2%}, test "
         f"{before['mnist_test']:.2%} -> {after['mnist_test']:.2%}. Wrote {out} (+ .calibration.json, .gate.pkl, "
         f".onnx); registered {version.name} v{version.version}, {moved}",
         flush=True,
@@ -399,6 +434,13 @@ def main(args):
 def share(text):
     value = float(text)
     if not 0 < value < 1:
+        raise ValueError(text)
+    return value
+
+
+def loss_share(text):
+    value = float(text)
+    if not 0 <= value < 1:
         raise ValueError(text)
     return value
 
@@ -427,6 +469,13 @@ def add_arguments(parser):
     )
     parser.add_argument("--train", choices=["all", "head"], default="all", help="which layers learn (default all)")
     parser.add_argument("--epochs", type=positive, default=10)
+    parser.add_argument(
+        "--max-mnist-loss",
+        type=loss_share,
+        default=0.001,
+        help="keep the last epoch whose accuracy on MNIST's validation digits is at most this much below the "
+        "parent's; refuse if none is (default 0.001: 0.1 points)",
+    )
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--champion", action="store_true", help="make the new version the champion")
