@@ -14,8 +14,10 @@ Then
   3. calibrates the number's confidence on both families of validation numbers, the lines and the
      plain numbers: a temperature on the windows' logits, fitted so that a path's probability
      matches how often such readings are right; then, of the confidences in sequence.CONFIDENCES
-     (one asks the segmenter too), the one that keeps the most numbers sure, and its threshold, the
-     lowest confidence at which the numbers kept are `read.accepted_accuracy` right in each family.
+     (one asks the segmenter too), the one that keeps the most numbers sure, and its thresholds, one
+     for crisp lines and one for soft ones (a blurred or low-resolution scan, by the digit model's
+     `soft_from`): each the lowest confidence at which the numbers of its kind kept are
+     `read.accepted_accuracy` right in each family.
 Writes
   models/reader.keras, models/reader.calibration.json, models/reader.run.json
   reports/train/reader.json          validation scores of the kept epoch and of the calibration
@@ -203,19 +205,22 @@ def both_readers_agree(digits, images, served, asked):
     return agree
 
 
-def calibrate(reader, digits, val, plain, accepted_accuracy):
+def calibrate(reader, digits, val, plain, accepted_accuracy, soft_from):
     """The temperature of the windows' logits at which a reading's path probability best predicts
     whether it is right (log-likelihood); then, of the number's confidences (sequence.CONFIDENCES),
     the one that keeps the most numbers sure (the validation lines' share and the plain validation
-    numbers' averaged) with its threshold: the lowest at which the numbers kept are
-    `accepted_accuracy` right in each of the two families (docs/reading.md, rule 9). Numbers are
-    read as serving reads them: each digit voted, `digits` the served digit model."""
+    numbers' averaged) with its thresholds, one for crisp lines and one for soft ones (at least
+    `soft_from` of the ink faint, lines.faint_share): each the lowest at which the numbers of its
+    bin kept are `accepted_accuracy` right in each of the two families (docs/reading.md, rules 9
+    and 11). Numbers are read as serving reads them: each digit voted, `digits` the served digit
+    model."""
     from scipy.optimize import minimize_scalar
 
     # Each number's line, ink and placing (sequence.line_of); a validation line is its own ink.
     looks = [(line, line, (1.0, lines.PAD)) for line, _ in val] + [sequence.line_of(image) for image, _ in plain]
     texts = [text for _, text in val] + [text for _, text in plain]
     family = np.repeat(np.arange(len(FAMILIES)), [len(val), len(plain)])
+    soft = np.array([lines.faint_share(line) >= soft_from for line, _, _ in looks])
     logits = window_logits(reader, [(line, text) for (line, _, _), text in zip(looks, texts, strict=True)])
 
     def image(i):  # what the segmenter reads: dark ink on light paper, as uploads come
@@ -247,19 +252,26 @@ def calibrate(reader, digits, val, plain, accepted_accuracy):
 
     rules = {}
     for rule, score in confidences.items():
-        sure_from = confidence.threshold_for(score, right, accepted_accuracy, family)
-        kept = per_family(score >= sure_from)
-        rules[rule] = {"sure_from": sure_from, "kept": kept, "share": np.mean([k.mean() for k in kept.values()])}
+        on_crisp, on_soft = (
+            confidence.threshold_for(score[soft == b], right[soft == b], accepted_accuracy, family[soft == b])
+            for b in (False, True)
+        )
+        kept = per_family(score >= np.where(soft, on_soft, on_crisp))
+        share = np.mean([k.mean() for k in kept.values()])
+        rules[rule] = {"sure_from": on_crisp, "soft_sure_from": on_soft, "kept": kept, "share": share}
     chosen = max(sequence.CONFIDENCES, key=lambda rule: rules[rule]["share"])  # the first, on a tie
     kept, right_in = rules[chosen]["kept"], per_family(right)
     scores = {
         "temperature": temperature,
         "confidence": chosen,
         "sure_from": rules[chosen]["sure_from"],
+        "soft_from": soft_from,
+        "soft_sure_from": rules[chosen]["soft_sure_from"],
         "val_exact": float(right_in["lines"].mean()),
         "val_exact_line_reader_alone": float(per_family(right_alone)["lines"].mean()),
         "val_exact_numbers": float(right_in["numbers"].mean()),
         "val_agreement_share": float(np.mean([sequence.agree(*seen) for seen in zip(found, answers, strict=True)])),
+        **{f"val_soft_share_{name}": float(share.mean()) for name, share in per_family(soft).items()},
         **{f"val_sure_share_{rule}": float(rules[rule]["share"]) for rule in sequence.CONFIDENCES},
         "val_sure_share": float(rules[chosen]["share"]),
     }
@@ -291,7 +303,7 @@ def train_reader(params):
         mlflow.log_params({"model": READER, **{f"read.{k}": v for k, v in vars(settings).items()}})
         rows, best_epoch = fit(reader, train, val, settings)
         digits = KerasGraph(digit_model, digit_calibration, gate.load(beside(model_file("cnn"), "gate")))
-        scores = calibrate(reader, digits, val, plain, settings.accepted_accuracy)
+        scores = calibrate(reader, digits, val, plain, settings.accepted_accuracy, digit_calibration["soft_from"])
         scores["best_epoch"] = best_epoch
         mlflow.log_param("read.confidence", scores["confidence"])
         mlflow.log_metrics({k: float(v) for k, v in scores.items() if isinstance(v, float | int)})
@@ -299,7 +311,8 @@ def train_reader(params):
         version = register(reader, data, val, run, tags, scores)
     print(
         f"train_reader: {scores['val_exact']:.2%} of validation lines read exactly (epoch {best_epoch}); "
-        f"sure when {scores['confidence']} reaches {scores['sure_from']:.4f}: {scores['val_sure_share_lines']:.1%} "
+        f"sure when {scores['confidence']} reaches {scores['sure_from']:.4f} ({scores['soft_sure_from']:.4f} on soft "
+        f"lines): {scores['val_sure_share_lines']:.1%} "
         f"of them ({scores['val_sure_accuracy_lines'] or 0:.2%} right) and {scores['val_sure_share_numbers']:.1%} of "
         f"plain validation numbers ({scores['val_sure_accuracy_numbers'] or 0:.2%} right); "
         f"registered {version.name} v{version.version}",
@@ -315,6 +328,8 @@ def save(reader, scores, accepted_accuracy, path):
         "temperature": scores["temperature"],
         "confidence": scores["confidence"],
         "sure_from": scores["sure_from"],
+        "soft_from": scores["soft_from"],
+        "soft_sure_from": scores["soft_sure_from"],
         # The windows' geometry, for readers of the ONNX graph.
         **dict(zip(("stride", "lost"), sequence.geometry(reader), strict=True)),
         "accepted_accuracy": accepted_accuracy,

@@ -4,6 +4,7 @@ segmenter cuts wrong."""
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFilter
 
 from pipeline.core.reading import lines, numbers, sequence
 from tests.helpers import ROOT
@@ -55,6 +56,16 @@ def test_decoding_merges_repeats_drops_blanks_and_keeps_a_blank_separated_repeat
     assert path == pytest.approx(0.9**11)
 
 
+def test_a_blurred_scan_of_a_line_is_soft_and_has_its_own_sure_threshold(mnist):
+    x = mnist["x_test"][:5].astype(np.float32) / 255
+    image, _ = numbers.make_number(x, "clear", np.random.default_rng(5))
+    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(3)))
+    (crisp, _, _), (soft, _, _) = sequence.line_of(image), sequence.line_of(blurred)
+    assert lines.faint_share(crisp) < 0.5 <= lines.faint_share(soft)
+    calibration = {"sure_from": 0.9, "soft_from": 0.5, "soft_sure_from": 0.99}
+    assert sequence.sure_from(calibration, crisp) == 0.9 and sequence.sure_from(calibration, soft) == 0.99
+
+
 def test_a_line_is_the_same_in_either_polarity_and_at_any_scale():
     rng = np.random.default_rng(3)
     x = rng.random((5, 28, 28)) * (rng.random((5, 28, 28)) > 0.7)
@@ -63,8 +74,6 @@ def test_a_line_is_the_same_in_either_polarity_and_at_any_scale():
     inverted, _ = lines.to_line(lines.ink_of(255 - image))
     assert line.shape[0] == lines.HEIGHT and line.dtype == np.float32
     np.testing.assert_allclose(line, inverted, atol=0.02)
-    from PIL import Image
-
     larger, _ = lines.to_line(lines.ink_of(np.asarray(Image.fromarray(image).resize(np.array(image.shape[::-1]) * 3))))
     assert abs(larger.shape[1] - line.shape[1]) <= 2
 
@@ -116,7 +125,7 @@ def test_by_both_readers_a_number_is_sure_only_where_the_segmenter_reads_it_alik
     digits = Predictor(trained_model_file)
     reader, segmenter = NumberReader(trained_reader_file, digits), NumberReader("segment", digits)
     # Every number reaches the threshold: only the segmenter's agreement decides.
-    reader.graph.calibration |= {"confidence": sequence.BOTH_READERS, "sure_from": 0.0}
+    reader.graph.calibration |= {"confidence": sequence.BOTH_READERS, "sure_from": 0.0, "soft_sure_from": 0.0}
     readings = [(reader.read(image), segmenter.read(image).text) for image, _, _ in touching[:40]]
     assert all(read.sure == (read.text == cut and "?" not in read.text) for read, cut in readings)
     assert 0 < sum(read.sure for read, _ in readings) < len(readings)  # both cases are met
@@ -133,8 +142,9 @@ def test_readings_have_boxes_on_the_ink_a_number_confidence_and_question_marks_f
     x, y = mnist["x_test"][2000:2100].astype(np.float32) / 255, mnist["y_test"][2000:2100]
     image, text, boxes = numbers.sample(x, y, [3], "clear", 1, np.random.default_rng(12))[0]
     reading = reader.read(image)
+    line, _, _ = sequence.line_of(image)
     assert 0 <= reading.confidence <= 1 and reading.sure == (
-        reading.confidence >= reader.graph.calibration["sure_from"]
+        reading.confidence >= sequence.sure_from(reader.graph.calibration, line)
     )
     if reading.text == text:  # each box holds the middle of the digit it names
         for digit, (x0, _, x1, _) in zip(reading.digits, boxes, strict=True):
@@ -156,7 +166,6 @@ def test_cli_api_and_score_read_alike_with_the_line_reader(touching, trained_rea
     import sys
 
     from fastapi.testclient import TestClient
-    from PIL import Image
 
     from pipeline.serving.api import create_app
     from pipeline.serving.predictor import Predictor

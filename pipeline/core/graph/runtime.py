@@ -11,7 +11,7 @@ CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a
 SOFT_KEYS = ("soft_from", "soft_temperature")  # only in graphs whose calibration has the soft rule
 
 
-READER_KEYS = ("temperature", "sure_from", "accepted_accuracy", "stride", "lost")  # numbers
+READER_KEYS = ("temperature", "sure_from", "soft_from", "soft_sure_from", "accepted_accuracy", "stride", "lost")
 READER_RULE = "confidence"  # the name of the number's confidence (pipeline.core.reading.sequence.CONFIDENCES)
 
 

@@ -57,6 +57,13 @@ def to_line(ink):
     return line, (width / crop.shape[1], int(left))
 
 
+def faint_share(line):
+    """The share of a line's ink that is faint (below half strength), as gate.ink_shape measures it
+    on a digit: high for a blurred or low-resolution scan."""
+    ink = line > normalize.INK_THRESHOLD
+    return float((ink & (line < 0.5)).sum() / max(int(ink.sum()), 1))
+
+
 def padded(lines):
     """Lines of any widths -> (n, HEIGHT, width, 1) float32, zero on the right up to the widest's next
     multiple of WIDTH_STEP (so that the reader sees a line's right end as it did in training), and

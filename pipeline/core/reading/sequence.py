@@ -231,6 +231,13 @@ def number_confidence(rule, path, found, digit_probabilities):
     return float(min(p[d] for (d, *_), p in zip(found, digit_probabilities, strict=True)))
 
 
+def sure_from(calibration, line):
+    """The number's "sure" threshold for this line: soft lines (a blurred or low-resolution scan,
+    lines.faint_share) have their own, as calibration fitted them (docs/reading.md, rule 11)."""
+    soft = lines.faint_share(line) >= calibration["soft_from"]
+    return calibration["soft_sure_from" if soft else "sure_from"]
+
+
 def segmenter_reads(image, digits):
     """The number the segmenter reads in `image` (with the digit model `digits`), or None where it
     reads none."""
@@ -254,8 +261,8 @@ def read(image, graph, digits):
     ink (digit_ink), each digit voted. A mark the line reader reads as no digit is "?" (the digit
     model's gate is not asked: on validation numbers it refused more real digits than the line
     reader's own mark, and caught fewer marks; docs/reading.md). The number's confidence is
-    number_confidence by the calibrated rule; it is sure when that reaches the calibrated threshold
-    and no mark is "?" (and, by BOTH_READERS, the segmenter reads the same number).
+    number_confidence by the calibrated rule; it is sure when that reaches the line's calibrated
+    threshold (sure_from) and no mark is "?" (and, by BOTH_READERS, the segmenter reads the same number).
     normalize.ImageError when nothing can be read."""
     line, ink, (scale, left) = line_of(image)
     batch, _ = lines.padded([line])
@@ -272,7 +279,7 @@ def read(image, graph, digits):
     number = number_confidence(calibration["confidence"], path, found, digit_probabilities)
     not_a_digit = [d == MARK for d, *_ in found]
     found = voted(found, probabilities, digit_probabilities)
-    confident = number >= calibration["sure_from"]
+    confident = number >= sure_from(calibration, line)
     if confident and calibration["confidence"] == BOTH_READERS:
         confident = segmenter_reads(image, digits) == text_of(found)
     return segment.Reading(
