@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.core import normalize
 from pipeline.core.reading import numbers
-from pipeline.core.trust import nondigits
+from pipeline.core.trust import gate, nondigits
 
 HEIGHT = 28  # rows, as MNIST's digits
 INK_HEIGHT = 20  # rows the line's ink spans, as MNIST's digits' larger side
@@ -58,10 +58,10 @@ def to_line(ink):
 
 
 def faint_share(line):
-    """The share of a line's ink that is faint (below half strength), as gate.ink_shape measures it
-    on a digit: high for a blurred or low-resolution scan."""
+    """The share of a line's ink that is faint (below gate.FAINT_BELOW), as gate.ink_shape measures
+    it on a digit: high for a blurred or low-resolution scan."""
     ink = line > normalize.INK_THRESHOLD
-    return float((ink & (line < 0.5)).sum() / max(int(ink.sum()), 1))
+    return float((ink & (line < gate.FAINT_BELOW)).sum() / max(int(ink.sum()), 1))
 
 
 def padded(lines):

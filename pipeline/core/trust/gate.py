@@ -16,6 +16,7 @@ from pipeline.core.normalize import INK_THRESHOLD
 from pipeline.core.trust import nondigits
 
 PIXEL_COMPONENTS = 40
+FAINT_BELOW = 0.5  # of full strength: ink fainter than this is faint (a blurred or low-resolution scan has much)
 DIGIT, NOT_A_DIGIT = 0, 1  # the trees' two classes
 
 
@@ -60,7 +61,7 @@ def ink_shape(images):
         return ops.maximum(last - first + 1, 1.0)
 
     height, width = extent(ops.max(ink, axis=2)), extent(ops.max(ink, axis=1))
-    faint = ops.sum(ink * ops.cast(images < 0.5, "float32"), axis=(1, 2))
+    faint = ops.sum(ink * ops.cast(images < FAINT_BELOW, "float32"), axis=(1, 2))
     blank = count == 0  # no ink at all: a shape no digit has
     return ops.stack(
         [
