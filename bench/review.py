@@ -62,6 +62,8 @@ def scored(model, folders, truth, queue=None):
         "images": len(answers),
         "accuracy": round(sum(right) / len(right), 4),
         "sent_to_review": round(1 - len(kept) / len(answers), 4),
+        # of which the gate called "not a digit" (the rest: less sure than the threshold)
+        "sent_as_not_a_digit": round(sum(a["not_a_digit"] for a in answers) / len(answers), 4),
         "kept_accuracy": round(sum(kept) / len(kept), 4) if kept else None,
         "kept_errors": len(kept) - sum(kept),
     }

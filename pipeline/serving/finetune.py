@@ -229,7 +229,10 @@ def fine_tune(model, model_params, x, y, data, keep_from, args):
 
     class KeepsMnist(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if accuracy(model, data["x_val"], data["y_val"].argmax(1)) >= keep_from:
+            mnist_val = accuracy(model, data["x_val"], data["y_val"].argmax(1))
+            keeps = mnist_val >= keep_from
+            print(f"  MNIST validation {mnist_val:.2%} ({'kept' if keeps else 'below'} {keep_from:.2%})", flush=True)
+            if keeps:
                 kept.update(epoch=epoch + 1, weights=model.get_weights())
 
     settings = recipe(model_params, args)
@@ -476,7 +479,9 @@ def add_arguments(parser):
         help="keep the last epoch whose accuracy on MNIST's validation digits is at most this much below the "
         "parent's; refuse if none is (default 0.001: 0.1 points)",
     )
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument(
+        "--learning-rate", type=float, default=1e-4, help="the constant rate, decaying to zero (default 1e-4)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--champion", action="store_true", help="make the new version the champion")
     parser.add_argument("--params", default="params.yaml")
