@@ -1,5 +1,6 @@
 import asyncio
 import io
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,32 @@ def test_onnx_runtime_answers_as_tensorflow_does(model_file):
     np.testing.assert_allclose(onnx_probabilities, tf_probabilities, atol=1e-5)
     assert (onnx_probabilities.argmax(1) == tf_probabilities.argmax(1)).all()
     assert (onnx_flags == tf_flags).all() and onnx_flags[len(sevens) :].mean() > 0.5
+
+
+def test_the_export_check_refuses_a_graph_whose_gate_is_another(model_file):
+    """The check holds the graph to Keras and its trees to scikit-learn's on the same features: a
+    gate fitted otherwise (digits and non-digits swapped) is refused."""
+    import keras
+
+    from pipeline.core.graph import convert
+    from pipeline.core.trust import gate, nondigits
+    from tests.conftest import varied_sevens
+
+    sevens = np.stack([normalize.to_mnist(image) for image in varied_sevens(50, seed=7)])
+    others = gate.to_mnist_forms([i for group in nondigits.generate(20, 3, sevens).values() for i in group])
+    sevens = sevens[..., None]
+    model = keras.models.load_model(model_file, compile=False)
+    features = gate.with_features(model)
+    swapped = gate.Gate().fit(
+        features.predict(others, verbose=0)[1], others, features.predict(sevens, verbose=0)[1], sevens
+    )
+    swapped.set_threshold(swapped.scores(features.predict(others, verbose=0)[1], others), 0.01)
+    calibration = json.loads(model_file.with_name("cnn.calibration.json").read_text())
+    images, graph = np.concatenate([sevens, others]), model_file.with_suffix(".onnx")
+    own = gate.load(model_file.with_name("cnn.gate.pkl"))
+    assert convert.check(graph, convert.serving_function(model, calibration, own), own, images)["same_not_a_digit"] == 1
+    with pytest.raises(convert.ExportError, match="does not answer as Keras does"):
+        convert.check(graph, convert.serving_function(model, calibration, swapped), swapped, images)
 
 
 def test_serving_never_imports_tensorflow(model_file):
