@@ -174,10 +174,9 @@ def test_the_export_check_refuses_a_graph_whose_gate_is_another(model_file):
     sevens = sevens[..., None]
     model = keras.models.load_model(model_file, compile=False)
     features = gate.with_features(model)
-    swapped = gate.Gate().fit(
-        features.predict(others, verbose=0)[1], others, features.predict(sevens, verbose=0)[1], sevens
-    )
-    swapped.set_threshold(swapped.scores(features.predict(others, verbose=0)[1], others), 0.01)
+    other_features = features.predict(others, verbose=0)[1]
+    swapped = gate.Gate().fit(other_features, others, features.predict(sevens, verbose=0)[1], sevens)
+    swapped.set_threshold(swapped.scores(other_features, others), 0.01)
     calibration = json.loads(model_file.with_name("cnn.calibration.json").read_text())
     images, graph = np.concatenate([sevens, others]), model_file.with_suffix(".onnx")
     own = gate.load(model_file.with_name("cnn.gate.pkl"))
