@@ -12,8 +12,9 @@ filled and a person labelled (pipeline/serving/review.py: its filled digit rows,
   1. the model (a .keras file or an MLflow URI, with its calibration) is fine-tuned on the rest,
      mixed with as many MNIST training digits so that it keeps reading handwriting, with small
      random rotations, shifts and zooms; every layer learns, or only the dense head (--train head).
-     The last epoch that reads MNIST's validation digits at most --max-mnist-loss below the parent
-     is kept; if none does, it stops there (nothing written or registered): it must not forget MNIST;
+     The weights are a moving average of the steps'. The last epoch that reads MNIST's validation
+     digits at most --max-mnist-loss below the parent is kept; if none does, it stops there (nothing
+     written or registered): it must not forget MNIST;
   2. it is calibrated again by the calibrate stage's rule (pipeline.core.trust.calibration): the
      temperatures and "not sure" threshold that keep the promise on the held-out share and on
      MNIST's validation split alike, and under shift on corrupted copies of the validation split;
@@ -46,6 +47,7 @@ from pipeline.serving import images, review
 MIN_PER_DIGIT = 10  # images of each digit, so that both shares hold some
 MIN_REVIEWED = 50  # labelled digits in a review folder, which holds what the model doubted (any digits)
 REPEATS = 4  # each epoch sees every fine-tuning image this often (augmented), and as many MNIST digits
+EMA_MOMENTUM = 0.99  # the weights kept are this moving average of the steps' (docs/team.md, rule 2)
 
 
 class FinetuneError(ValueError):
@@ -186,7 +188,9 @@ def parent_model(source):
 def recipe(model_params, args):
     """How fine-tuning trains: the model's own recipe (params.yaml), with these changes. A small
     constant rate (--learning-rate, decaying to zero) and no weight decay, so that it adapts rather
-    than relearns; small random rotations, shifts and zooms, and none of the `shifts`."""
+    than relearns; a moving average of the weights, which a few noisy steps on a few hundred images
+    move less than the weights themselves; small random rotations, shifts and zooms, and none of
+    the `shifts`."""
     augment = dataclasses.replace(
         model_params.augment,
         rotation_degrees=10,
@@ -200,7 +204,7 @@ def recipe(model_params, args):
         learning_rate=args.learning_rate,
         weight_decay=0.0,
         warmup_epochs=0,
-        ema_momentum=0.0,
+        ema_momentum=EMA_MOMENTUM,
         augment=augment,
     )
 
@@ -237,8 +241,18 @@ def fine_tune(model, model_params, x, y, data, keep_from, args):
 
     settings = recipe(model_params, args)
     training.compile_with_recipe(model, settings, args.epochs, len(mixed["x_train"]))
+    # The guard judges the averaged weights: swapped into the model at each epoch's end, before it.
+    averaged = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
     training.fit(
-        model, settings, mixed, args.epochs, args.seed, {}, to_mlflow=False, callbacks=[KeepsMnist()], verbose=2
+        model,
+        settings,
+        mixed,
+        args.epochs,
+        args.seed,
+        {},
+        to_mlflow=False,
+        callbacks=[averaged, KeepsMnist()],
+        verbose=2,
     )
     if kept:
         model.set_weights(kept["weights"])
