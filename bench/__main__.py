@@ -187,6 +187,24 @@ def machine():
     return f"{os.cpu_count()} cores, {cpu}, CPU only, {platform.machine()}"
 
 
+def model_of(path):
+    """A model file as a benchmark's JSON names it: its path, its md5, and whether it is the one
+    dvc.lock records (the committed run's) or another draw, so that numbers measured on a model
+    trained elsewhere say so."""
+    import hashlib
+
+    md5 = hashlib.md5(Path(path).read_bytes()).hexdigest()
+    lock = Path("dvc.lock")
+    committed = set()
+    if lock.exists():
+        for stage in yaml.safe_load(lock.read_text())["stages"].values():
+            committed.update(out["md5"] for out in stage.get("outs", []) if out.get("path") == str(path))
+    if not committed:
+        return f"{path} (md5 {md5})"
+    whose = "the committed run's, as in dvc.lock" if md5 in committed else "another draw than dvc.lock's"
+    return f"{path} (md5 {md5}: {whose})"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["kerasio", "cnn", "mlp"], default=["kerasio", "cnn", "mlp"])

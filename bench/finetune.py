@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 
 from bench import printed
-from bench.__main__ import machine
+from bench.__main__ import machine, model_of
 from pipeline.core.files import write_json
 from pipeline.serving import finetune
 
@@ -40,7 +40,13 @@ def main(argv=None):
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
 
-    report = {"date": date.today().isoformat(), "machine": machine(), "model": args.model, "runs": {}, "summary": {}}
+    report = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "model": model_of(args.model),
+        "runs": {},
+        "summary": {},
+    }
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
         for size_name, sizes in SIZES.items():

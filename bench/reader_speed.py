@@ -18,7 +18,7 @@ from datetime import date
 
 import numpy as np
 
-from bench.__main__ import machine
+from bench.__main__ import machine, model_of
 from pipeline.core.files import load_arrays, write_json
 from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph
 from pipeline.core.layout import PROCESSED_DIR, onnx_file
@@ -69,6 +69,7 @@ def main(argv=None):
     report = {
         "date": date.today().isoformat(),
         "machine": machine(),
+        "models": [model_of(onnx_file("reader")), model_of(onnx_file("cnn"))],
         "numbers": len(images),
         **measured,
         "line_reader_over_segmenter_p50": round(measured["line reader"]["p50_ms"] / measured["segmenter"]["p50_ms"], 2),

@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 
 from bench import printed
-from bench.__main__ import machine
+from bench.__main__ import machine, model_of
 from pipeline import cli
 from pipeline.core.files import write_json
 from pipeline.serving import review
@@ -117,7 +117,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
         result = loop(args.model, scratch, args.per_digit, args.most, args.seed)
-    report = {"date": date.today().isoformat(), "machine": machine(), "model": args.model, **result}
+    report = {"date": date.today().isoformat(), "machine": machine(), "model": model_of(args.model), **result}
     write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
