@@ -189,19 +189,22 @@ def machine():
 
 def model_of(path):
     """A model file as a benchmark's JSON names it: its path, its md5, and whether it is the one
-    dvc.lock records (the committed run's) or another draw, so that numbers measured on a model
-    trained elsewhere say so."""
+    the committed dvc.lock records (git's, not the working copy's, which a local `./dev repro`
+    rewrites) or another draw, so that numbers measured on a model trained elsewhere say so."""
     import hashlib
+    import subprocess
 
     md5 = hashlib.md5(Path(path).read_bytes()).hexdigest()
-    lock = Path("dvc.lock")
-    committed = set()
-    if lock.exists():
-        for stage in yaml.safe_load(lock.read_text())["stages"].values():
-            committed.update(out["md5"] for out in stage.get("outs", []) if out.get("path") == str(path))
-    if not committed:
+    committed = subprocess.run(["git", "show", "HEAD:dvc.lock"], capture_output=True, text=True)
+    if committed.returncode != 0:  # not a git clone: nothing to compare with
         return f"{path} (md5 {md5})"
-    whose = "the committed run's, as in dvc.lock" if md5 in committed else "another draw than dvc.lock's"
+    outs = {
+        out["md5"]
+        for stage in yaml.safe_load(committed.stdout)["stages"].values()
+        for out in stage.get("outs", [])
+        if out.get("path") == str(path)
+    }
+    whose = "the committed run's (dvc.lock)" if md5 in outs else "another draw than the committed run's (dvc.lock)"
     return f"{path} (md5 {md5}: {whose})"
 
 
