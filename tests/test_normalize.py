@@ -30,6 +30,17 @@ def test_off_centre_digit_on_white_canvas_comes_out_centred_in_mnist_polarity():
     assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 in (19, 20, 21)  # fitted into 20x20
 
 
+def test_centring_by_mass_moves_the_ink_as_a_block_and_never_off_the_field():
+    digit = np.zeros((20, 20))
+    digit[0, 0], digit[19, 19] = 1.0, 0.01  # the mass at one corner would push the other corner off
+    centred = normalize.centre_by_mass(digit)
+    # Pasted at (4, 4); its centre of mass asks for about 9 rows and columns down and right, and
+    # the light corner allows 4.
+    assert centred.sum() == pytest.approx(digit.sum())
+    assert centred[8, 8] == 1.0 and centred[27, 27] == 0.01
+    assert np.count_nonzero(centred) == 2
+
+
 def test_polarity_colour_and_alpha_give_the_same_digit():
     reference = normalize.to_mnist(draw_digit_seven())
     inverted = normalize.to_mnist(draw_digit_seven(ink=(235, 235, 235), paper=(10, 10, 10)))
