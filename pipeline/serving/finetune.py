@@ -235,7 +235,8 @@ def fine_tune(model, model_params, x, y, data, keep_from, args):
         def on_epoch_end(self, epoch, logs=None):
             mnist_val = accuracy(model, data["x_val"], data["y_val"].argmax(1))
             keeps = mnist_val >= keep_from
-            print(f"  MNIST validation {mnist_val:.2%} ({'kept' if keeps else 'below'} {keep_from:.2%})", flush=True)
+            verdict = "may be kept" if keeps else "not kept"
+            print(f"  MNIST validation {mnist_val:.2%} (the guard asks {keep_from:.2%}: {verdict})", flush=True)
             if keeps:
                 kept.update(epoch=epoch + 1, weights=model.get_weights())
 
