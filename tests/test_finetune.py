@@ -105,6 +105,10 @@ def test_one_round_of_review_teaches_the_model_the_images_it_was_not_sure_of(fin
     assert result["fine-tuned"]["second batch"]["accuracy"] > result["parent"]["second batch"]["accuracy"], result
     (version,) = registered_versions()
     assert version.tags["parent_model"] == "models/cnn.keras"
+    # Over rounds, a refused one is counted and left out of the spread.
+    summary = review_round.summary({"1": result, "2": {"refused": "it would forget MNIST"}})
+    assert summary["refused"] == 1 and summary["review_share_ratio"]["mean"] == result["review_share_ratio"]
+    assert summary["mnist_test_after_min"] == result["mnist"]["after"]["mnist_test"] > 0.5, summary
 
 
 def printed_digit(digit):
