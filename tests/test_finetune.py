@@ -85,6 +85,11 @@ def test_fine_tuning_on_printed_digits_improves_them_and_registers_a_version_wit
     assert {i.dataset.name for i in inputs} == {"finetune", "held-out"}
     calibration = json.loads((finetune_project / "models/finetuned.calibration.json").read_text())
     assert calibration["model_sha256"] == sha256(out)
+    parent = json.loads((finetune_project / "models/cnn.calibration.json").read_text())
+    doubts = (
+        f'"not sure" below {calibration["not_sure_below"]:.2%} confidence (the parent: {parent["not_sure_below"]:.2%})'
+    )
+    assert doubts in said, said
     # The calibrate stage's shift-aware rule: its own temperature for soft (faint) images.
     assert 0 < calibration["soft_from"] <= 1 and calibration["soft_temperature"] >= calibration["temperature"]
     predictor = Predictor(out)  # the ONNX graph beside it, as `digits predict --model` loads it

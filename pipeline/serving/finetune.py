@@ -407,6 +407,8 @@ def finetune(args):
         "accepted_accuracy": settings.accepted_accuracy,
         "not_a_digit_above": fitted_gate.threshold,
     }
+    # What it doubts: a threshold above the parent's sends more of the same images to review.
+    record["not_sure_below"] = {"before": parent.calibration["not_sure_below"], "after": calibration["not_sure_below"]}
     out = Path(args.out)
     tracking.use_experiment(params.mlflow.experiment)
     with write_files(out, model, fitted_gate, calibration, x[hold]) as (staged, written):
@@ -419,12 +421,13 @@ def finetune(args):
         "before": record["before"],
         "after": record["after"],
         "held_out_sure": record["sure"],
+        "not_sure_below": record["not_sure_below"],
         "registered": f"{version.name} v{version.version}",
     }
 
 
 def report(record, out, version, champion):
-    before, after, sure = record["before"], record["after"], record["sure"]
+    before, after, sure, doubt = record["before"], record["after"], record["sure"], record["not_sure_below"]
     moved = (
         "now the champion"
         if champion
@@ -434,7 +437,8 @@ def report(record, out, version, champion):
         f"finetune: kept epoch {record['kept_epoch']}; held-out accuracy {before['held_out']:.2%} -> "
         f"{after['held_out']:.2%} ({sure['coverage']:.1%} of it sure, {sure['accepted_accuracy']:.2%} of those "
         f"right); MNIST validation {before['mnist_val']:.2%} -> {after['mnist_val']:.2%}, test "
-        f"{before['mnist_test']:.2%} -> {after['mnist_test']:.2%}. Wrote {out} (+ .calibration.json, .gate.pkl, "
+        f'{before["mnist_test"]:.2%} -> {after["mnist_test"]:.2%}; "not sure" below {doubt["after"]:.2%} '
+        f"confidence (the parent: {doubt['before']:.2%}). Wrote {out} (+ .calibration.json, .gate.pkl, "
         f".onnx); registered {version.name} v{version.version}, {moved}",
         flush=True,
     )
