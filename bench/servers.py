@@ -52,10 +52,10 @@ def serve_in_background(predictor, host="127.0.0.1", number_reader=None, kept=No
     return f"http://{host}:{port}", server
 
 
-def serve_in_subprocess(model, workers=1, port=None, runtime="onnx", extra=()):
+def serve_in_subprocess(model, workers=1, port=None, runtime="onnx", extra=(), env=None):
     """`digits serve` in its own process on a loopback port (a free one unless given), with `extra`
-    arguments; returns (process, base URL) once /health/ready answers 200. Output goes to the
-    process's stdout pipe."""
+    arguments and `env` added to this process's environment; returns (process, base URL) once
+    /health/ready answers 200. Output goes to the process's stdout pipe."""
     import httpx
 
     if port is None:
@@ -64,7 +64,13 @@ def serve_in_subprocess(model, workers=1, port=None, runtime="onnx", extra=()):
             port = s.getsockname()[1]
     command = ["-m", "pipeline.cli", "serve", "--port", str(port), "--model", str(model)]
     command += ["--workers", str(workers), "--runtime", runtime, *extra]
-    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, *command],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:

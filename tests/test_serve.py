@@ -14,8 +14,14 @@ WORKERS = 2
 
 
 @pytest.fixture(scope="module")
-def server(model_file):
-    process, url = serve_in_subprocess(model_file, workers=WORKERS)
+def scratch(tmp_path_factory):
+    """The server's temporary folder (TMPDIR), where its workers' metric files go."""
+    return tmp_path_factory.mktemp("serve-tmp")
+
+
+@pytest.fixture(scope="module")
+def server(model_file, scratch):
+    process, url = serve_in_subprocess(model_file, workers=WORKERS, env={"TMPDIR": str(scratch)})
     yield url, process, int(url.rsplit(":", 1)[1])
     process.kill()
     process.wait()
@@ -29,7 +35,7 @@ def seven_png():
     return out.getvalue()
 
 
-def test_workers_answer_and_metrics_add_up_across_them(server):
+def test_workers_answer_and_metrics_add_up_across_them(server, scratch):
     url, _, _ = server
     with httpx.Client(base_url=url) as client:
         statuses = [
@@ -41,9 +47,10 @@ def test_workers_answer_and_metrics_add_up_across_them(server):
     counted = re.search(r'http_requests_total\{handler="/predict",method="POST",status="2xx"\} (\S+)', metrics)
     assert counted and float(counted[1]) == 20  # summed over both worker processes
     assert "digits_model_info{" in metrics and "digits_model_batch_size_count" in metrics
+    assert list(scratch.glob("digits-metrics-*/*.db"))  # the workers' metric files, while it serves
 
 
-def test_sigterm_answers_the_request_in_flight_then_exits(server):
+def test_sigterm_answers_the_request_in_flight_then_exits(server, scratch):
     url, process, port = server
     body = (
         b'--b\r\nContent-Disposition: form-data; name="file"; filename="seven.png"\r\n'
@@ -67,3 +74,4 @@ def test_sigterm_answers_the_request_in_flight_then_exits(server):
     assert process.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health/live", timeout=2)
+    assert not list(scratch.glob("digits-metrics-*"))  # its metric files went with it

@@ -2,6 +2,7 @@
 each load their own copy (`digits serve --workers N`)."""
 
 import os
+import shutil
 import tempfile
 
 from pipeline.serving import feedback
@@ -51,14 +52,17 @@ def run_workers(model, runtime, reader, host, port, workers, kept=(None, 0, 0)):
     # Each worker's model gets its share of the cores: N workers with every core each would
     # oversubscribe them.
     os.environ.setdefault("DIGITS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digits-metrics-")
+    metrics = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="digits-metrics-")
     print(f"digits: serving {model} with {workers} worker processes on {where(host, port)}", flush=True)
-    uvicorn.run(
-        "pipeline.serving.api:app_from_environment",
-        factory=True,
-        workers=workers,
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=GRACEFUL_SECONDS,
-    )
+    try:
+        uvicorn.run(
+            "pipeline.serving.api:app_from_environment",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        )
+    finally:  # the workers' metric files are this run's alone: a later run starts from zero
+        shutil.rmtree(metrics, ignore_errors=True)
