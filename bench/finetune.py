@@ -63,11 +63,9 @@ def main(argv=None):
                     "--seed",
                     str(seed),
                 ]
-                parser = argparse.ArgumentParser()
-                finetune.add_arguments(parser)
                 start = time.perf_counter()
                 try:
-                    result = finetune.finetune(parser.parse_args(cli))
+                    result = finetune.finetune(finetune.arguments(cli))
                 except finetune.ForgetsMnist as e:  # it would forget MNIST: refused, as a user would see
                     result = {"refused": str(e)}
                 runs.append({"seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)})

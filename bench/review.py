@@ -96,10 +96,8 @@ def loop(model, scratch, per_digit, most, seed, finetune_args=()):
     report["corrections"] = label_from_truth(queue, first, most)
     tuned = scratch / "out/finetuned.keras"
     command = [str(queue), "--model", str(model), "--out", str(tuned), "--seed", str(seed), *map(str, finetune_args)]
-    parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser)
     started = time.perf_counter()
-    tuning = finetune.finetune(parser.parse_args(command))
+    tuning = finetune.finetune(finetune.arguments(command))
     report["finetune_seconds"] = round(time.perf_counter() - started, 1)
     report["kept_epoch"] = tuning["kept_epoch"]
     report["mnist"] = {when: {k: tuning[when][k] for k in ("mnist_val", "mnist_test")} for when in ("before", "after")}

@@ -474,6 +474,16 @@ def positive(text):
     return value
 
 
+def arguments(argv):
+    """`digits finetune`'s arguments from a list of strings, with its defaults: for callers that run
+    it in-process (the benchmarks), as the CLI would."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="digits finetune")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
 def add_arguments(parser):
     parser.add_argument("images", help="a CSV (file,label[,group]) or a folder with sub-folders 0 to 9")
     parser.add_argument(
