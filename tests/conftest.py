@@ -114,6 +114,10 @@ def model_file(tmp_path_factory):
         "temperature": CALIBRATION_TEMPERATURE,
         "not_sure_below": 0.9,
         "accepted_accuracy": 0.999,
+        # Blurred scans (most of their ink faint, their strokes smooth) at a temperature of their own.
+        "soft_from": 0.6,
+        "soft_temperature": 4 * CALIBRATION_TEMPERATURE,
+        "smooth_below": 0.5,
         "not_a_digit_above": fitted.threshold,
         "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "gate_sha256": hashlib.sha256(path.with_name("cnn.gate.pkl").read_bytes()).hexdigest(),

@@ -143,16 +143,25 @@ def test_threads_come_from_the_environment_and_a_bad_value_is_named(model_file, 
 
 
 def test_onnx_runtime_answers_as_tensorflow_does(model_file):
-    """Digits and "not a digit" the same, probabilities within 1e-5, on drawn sevens and on
-    generated non-digits (which the gate flags)."""
-    from pipeline.core.trust import gate, nondigits
+    """Digits and "not a digit" the same, probabilities within 1e-5, on drawn sevens, blurred and
+    noisy copies of them (the soft temperature for the blurred only) and on generated non-digits
+    (which the gate flags)."""
+    from scipy import ndimage
+
+    from pipeline.core.trust import confidence, gate, nondigits
     from tests.conftest import varied_sevens
 
     sevens = [normalize.to_mnist(image) for image in varied_sevens(50, seed=7)]
+    blurred = [ndimage.gaussian_filter(seven, 1.5) for seven in sevens[:20]]
+    noise = np.random.default_rng(0).normal(0, 0.2, (20, 28, 28))
+    noisy = list(np.clip(np.stack(sevens[20:40]) * 0.45 + noise, 0, 1).astype(np.float32))
     others = list(
         gate.to_mnist_forms([i for group in nondigits.generate(5, 3, np.stack(sevens)).values() for i in group])
     )
-    images = np.stack(sevens + [o[..., 0] for o in others])
+    calibration = Predictor(model_file).calibration
+    soft = np.asarray(confidence.temperatures(np.stack(blurred + noisy), calibration)) > calibration["temperature"]
+    assert soft[:20].mean() > 0.5 and not soft[20:].any()
+    images = np.stack(sevens + blurred + noisy + [o[..., 0] for o in others])
     onnx_probabilities, onnx_flags = Predictor(model_file).predict(images)
     tf_probabilities, tf_flags = Predictor(model_file, "tf").predict(images)
     np.testing.assert_allclose(onnx_probabilities, tf_probabilities, atol=1e-5)

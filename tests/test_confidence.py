@@ -150,6 +150,29 @@ def test_soft_images_get_their_own_temperature_so_every_copy_keeps_its_promise()
     assert confidence.selective_scores(one_temperature, labels, clean_threshold)["accepted_accuracy"] < 0.996
 
 
+def test_faint_ink_is_soft_only_where_its_strokes_are_smooth_too():
+    from scipy import ndimage
+
+    stroke = np.zeros((28, 28), np.float32)
+    stroke[4:24, 12:15] = 1.0
+    noisy = np.clip(stroke * 0.45 + np.random.default_rng(0).normal(0, 0.15, (28, 28)), 0, 1)
+    images = np.stack([stroke, ndimage.gaussian_filter(stroke, 1.5), noisy])[..., None]
+    rule = {"temperature": 0.5, "soft_from": 0.3, "soft_temperature": 2.0}
+    faint_alone = np.asarray(confidence.temperatures(images, rule))
+    with_smoothness = np.asarray(confidence.temperatures(images, {**rule, "smooth_below": 0.5}))
+    np.testing.assert_array_equal(faint_alone, [0.5, 2.0, 2.0])  # a calibration made before the smoothness rule
+    np.testing.assert_array_equal(with_smoothness, [0.5, 2.0, 0.5])  # the noisy scan's strokes are sharp
+
+
+def test_the_search_writes_the_smoothness_rule_into_the_calibration():
+    from pipeline.core import params
+    from pipeline.core.trust import calibration
+
+    settings = params.load(ROOT / "params.yaml").calibrate
+    fitted, _ = calibration.search(soft_copies(500)[0], settings)
+    assert fitted["smooth_below"] == settings.smooth_below
+
+
 def test_the_coverage_spread_over_resamples_narrows_with_more_validation_images():
     from pipeline.core import params
     from pipeline.core.trust import calibration

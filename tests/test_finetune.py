@@ -59,6 +59,7 @@ def run(*argv):
 def test_fine_tuning_on_printed_digits_improves_them_and_registers_a_version_with_lineage(finetune_project, capsys):
     from mlflow import MlflowClient
 
+    from pipeline.core import params
     from pipeline.serving.predictor import Predictor
 
     labels = printed.write_labelled_folder(finetune_project / "printed", printed.FONTS, 2, seed=1, sizes=printed.SMALL)
@@ -90,9 +91,11 @@ def test_fine_tuning_on_printed_digits_improves_them_and_registers_a_version_wit
         f'"not sure" below {calibration["not_sure_below"]:.2%} confidence (the parent: {parent["not_sure_below"]:.2%})'
     )
     assert doubts in said, said
-    # The calibrate stage's shift-aware rule: its own temperature for soft (faint) images.
+    # The calibrate stage's shift-aware rule: its own temperature for soft (faint and smooth) images.
     assert 0 < calibration["soft_from"] <= 1 and calibration["soft_temperature"] >= calibration["temperature"]
+    assert calibration["smooth_below"] == params.load(finetune_project / "params.yaml").calibrate.smooth_below
     predictor = Predictor(out)  # the ONNX graph beside it, as `digits predict --model` loads it
+    assert predictor.calibration["smooth_below"] == calibration["smooth_below"]
     answer, _ = predictor.predict(np.stack([printed_digit(7)]))
     assert answer.argmax() == 7
 

@@ -31,3 +31,18 @@ def test_ink_shape_tells_a_bar_from_a_stroke_and_handles_a_blank():
     assert aspect[0] == pytest.approx(np.log(12)) and fill[0] == 1.0 and faint[0] == 0.0
     assert aspect[1] == pytest.approx(np.log(1 / 20)) and faint[1] == 1.0
     assert (aspect[2], fill[2], faint[2]) == (0.0, 1.0, 1.0)
+
+
+def test_steepest_steps_tell_a_blurred_scan_from_a_noisy_one():
+    from scipy import ndimage
+
+    stroke = np.zeros((28, 28), np.float32)
+    stroke[4:24, 12:15] = 1.0
+    blurred = ndimage.gaussian_filter(stroke, 1.5)
+    noisy_paper = np.clip(stroke * 0.45 + np.random.default_rng(0).normal(0, 0.15, (28, 28)), 0, 1)
+    steps = np.asarray(gate.steepest_steps(np.stack([stroke, blurred, noisy_paper, np.zeros((28, 28))])))
+    assert steps[0] == pytest.approx(1.0, abs=0.05)  # paper to full ink in one pixel
+    assert steps[1] < 0.5 < steps[2]  # the blur rises gently; faint ink on noisy paper still jumps
+    assert steps[3] == 0.0
+    faint = np.asarray(gate.ink_shape(np.stack([blurred, noisy_paper])))[:, 2]
+    assert faint.min() > 0.5  # the faint share alone cannot tell them apart

@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.core.trust.confidence import is_not_sure
 
 CALIBRATION_KEYS = ("temperature", "not_sure_below", "accepted_accuracy", "not_a_digit_above")
-SOFT_KEYS = ("soft_from", "soft_temperature")  # only in graphs whose calibration has the soft rule
+SOFT_KEYS = ("soft_from", "soft_temperature", "smooth_below")  # only in graphs whose calibration has them
 
 
 READER_KEYS = ("temperature", "sure_from", "soft_from", "soft_sure_from", "accepted_accuracy", "stride", "lost")

@@ -5,10 +5,11 @@ The answers come as copies, {name: Copy}: digits as the model should read them (
 fine-tuned model the user's held-out images too), each promised `accepted_accuracy` right when
 sure, and corrupted copies of them, each promised `accepted_accuracy_under_shift`.
   1. One temperature is fitted on the clean copies (temperature scaling, Guo et al. 2017).
-  2. An image is *soft* (a blurred, noisy or low-resolution scan: much of its ink faint) when its
-     faint share reaches what only `soft_share_of_clean` of clean digits reach. Soft images get
-     their own temperature: models are most confidently wrong on them, and one temperature for all
-     would make clean digits "not sure" to pay for them.
+  2. An image is *soft* (a blurred or low-resolution scan) when its faint share reaches what only
+     `soft_share_of_clean` of clean digits reach and its strokes are smooth (steepest steps below
+     `calibrate.smooth_below`: confidence.is_soft). Soft images get their own temperature: models
+     are most confidently wrong on them, and one temperature for all would make clean digits "not
+     sure" to pay for them.
   3. Thresholds from where the clean copies alone put it (the highest any of them asks for) up, and
      soft temperatures from the clean one up, are tried in pairs; of the pairs at which every copy
      keeps its promise, the one that keeps the most answers sure, averaged over the copies, is used.
@@ -56,8 +57,8 @@ def coverage_weights(copies):
     return {name: 0.5 / clean if copy.clean else 0.5 / (len(copies) - clean) for name, copy in copies.items()}
 
 
-def shift_aware(copies, faint, temperature, settings, soft_share, weight):
-    """The rule for one soft share: ({not_sure_below, soft_from, soft_temperature}, the threshold the
+def shift_aware(copies, ink, temperature, settings, soft_share, weight):
+    """The rule for one soft share: ({not_sure_below, soft_from, soft_temperature, smooth_below}, the threshold the
     clean copies alone ask for, {copy: share kept sure}). A model that cannot keep every promise
     within the bounds tried (the MLP on noisy digits) keeps its clean threshold and the most careful
     soft temperature: "not sure" on most clean digits would buy it nothing. reports/calibration.json
@@ -67,8 +68,9 @@ def shift_aware(copies, faint, temperature, settings, soft_share, weight):
         for name, copy in copies.items()
     }
     clean = [name for name, copy in copies.items() if copy.clean]
-    soft_from = float(np.quantile(np.concatenate([faint[name] for name in clean]), 1 - soft_share))
-    soft = {name: share >= soft_from for name, share in faint.items()}
+    soft_from = float(np.quantile(np.concatenate([ink[name].faint for name in clean]), 1 - soft_share))
+    rule = {"soft_from": soft_from, "smooth_below": settings.smooth_below}
+    soft = {name: confidence.is_soft(measures.faint, measures.steepest, rule) for name, measures in ink.items()}
     clean_threshold = max(
         confidence.not_sure_threshold(
             confidence.with_temperature(copies[name].raw, temperature), copies[name].labels, target[name]
@@ -98,7 +100,7 @@ def shift_aware(copies, faint, temperature, settings, soft_share, weight):
         threshold, soft_temperature = float(thresholds[i]), float(soft_temperatures[j])
     else:
         threshold, soft_temperature = float(clean_threshold), float(soft_temperatures[-1])
-    rule = {"not_sure_below": threshold, "soft_from": soft_from, "soft_temperature": soft_temperature}
+    rule = {"not_sure_below": threshold, **rule, "soft_temperature": soft_temperature}
     kept = {
         name: _sure(copy, threshold, temperature, soft[name], soft_temperature)["coverage"]
         for name, copy in copies.items()
@@ -106,24 +108,36 @@ def shift_aware(copies, faint, temperature, settings, soft_share, weight):
     return rule, clean_threshold, kept
 
 
-def _faint_shares(copies):
-    return {name: np.asarray(gate.ink_shape(copy.images))[:, 2] for name, copy in copies.items()}
+@dataclass
+class Ink:
+    faint: np.ndarray  # each image's share of ink that is faint (gate.ink_shape)
+    steepest: np.ndarray  # and its steepest steps (gate.steepest_steps)
+
+    def __getitem__(self, picks):
+        return Ink(self.faint[picks], self.steepest[picks])
 
 
-def search(copies, settings, faint=None):
+def ink_of(copies):
+    """{name: Ink}: what decides which of each copy's images are soft."""
+    return {
+        name: Ink(np.asarray(gate.ink_shape(copy.images))[:, 2], np.asarray(gate.steepest_steps(copy.images)))
+        for name, copy in copies.items()
+    }
+
+
+def search(copies, settings, ink=None):
     """The calibration for these answers, by the rule in this module's docstring, and the record of
     the search: (calibration {temperature, not_sure_below, soft_from, soft_temperature},
     {clean_digits_alone_ask, soft_share_of_clean, coverage_by_soft_share}). `settings`: params.yaml's
-    `calibrate` section; `faint`: each copy's faint ink shares, when already known."""
-    faint = _faint_shares(copies) if faint is None else faint
+    `calibrate` section; `ink`: ink_of(copies), when already known."""
+    ink = ink_of(copies) if ink is None else ink
     weight = coverage_weights(copies)
     clean = [copy for copy in copies.values() if copy.clean]
     temperature = confidence.fit_temperature(
         np.concatenate([copy.raw for copy in clean]), np.concatenate([copy.labels for copy in clean])
     )
     tried = {
-        share: shift_aware(copies, faint, temperature, settings, share, weight)
-        for share in settings.soft_share_of_clean
+        share: shift_aware(copies, ink, temperature, settings, share, weight) for share in settings.soft_share_of_clean
     }
     share = max(tried, key=lambda share: sum(weight[name] * kept for name, kept in tried[share][2].items()))
     rule, clean_threshold, _ = tried[share]
@@ -142,7 +156,7 @@ def coverage_spread(copies, settings, resamples, seed):
     if not resamples:
         return {}
     rng = np.random.default_rng(seed)
-    faint = _faint_shares(copies)
+    ink = ink_of(copies)
     coverage = {name: [] for name in copies}
     for _ in range(resamples):
         picks = {name: rng.integers(len(copy.labels), size=len(copy.labels)) for name, copy in copies.items()}
@@ -150,7 +164,7 @@ def coverage_spread(copies, settings, resamples, seed):
             name: Copy(copy.raw[picks[name]], copy.images[picks[name]], copy.labels[picks[name]], copy.clean)
             for name, copy in copies.items()
         }
-        fitted, _ = search(resampled, settings, {name: faint[name][picks[name]] for name in copies})
+        fitted, _ = search(resampled, settings, {name: ink[name][picks[name]] for name in copies})
         for name, copy in copies.items():
             answers = confidence.calibrated(copy.raw, copy.images, fitted)
             coverage[name].append(

@@ -22,18 +22,29 @@ def with_temperature(probabilities, temperature):
     return (scaled / scaled.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def is_soft(faint_share, steepest, calibration):
+    """Whether an image is *soft* (a blurred or low-resolution scan), from its ink's faint share
+    (gate.ink_shape) and its steepest steps (gate.steepest_steps): at least `soft_from` of its ink
+    faint and, where the calibration has `smooth_below`, its strokes smooth, their steepest steps
+    below it. Faint ink alone also takes in noisy and unevenly lit scans, whose strokes are sharp and
+    read as well as clean ones (docs/off_mnist.md, rule 4). NumPy arrays or Keras tensors."""
+    soft = faint_share >= calibration["soft_from"]
+    if "smooth_below" in calibration:  # calibrated before the smoothness rule: faint ink alone
+        soft = soft & (steepest < calibration["smooth_below"])
+    return soft
+
+
 def temperatures(images, calibration):
-    """Each image's temperature: `soft_temperature` for a soft image (a blurred or low-resolution
-    scan: at least `soft_from` of its ink faint, pipeline.core.trust.gate.ink_shape), else `temperature`.
+    """Each image's temperature: `soft_temperature` for a soft image (is_soft), else `temperature`.
     Models are most confidently wrong on such images, so calibrate fits them their own. In Keras
     ops, so that the serving graph computes the same (NumPy in, a tensor out)."""
     from keras import ops
 
-    from pipeline.core.trust.gate import ink_shape
+    from pipeline.core.trust.gate import ink_shape, steepest_steps
 
-    if "soft_from" not in calibration:  # calibrated before the soft rule, or by `digits finetune`
+    if "soft_from" not in calibration:  # calibrated before the soft rule
         return ops.full((ops.shape(images)[0],), calibration["temperature"])
-    soft = ink_shape(images)[:, 2] >= calibration["soft_from"]
+    soft = is_soft(ink_shape(images)[:, 2], steepest_steps(images), calibration)
     return ops.where(soft, calibration["soft_temperature"], calibration["temperature"])
 
 
@@ -148,6 +159,8 @@ def read_calibration(path):
         raise ValueError(f"{path}: expected a positive temperature and not_sure_below in [0, 1]")
     if "soft_from" in calibration and not calibration.get("soft_temperature", 0) > 0:
         raise ValueError(f"{path}: soft_from needs a positive soft_temperature")
+    if "smooth_below" in calibration and "soft_from" not in calibration:
+        raise ValueError(f"{path}: smooth_below needs soft_from and soft_temperature")
     return calibration
 
 

@@ -73,6 +73,23 @@ def ink_shape(images):
     )
 
 
+STEEPEST = 20  # steps averaged by steepest_steps: about a stroke's two edges' worth
+
+
+def steepest_steps(images):
+    """(n, 28, 28[, 1]) -> (n,): the mean of the image's 20 steepest steps between neighbouring
+    pixels (the gradient's magnitude, by forward differences). A pen stroke rises from paper to full
+    ink within a pixel or two; a blurred or low-resolution scan rises gently, however dark or noisy
+    its paper (docs/off_mnist.md, rule 4). In Keras ops, for the serving graph, as ink_shape."""
+    from keras import ops
+
+    images = ops.reshape(ops.cast(images, "float32"), (-1, 28, 28))
+    across = images[:, :27, 1:] - images[:, :27, :27]
+    down = images[:, 1:, :27] - images[:, :27, :27]
+    steps = ops.reshape(ops.sqrt(ops.square(across) + ops.square(down)), (-1, 27 * 27))
+    return ops.mean(ops.top_k(steps, STEEPEST)[0], axis=1)
+
+
 def tree_inputs(model_features, images, pca_mean, pca_components):
     """What the trees see, in Keras ops (NumPy in, a tensor out; or inside a traced graph): the
     model's penultimate features, the pixels' principal components, what those leave unexplained,
