@@ -169,8 +169,31 @@ def test_the_search_writes_the_smoothness_rule_into_the_calibration():
     from pipeline.core.trust import calibration
 
     settings = params.load(ROOT / "params.yaml").calibrate
-    fitted, _ = calibration.search(soft_copies(500)[0], settings)
-    assert fitted["smooth_below"] == settings.smooth_below
+    fitted, record = calibration.search(soft_copies(500)[0], settings)
+    assert fitted["smooth_below"] in settings.smooth_below
+    assert len(record["coverage_by_rule"]) == len(settings.soft_share_of_clean) * len(settings.smooth_below)
+
+
+def test_a_model_confidently_wrong_on_noisy_scans_gets_the_soft_temperature_for_them_too():
+    # The same answers as the low-resolution copy's, on faint ink with sharp strokes (noisy paper):
+    # only faint ink alone (smooth_below 2) gives them the soft temperature that keeps their promise.
+    from pipeline.core import params
+    from pipeline.core.trust import calibration
+
+    settings = params.load(ROOT / "params.yaml").calibrate
+    copies, raw, images, labels = soft_copies(2000)
+    noise = np.random.default_rng(1).normal(0, 0.2, images["clean"].shape)
+    noisy = np.clip(images["clean"] * 0.45 + noise, 0, 1).astype(np.float32)
+    copies["noise"] = calibration.Copy(raw["low_resolution"], noisy, labels, False)
+    fitted, _ = calibration.search(copies, settings)
+    assert fitted["smooth_below"] == 2.0
+    for name, copy in copies.items():
+        answers = confidence.calibrated(copy.raw, copy.images, fitted)
+        kept = confidence.selective_scores(answers, labels, fitted["not_sure_below"])
+        assert kept["accepted_accuracy"] >= (0.999 if copy.clean else 0.996), name
+    # Without the noisy copy, smoothness asks for no more "not sure" and is taken.
+    del copies["noise"]
+    assert calibration.search(copies, settings)[0]["smooth_below"] == 0.5
 
 
 def test_the_coverage_spread_over_resamples_narrows_with_more_validation_images():

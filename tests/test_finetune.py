@@ -93,7 +93,7 @@ def test_fine_tuning_on_printed_digits_improves_them_and_registers_a_version_wit
     assert doubts in said, said
     # The calibrate stage's shift-aware rule: its own temperature for soft (faint and smooth) images.
     assert 0 < calibration["soft_from"] <= 1 and calibration["soft_temperature"] >= calibration["temperature"]
-    assert calibration["smooth_below"] == params.load(finetune_project / "params.yaml").calibrate.smooth_below
+    assert calibration["smooth_below"] in params.load(finetune_project / "params.yaml").calibrate.smooth_below
     predictor = Predictor(out)  # the ONNX graph beside it, as `digits predict --model` loads it
     assert predictor.calibration["smooth_below"] == calibration["smooth_below"]
     answer, _ = predictor.predict(np.stack([printed_digit(7)]))

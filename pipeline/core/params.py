@@ -88,7 +88,7 @@ class CalibrateParams:
     accepted_accuracy: float  # how often answers above the "not sure" threshold must be right
     accepted_accuracy_under_shift: float  # the same on each corrupted copy of the validation images
     soft_share_of_clean: tuple  # candidates: the share of clean validation digits counted soft (blurred, low-res)
-    smooth_below: float  # and soft only if its steepest steps are below this (gate.steepest_steps)
+    smooth_below: tuple  # candidates: soft only if its steepest steps are below this (gate.steepest_steps)
     nondigits_per_kind: int  # generated non-digits of each kind the "not a digit" gate learns from
     digit_flag_rate: float  # the most validation digits the gate may flag
     bootstrap_resamples: int  # calibrations on resamples of the validation copies, to measure the coverage's spread
@@ -387,7 +387,7 @@ def from_tree(tree, path="params.yaml"):
             accepted_accuracy=r.get("calibrate.accepted_accuracy", float, 0.5, 1.0),
             accepted_accuracy_under_shift=r.get("calibrate.accepted_accuracy_under_shift", float, 0.5, 1.0),
             soft_share_of_clean=r.float_list("calibrate.soft_share_of_clean", 0.0001, 0.5),
-            smooth_below=r.get("calibrate.smooth_below", float, 0.0, 2.0),
+            smooth_below=r.float_list("calibrate.smooth_below", 0.0, 2.0),
             nondigits_per_kind=r.get("calibrate.nondigits_per_kind", int, 10, 100000),
             digit_flag_rate=r.get("calibrate.digit_flag_rate", float, 0.0, 0.5),
             bootstrap_resamples=r.get("calibrate.bootstrap_resamples", int, 0, 1000),
