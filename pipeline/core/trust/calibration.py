@@ -13,11 +13,12 @@ sure, and corrupted copies of them, each promised `accepted_accuracy_under_shift
   3. Thresholds from where the clean copies alone put it (the highest any of them asks for) up, and
      soft temperatures from the clean one up, are tried in pairs; of the pairs at which every copy
      keeps its promise, the one that keeps the most answers sure, averaged over the copies, is used.
-  4. Each soft share of `calibrate.soft_share_of_clean` with each `calibrate.smooth_below` is tried
-     the same way. Of them, the one that keeps the most copies' promises is used, and of those the
-     one that keeps the most answers sure, averaged over the copies (a tie: the first listed). (A model that keeps every
-     promise takes the smoothness rule where it keeps more answers sure; the MLP, which cannot,
-     takes the rule that fails fewer copies: faint ink alone, docs/off_mnist.md.)
+  4. Each soft share of `calibrate.soft_share_of_clean` is tried the same way, with each smoothness
+     of `calibrate.smooth_below`. For each smoothness, the soft share that keeps the most answers
+     sure, averaged over the copies, is taken; of the smoothnesses, the one whose rule keeps the most
+     copies' promises, then the most answers sure (a tie: the first listed). A model that keeps
+     every promise takes the smoothness rule where it keeps more answers sure; the MLP, which cannot,
+     the one that fails fewer copies (faint ink alone: docs/off_mnist.md).
 Why not the lowest threshold first: then a few clean errors decide how many soft answers are sure,
 and that swings with the draw of validation images (docs/off_mnist.md measures it).
 """
@@ -144,11 +145,15 @@ def search(copies, settings, ink=None):
         for smooth in settings.smooth_below
     }
 
-    def promises_then_coverage(key):
-        _, _, kept, promises = tried[key]
-        return promises, sum(weight[name] * share for name, share in kept.items())
+    def coverage(key):
+        return sum(weight[name] * share for name, share in tried[key][2].items())
 
-    share, _ = best = max(tried, key=promises_then_coverage)
+    # For each smoothness, its best soft share; of those, the one keeping the most copies' promises.
+    best_share = [
+        max(((share, smooth) for share in settings.soft_share_of_clean), key=coverage)
+        for smooth in settings.smooth_below
+    ]
+    share, _ = best = max(best_share, key=lambda key: (tried[key][3], coverage(key)))
     rule, clean_threshold, _, _ = tried[best]
     record = {
         "clean_digits_alone_ask": clean_threshold,
