@@ -61,6 +61,15 @@ def coverage_weights(copies):
     return {name: 0.5 / clean if copy.clean else 0.5 / (len(copies) - clean) for name, copy in copies.items()}
 
 
+def _kept_and_covered(confidences, correct, thresholds, accepted_accuracy):
+    """At each threshold: whether the answers at or above it are `accepted_accuracy` right (none
+    kept keeps it), and the share of answers kept."""
+    sure = confidences[None, :] >= thresholds[:, None]
+    right, answered = (sure & correct).sum(axis=1), sure.sum(axis=1)
+    kept = np.where(answered > 0, right / np.maximum(answered, 1), 1.0) >= accepted_accuracy
+    return kept, answered / len(correct)
+
+
 def shift_aware(copies, ink, temperature, settings, soft_share, smooth_below, weight):
     """The rule for one soft share and smoothness: ({not_sure_below, soft_from, smooth_below,
     soft_temperature}, the threshold the clean copies alone ask for, {copy: share kept sure}, how
@@ -93,12 +102,18 @@ def shift_aware(copies, ink, temperature, settings, soft_share, smooth_below, we
     for name, copy in copies.items():
         correct = copy.raw.argmax(axis=1) == copy.labels
         sharp = confidence.with_temperature(copy.raw, temperature).max(axis=1)
+        soft_rows = np.flatnonzero(soft[name])
+        if soft_rows.size == 0:  # the soft temperature changes nothing here: scored once for every column
+            kept, covered = _kept_and_covered(sharp, correct, thresholds, target[name])
+            promise_kept &= kept[:, None]
+            coverage += covered[:, None] * weight[name]
+            continue
         for j, soft_temperature in enumerate(soft_temperatures):
-            scored = np.where(soft[name], confidence.with_temperature(copy.raw, soft_temperature).max(axis=1), sharp)
-            sure = scored[None, :] >= thresholds[:, None]
-            right, answered = (sure & correct).sum(axis=1), sure.sum(axis=1)
-            promise_kept[:, j] &= np.where(answered > 0, right / np.maximum(answered, 1), 1.0) >= target[name]
-            coverage[:, j] += answered / len(copy.labels) * weight[name]
+            scored = sharp.copy()
+            scored[soft_rows] = confidence.with_temperature(copy.raw[soft_rows], soft_temperature).max(axis=1)
+            kept, covered = _kept_and_covered(scored, correct, thresholds, target[name])
+            promise_kept[:, j] &= kept
+            coverage[:, j] += covered * weight[name]
     # Of the pairs that keep every promise, the one that keeps the most answers sure over all copies.
     if promise_kept.any():
         i, j = np.unravel_index(np.argmax(np.where(promise_kept, coverage, -1.0)), coverage.shape)
