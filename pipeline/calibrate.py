@@ -92,7 +92,7 @@ def calibrate_models(params):
         with tracking.run(run_id=run_file["run_id"]):
             # Metrics, not params: the stage reruns on the same training run when only calibrate's
             # params change, and MLflow params cannot change.
-            fitted = ("temperature", "soft_temperature", "soft_from", "not_sure_below")
+            fitted = ("temperature", "soft_temperature", "soft_from", "smooth_below", "not_sure_below")
             mlflow.log_metrics({f"calibration_{key}": file[key] for key in fitted})
             mlflow.log_metrics(
                 {
@@ -126,8 +126,9 @@ def calibrate_models(params):
         )
         print(
             f"calibrate {model}: temperature {file['temperature']:.3f} ({file['soft_temperature']:.3f} for soft "
-            f"images); validation ECE {before['ece']:.2%} -> {after['ece']:.2%}, NLL {before['nll']:.4f} -> "
-            f"{after['nll']:.4f}; not sure below {file['not_sure_below']:.2%} (keeps "
+            f"images, smooth below {file['smooth_below']:g}); validation ECE {before['ece']:.2%} -> "
+            f"{after['ece']:.2%}, NLL {before['nll']:.4f} -> {after['nll']:.4f}; "
+            f"not sure below {file['not_sure_below']:.2%} (keeps "
             f"{scores['coverage']:.2%} of clean validation answers, {scores['accepted_accuracy']:.2%} right; "
             f"sure answers at worst {scores['sure'][worst]['accepted_accuracy']:.2%} right, on {worst}"
             f"{spread_said}); "

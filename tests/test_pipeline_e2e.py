@@ -145,6 +145,10 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
             "test_corrupted_mean_accuracy",
         } <= set(r.data.metrics)
         assert r.data.metrics["calibration_temperature"] > 0
+        assert (
+            r.data.metrics["calibration_smooth_below"]
+            in yaml.safe_load((repo / "params.yaml").read_text())["calibrate"]["smooth_below"]
+        )
         figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
         assert f"figures/confusion_{r.data.tags['model']}.png" in figures
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}

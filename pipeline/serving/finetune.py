@@ -334,7 +334,10 @@ def log_and_register(model, model_name, staged, calibration, lineage, record, ar
             {
                 **{f"before_{k}_accuracy": v for k, v in record["before"].items()},
                 **{f"after_{k}_accuracy": v for k, v in record["after"].items()},
-                **{f"calibration_{k}": calibration[k] for k in ("temperature", "soft_temperature", "not_sure_below")},
+                **{
+                    f"calibration_{k}": calibration[k]
+                    for k in ("temperature", "soft_temperature", "soft_from", "smooth_below", "not_sure_below")
+                },
                 "held_out_coverage": record["sure"]["coverage"],
                 "held_out_sure_accuracy": record["sure"]["accepted_accuracy"],
             }
