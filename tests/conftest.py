@@ -189,10 +189,10 @@ def trained_reader_file(trained_model_file, mnist):
 
     import keras
 
-    from pipeline import preprocess, train_reader
+    from pipeline import calibrate_reader, preprocess, train_reader
     from pipeline.core.graph.convert import KerasGraph, export_reader
     from pipeline.core.layout import beside
-    from pipeline.core.reading import lines, numbers
+    from pipeline.core.reading import lines, numbers, sequence
     from pipeline.core.trust import confidence, gate
 
     x, y = preprocess.scale(mnist["x_train"][20000:29000])[..., 0], mnist["y_train"][20000:29000]
@@ -207,13 +207,15 @@ def trained_reader_file(trained_model_file, mnist):
     settings = types.SimpleNamespace(epochs=2, batch_size=32, learning_rate=0.003, seed=3)
     keras.utils.set_random_seed(3)
     digit_model = keras.models.load_model(trained_model_file, compile=False)
-    reader = train_reader.sequence.build(digit_model)
+    reader = sequence.build(digit_model)
     train_reader.fit(reader, train, val, settings, to_mlflow=False)
     path = trained_model_file.with_name("reader.keras")
+    reader.save(path)
     calibration = confidence.read_calibration(beside(trained_model_file, "calibration"))
     digits = KerasGraph(digit_model, calibration, gate.load(beside(trained_model_file, "gate")))
-    scores = train_reader.calibrate(reader, digits, val, plain, 0.99, calibration["soft_from"])
-    train_reader.save(reader, scores, 0.99, path)
+    soft_rule = {key: calibration[key] for key in calibrate_reader.SOFT_RULE}
+    scores = calibrate_reader.calibrate(reader, digits, val, plain, 0.99, soft_rule)
+    calibrate_reader.save(reader, path, scores, 0.99)
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
     return path.with_suffix(".onnx")

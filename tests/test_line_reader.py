@@ -66,6 +66,22 @@ def test_a_blurred_scan_of_a_line_is_soft_and_has_its_own_sure_threshold(mnist):
     assert sequence.sure_from(calibration, crisp) == 0.9 and sequence.sure_from(calibration, soft) == 0.99
 
 
+def test_a_noisy_scan_of_a_line_is_faint_but_soft_only_by_faint_ink_alone(mnist):
+    x = mnist["x_test"][:5].astype(np.float32) / 255
+    image, _ = numbers.make_number(x, "clear", np.random.default_rng(5))
+    crisp, _, _ = sequence.line_of(image)
+    rng = np.random.default_rng(6)
+    speckled = (crisp == 0) & (rng.random(crisp.shape) < 0.5)  # faint grain on the paper; the strokes stay sharp
+    noisy = np.where(speckled, rng.uniform(0.2, 0.45, crisp.shape), crisp).astype(np.float32)
+    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(3)))
+    soft, _, _ = sequence.line_of(blurred)
+    assert lines.faint_share(noisy) >= 0.5 and lines.steepest_steps(noisy) > 0.5 > lines.steepest_steps(soft)
+    faint_alone = {"sure_from": 0.9, "soft_from": 0.5, "soft_sure_from": 0.99}
+    faint_and_smooth = faint_alone | {"smooth_below": 0.5}
+    assert sequence.sure_from(faint_alone, noisy) == 0.99 and sequence.sure_from(faint_and_smooth, noisy) == 0.9
+    assert sequence.sure_from(faint_and_smooth, soft) == 0.99 and sequence.sure_from(faint_and_smooth, crisp) == 0.9
+
+
 def test_a_line_is_the_same_in_either_polarity_and_at_any_scale():
     rng = np.random.default_rng(3)
     x = rng.random((5, 28, 28)) * (rng.random((5, 28, 28)) > 0.7)

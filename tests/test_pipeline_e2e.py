@@ -100,7 +100,13 @@ def test_repro_produces_every_output(repo):
     assert reading["all"]["strings"] == 4 * 4 + 10 * 2 and 0 <= reading["all"]["string_accuracy"] <= 1
     assert reading["segment"]["all"]["strings"] == reading["all"]["strings"]  # both readers, the same numbers
     reader = json.loads((repo / "reports/train/reader.json").read_text())["reader"]
-    assert 0 <= reader["val_exact"] <= 1 and 0 < reader["temperature"] and reader["best_epoch"] == 1
+    assert 0 <= reader["val_exact"] <= 1 and reader["best_epoch"] == 1
+    reader_calibration = json.loads((repo / "reports/reader_calibration.json").read_text())["reader"]
+    assert 0 < reader_calibration["temperature"] and 0 <= reader_calibration["val_exact_numbers"] <= 1
+    assert reader_calibration == {
+        **reader_calibration,
+        **json.loads((repo / "models/reader.calibration.json").read_text()),
+    }
     assert exported_reader(repo)["lines"] == 64 and exported_reader(repo)["max_probability_difference"] <= READER_ATOL
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
@@ -109,6 +115,7 @@ def test_repro_produces_every_output(repo):
         "train_mlp",
         "train_cnn",
         "train_reader",
+        "calibrate_reader",
         "calibrate",
         "export",
         "evaluate",
@@ -123,9 +130,12 @@ def test_mlflow_has_one_run_per_model_with_training_and_test_results(repo):
     client, runs = mlflow_runs(repo)
     assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "mlp", "reader"]
     reader = next(r for r in runs if r.data.tags["model"] == "reader")
-    assert reader.info.status == "FINISHED" and {"val_exact", "loss", "temperature", "sure_from"} <= set(
-        reader.data.metrics
-    )
+    assert reader.info.status == "FINISHED" and {
+        "val_exact",
+        "loss",
+        "calibration_temperature",
+        "calibration_sure_from",
+    } <= set(reader.data.metrics)
     assert client.get_registered_model("digits-reader").aliases == {"champion": 1}
     for r in runs:
         if r.data.tags["model"] == "reader":

@@ -14,6 +14,7 @@ EXPORT_FILE = Path("reports/export.json")  # export: how closely ONNX Runtime an
 EVAL_DIR = Path("reports/eval")  # evaluate: per-model report and predictions
 METRICS_FILE = Path("reports/metrics.json")
 ROBUSTNESS_FILE = Path("reports/robustness.json")  # robustness: accuracy on corrupted test copies
+READER_CALIBRATION_FILE = Path("reports/reader_calibration.json")  # calibrate_reader: validation scores
 READING_FILE = Path("reports/reading.json")  # read_eval: how well whole numbers are read
 READING_EXAMPLES_DIR = Path("data/reading_examples")  # read_eval: a few numbers, boxes and readings
 FIGURES_DIR = Path("reports/figures")  # visualize

@@ -225,11 +225,13 @@ def export_reader(model_path, calibration_path, onnx_path, check_lines):
     calibration = json.loads(calibration_path.read_text())
     model_sha256 = sha256(model_path)
     if calibration.get("model_sha256") != model_sha256:
-        raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro train_reader`")
+        raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro calibrate_reader`")
     serve = reader_function(keras.models.load_model(model_path, compile=False), calibration["temperature"])
     graph, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
     # Numbers, as ReaderGraph reads them back, the confidence's name and the model's hash.
     metadata = {key: str(float(calibration[key])) for key in READER_KEYS} | {READER_RULE: calibration[READER_RULE]}
+    if "smooth_below" in calibration:
+        metadata["smooth_below"] = str(float(calibration["smooth_below"]))
     onnx.helper.set_model_props(graph, {**metadata, "model_sha256": model_sha256})
     onnx.checker.check_model(graph)
     with atomic_path(onnx_path) as tmp:

@@ -53,6 +53,8 @@ class ReaderGraph:
         self.session, metadata = session(path, threads)
         self.model_sha256 = metadata["model_sha256"]
         self.calibration = {key: float(metadata[key]) for key in READER_KEYS} | {READER_RULE: metadata[READER_RULE]}
+        if "smooth_below" in metadata:  # calibrated since the smoothness rule (docs/reading.md, rule 12)
+            self.calibration["smooth_below"] = float(metadata["smooth_below"])
 
     def windows(self, lines):
         """(n, 28, width, 1) float32 -> (n, windows, classes): the ten digits, a mark, the blank."""

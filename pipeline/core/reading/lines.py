@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.core import normalize
 from pipeline.core.reading import numbers
-from pipeline.core.trust import gate, nondigits
+from pipeline.core.trust import confidence, gate, nondigits
 
 HEIGHT = 28  # rows, as MNIST's digits
 INK_HEIGHT = 20  # rows the line's ink spans, as MNIST's digits' larger side
@@ -62,6 +62,23 @@ def faint_share(line):
     it on a digit: high for a blurred or low-resolution scan."""
     ink = line > normalize.INK_THRESHOLD
     return float((ink & (line < gate.FAINT_BELOW)).sum() / max(int(ink.sum()), 1))
+
+
+def steepest_steps(line):
+    """The mean of the line's gate.STEEPEST steepest steps between neighbouring pixels, as
+    gate.steepest_steps measures a digit: high where a pen's strokes are sharp, low on a blurred or
+    low-resolution scan, however faint or noisy its paper."""
+    across = line[:-1, 1:] - line[:-1, :-1]
+    down = line[1:, :-1] - line[:-1, :-1]
+    steps = np.sqrt(across**2 + down**2).ravel()
+    return float(np.sort(steps)[-gate.STEEPEST :].mean())
+
+
+def is_soft(line, calibration):
+    """Whether a line is a soft scan (blurred or low-resolution), by the digit model's rule
+    (confidence.is_soft: faint ink, and smooth strokes where the calibration has `smooth_below`), on
+    the whole line's measures."""
+    return bool(confidence.is_soft(faint_share(line), steepest_steps(line), calibration))
 
 
 def padded(lines):
@@ -139,3 +156,43 @@ def training_lines(x, labels, count, seed, max_length=MAX_LENGTH):
     """`count` training lines from digit images x with integer labels, seeded: [(line, text)]."""
     rng = np.random.default_rng(seed)
     return [training_line(x, labels, rng, max_length) for _ in range(count)]
+
+
+# The read stages' lines, by split: the seed of each chunk of CHUNK lines is the stage's seed plus
+# the split's offset plus the chunk's number, so train_reader and calibrate_reader write the same
+# validation lines, however many processes write them.
+SPLIT_SEEDS = {"train": 0, "val": 10_000}
+CHUNK = 2000
+
+
+def line_sets(data, counts, seed):
+    """{split: [(line, text)]}: counts[split] lines (training_lines) written from the digits of each
+    split of `data` (data/processed's arrays), in two processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [
+        (split, seed + SPLIT_SEEDS[split] + i, min(CHUNK, count - start))
+        for split, count in counts.items()
+        for i, start in enumerate(range(0, count, CHUNK))
+    ]
+    digits = {split: (data[f"x_{split}"][..., 0], data[f"y_{split}"].argmax(1)) for split in counts}
+    # spawn, not fork: the workers need NumPy and PIL, not a copy of the caller's TensorFlow.
+    with ProcessPoolExecutor(2, multiprocessing.get_context("spawn"), _share, (digits,)) as pool:
+        made = list(pool.map(_written, jobs))
+    return {
+        split: [line for (s, _, _), part in zip(jobs, made, strict=True) if s == split for line in part]
+        for split in counts
+    }
+
+
+_digits = {}
+
+
+def _share(digits):
+    _digits.update(digits)
+
+
+def _written(job):
+    split, seed, count = job
+    return training_lines(*_digits[split], count, seed)

@@ -139,6 +139,49 @@ def ctc_loss(y_true, logits):
     return ops.ctc_loss(y_true[:, 2:], logits, y_true[:, 0], y_true[:, 1], mask_index=BLANK)
 
 
+def batches(written, batch_size, shape, rng=None):
+    """[(x, y, indices)] of lines [(line, text)]: lines of similar width together (lines.padded),
+    with their CTC targets; shuffled within and between widths when `rng` is given, in order
+    otherwise. `shape`: the reader's geometry()."""
+    order = np.argsort([line.shape[1] for line, _ in written], kind="stable")
+    if rng is not None:  # shuffle, then sort by width in coarse steps: similar widths, new company
+        order = rng.permutation(len(written))
+        order = order[np.argsort([written[i][0].shape[1] // lines.WIDTH_STEP for i in order], kind="stable")]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    out = []
+    for group in groups:
+        x, widths = lines.padded([written[i][0] for i in group])
+        counts = [windows(w, shape) for w in widths]
+        out.append((x, targets([written[i][1] for i in group], counts, lines.MAX_LENGTH), group))
+    return out
+
+
+def window_logits(reader, written, batch_size=256):
+    """Each line's window logits by the Keras `reader`, [(windows, CLASSES)], cut to the windows of
+    its own width."""
+    found, shape = [None] * len(written), geometry(reader)
+    for x, _, group in batches(written, batch_size, shape):
+        logits = reader(x, training=False).numpy()
+        for row, i in zip(logits, group, strict=True):
+            found[i] = row[: windows(written[i][0].shape[1], shape)]
+    return found
+
+
+def judged(logits, texts, temperature=1.0):
+    """(each reading's path confidence, whether it is right) at this temperature."""
+    readings = [decode(softmax(z, temperature)) for z in logits]
+    right = [text_of(digits) == text for (digits, _), text in zip(readings, texts, strict=True)]
+    return np.array([c for _, c in readings]), np.array(right)
+
+
+def exact(reader, written):
+    """The share of lines [(line, text)] the Keras `reader` reads exactly (greedy, no vote)."""
+    _, right = judged(window_logits(reader, written), [text for _, text in written])
+    return float(right.mean())
+
+
 def softmax(logits, temperature=1.0):
     scaled = np.asarray(logits, np.float64) / temperature
     scaled -= scaled.max(axis=-1, keepdims=True)
@@ -233,9 +276,8 @@ def number_confidence(rule, path, found, digit_probabilities):
 
 def sure_from(calibration, line):
     """The number's "sure" threshold for this line: soft lines (a blurred or low-resolution scan,
-    lines.faint_share) have their own, as calibration fitted them (docs/reading.md, rule 11)."""
-    soft = lines.faint_share(line) >= calibration["soft_from"]
-    return calibration["soft_sure_from" if soft else "sure_from"]
+    lines.is_soft) have their own, as calibration fitted them (docs/reading.md, rules 11 and 12)."""
+    return calibration["soft_sure_from" if lines.is_soft(line, calibration) else "sure_from"]
 
 
 def segmenter_reads(image, digits):
