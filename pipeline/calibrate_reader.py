@@ -10,9 +10,10 @@ reads it (each digit voted by both models):
      such readings are right;
   2. of the number's confidences (sequence.CONFIDENCES; one asks the segmenter too), takes the one
      that keeps the most numbers sure, with two thresholds, one for crisp lines and one for soft
-     ones (a blurred or low-resolution scan, by the digit model's `soft_from`): each the lowest
-     confidence at which the numbers of its kind kept are `read.accepted_accuracy` right in each
-     family (the rules, written before their runs: docs/reading.md, rules 9 and 11).
+     ones (a blurred or low-resolution scan, lines.is_soft by the digit model's `soft_from` and
+     `smooth_below`): each the lowest confidence at which the numbers of its kind kept are
+     `read.accepted_accuracy` right in each family (the rules, written before their runs:
+     docs/reading.md, rules 9, 11 and 12).
 The test digits are not read: read_eval measures the result on them.
 Writes
   models/reader.calibration.json   the temperature, confidence and thresholds, with the sha256 of
