@@ -1,54 +1,15 @@
-"""Printed digits, rendered from the fonts matplotlib ships (PyPI): a real domain shift that the
-project can make itself (type, where MNIST is handwriting), to test and measure `digits finetune`.
-Each image is one digit in one font with light augmentation (size, a small rotation, position,
-stroke weight, paper noise), dark ink on white paper at any size, as a user's scan arrives.
-Deterministic from a seed.
-"""
+"""Printed digits in labelled folders, as a user's scans arrive: the rendering is the core's
+(pipeline/core/shifts/printed.py), which training draws from too (its DejaVu fonts only)."""
 
 import csv
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image
 
 from pipeline.core.layout import DIGITS
-from pipeline.core.trust.nondigits import font_path
+from pipeline.core.shifts.printed import FONTS, HELD_OUT_FONTS, LARGE, SMALL, TRAINING_FONTS, render
 
-# Every font matplotlib ships with the ten digits at their usual code points, by family.
-FONTS = (
-    *(f"DejaVuSans{style}" for style in ("", "-Bold", "-Oblique", "-BoldOblique")),
-    *(f"DejaVuSansMono{style}" for style in ("", "-Bold", "-Oblique", "-BoldOblique")),
-    *(f"DejaVuSerif{style}" for style in ("", "-Bold", "-Italic", "-BoldItalic")),
-    *(f"STIXGeneral{style}" for style in ("", "Bol", "Italic", "BolIta")),
-    "cmr10",
-    "cmb10",
-    "cmss10",
-    "cmtt10",
-    "cmti10",
-)
-
-
-# Type sizes, in pixels: large print, and small print as a scanner sees it (10-point type is about
-# 20 px high at 200 dpi), which MNIST's 20-pixel digits never prepared a model for.
-LARGE, SMALL = (40, 90), (12, 30)
-
-
-def render(digit, font, rng, sizes=LARGE):
-    """One printed digit as a uint8 image (dark on light), its font size drawn from `sizes`."""
-    size = int(rng.integers(*sizes))
-    image = Image.new("L", (2 * size, 2 * size), 255)
-    centre = size + rng.integers(-size // 8, size // 8 + 1, size=2)
-    ImageDraw.Draw(image).text(
-        tuple(int(c) for c in centre),
-        str(digit),
-        font=ImageFont.truetype(str(font_path(font)), size),
-        fill=0,
-        anchor="mm",
-    )
-    image = image.rotate(float(rng.uniform(-5, 5)), resample=Image.BILINEAR, fillcolor=255)
-    if rng.random() < 0.5:  # a heavier print (thinning erased the strokes of light type)
-        image = image.filter(ImageFilter.MinFilter(3))
-    pixels = np.asarray(image, np.float32) + rng.normal(0, 3, (2 * size, 2 * size))
-    return pixels.clip(0, 255).astype(np.uint8)
+__all__ = ["FONTS", "HELD_OUT_FONTS", "LARGE", "SMALL", "TRAINING_FONTS", "render", "write_labelled_folder"]
 
 
 def write_labelled_folder(folder, fonts, per_digit, seed, sizes=LARGE):

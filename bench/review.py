@@ -1,9 +1,10 @@
 """People in the loop on a shifted set, one round per seed (JSON: reports/review.json):
 
-    ./dev run python -m bench.review [--model models/cnn.keras] [--seeds 0 1 2] [--per-digit 4] [--most 500]
+    ./dev run python -m bench.review [--model models/cnn.keras] [--seeds 0 1 2] [--per-digit 9] [--most 500]
 
-Printed digits in small type (bench/printed.py: the 21 fonts matplotlib ships, as a scanner sees
-10-point type) stand for a new kind of form that the CNN reads less well than handwriting. Each
+Printed digits in small type (bench/printed.py: the 9 fonts matplotlib ships that the pipeline's
+training never prints in, STIX and Computer Modern, as a scanner sees 10-point type) stand for a
+new kind of form that the CNN reads less well than handwriting. Each
 round has two batches of them, its own (seeded), each font in its own folder (one "writer"):
   1. the first batch is scored with `digits predict --review DIR`;
   2. a person labels what waits: here the truth is written into DIR/labels.csv, for at most
@@ -13,7 +14,7 @@ round has two batches of them, its own (seeded), each font in its own folder (on
 Reported for each model on each batch: accuracy, the share sent to review, and the accuracy of the
 answers not sent; the fine-tuned model's MNIST accuracy before and after; and over the rounds, the
 spread of the ratio of the shares sent to review (one round's ratio swings: fine-tuning is not
-bit-repeatable, and 840 images are few). models/ and the project's MLflow store are not touched (a
+bit-repeatable, and 810 images are few). models/ and the project's MLflow store are not touched (a
 scratch folder and store per round).
 """
 
@@ -41,12 +42,12 @@ OUT = "reports/review.json"
 def batch(folder, per_digit, seed):
     """Printed digits in small type, one sub-folder per font: ({path: label}, [font folders])."""
     truth = {}
-    for i, font in enumerate(printed.FONTS):
+    for i, font in enumerate(printed.HELD_OUT_FONTS):
         labels = printed.write_labelled_folder(folder / font, [font], per_digit, seed * 1000 + i, printed.SMALL)
         with labels.open(newline="") as f:
             truth |= {str(folder / font / row["file"]): int(row["label"]) for row in csv.DictReader(f)}
         labels.unlink()  # the folder then holds images only, as a user's scans would
-    return truth, [folder / font for font in printed.FONTS]
+    return truth, [folder / font for font in printed.HELD_OUT_FONTS]
 
 
 def scored(model, folders, truth, queue=None):
@@ -137,7 +138,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.review", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/cnn.keras")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one round each (default 0 1 2)")
-    parser.add_argument("--per-digit", type=int, default=4, help="images of each digit in each font, per batch")
+    parser.add_argument("--per-digit", type=int, default=9, help="images of each digit in each font, per batch")
     parser.add_argument("--most", type=int, default=500, help="corrections a person makes (rows labelled)")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ def test_default_params_load(project):
         ("mlp__hidden_units", [], "mlp.hidden_units: got [], expected a non-empty list"),
         ("cnn__augment__rotation_degrees", -5, "cnn.augment.rotation_degrees: got -5.0"),
         ("cnn__augment__shift_share", 1.5, "cnn.augment.shift_share: got 1.5, expected float in [0.0, 1.0]"),
+        ("mlp__augment__printed_share", -0.1, "mlp.augment.printed_share: got -0.1, expected float in [0.0, 1.0]"),
         ("cnn__augment__shifts", ["smudge"], "cnn.augment.shifts: unknown ['smudge'], expected names from"),
         (
             "shifts__jpeg",

@@ -1,11 +1,13 @@
-"""The shifts (pipeline/core/shifts/corruptions.py): each changes an image the way its name says, the
-same way for the same seed, and training draws them only for its share of a batch."""
+"""The shifts (pipeline/core/shifts/corruptions.py) and printed digits (printed.py): each changes an
+image the way its name says, the same way for the same seed, and training draws them only for its
+share of a batch."""
 
 import numpy as np
 import pytest
 
 from pipeline.core import params
 from pipeline.core.shifts import corruptions
+from pipeline.core.shifts.printed import print_some
 from tests.helpers import ROOT
 
 STRENGTHS = params.load(ROOT / "params.yaml").shifts.strengths
@@ -98,3 +100,29 @@ def test_training_shifts_only_its_share_and_the_same_way_for_the_same_seed():
     assert 0.25 < changed.mean() < 0.35
     assert np.array_equal(shifted(0.3, 4), shifted(0.3, 4)) and not np.array_equal(shifted(0.3, 4), shifted(0.3, 5))
     assert np.array_equal(shifted(0.0, 4), images)
+
+
+def test_training_prints_its_share_of_digits_in_mnist_form_with_their_labels_and_the_same_for_the_same_seed():
+    labels = np.eye(10, dtype=np.float32)[np.arange(400) % 10]
+
+    def printed(share, seed):
+        return print_some(np.zeros((400, 28, 28), np.float32), labels, share, np.random.default_rng(seed))
+
+    images = printed(0.25, 3)
+    changed = images.reshape(len(images), -1).max(axis=1) > 0
+    assert 0.18 < changed.mean() < 0.32
+    assert np.array_equal(images, printed(0.25, 3)) and not np.array_equal(images, printed(0.25, 4))
+    rows, cols = centre(images[changed])  # brought to MNIST's form, as an upload is: centred by mass
+    assert np.all(np.abs(rows - 13.5) < 1.5) and np.all(np.abs(cols - 13.5) < 1.5)
+    # each its own label's digit: a printed 1 is ink in the middle, where a printed 0 has its hole
+    # (or, in some fonts, a dot or a slash)
+    middle = images[:, 12:16, 12:16].mean(axis=(1, 2))
+    digit = labels.argmax(1)
+    assert middle[changed & (digit == 1)].mean() > 0.6 > 0.3 > middle[changed & (digit == 0)].mean()
+
+
+def test_no_printed_share_leaves_the_batch_and_the_generator_untouched():
+    rng = np.random.default_rng(0)
+    images = bars()
+    assert np.array_equal(print_some(images.copy(), np.eye(10)[:8], 0.0, rng), images)
+    assert rng.random() == np.random.default_rng(0).random()

@@ -40,6 +40,7 @@ class AugmentParams:
     zoom_fraction: float
     shift_share: float  # of each batch, given one of `shifts` each, at the `shifts` section's strengths
     shifts: tuple  # the names drawn from (SHIFTS), uniformly
+    printed_share: float  # of each batch, replaced by its digit printed in a training font
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,7 @@ def _augment(r, section):
         zoom_fraction=r.get(f"{section}.zoom_fraction", float, 0.0, 0.3),
         shift_share=share,
         shifts=tuple(shifts),
+        printed_share=r.get(f"{section}.printed_share", float, 0.0, 1.0),
     )
 
 

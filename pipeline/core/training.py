@@ -28,7 +28,8 @@ def steps_per_epoch(train_size, model_params):
 def training_dataset(x, y, model_params, seed, shift_strengths):
     """Shuffled batches with on-the-fly augmentation (pipeline/core/shifts/augmentation.py: small
     rotations, shifts and zooms in one resampling, then `augment.shift_share` of each batch given
-    one of `augment.shifts` at `shift_strengths`, params.yaml's `shifts`), run in the tf.data
+    one of `augment.shifts` at `shift_strengths`, params.yaml's `shifts`, and `augment.printed_share`
+    replaced by printed digits), run in the tf.data
     pipeline so the saved model stays a plain inference model. Endless: one epoch is
     steps_per_epoch() batches, reshuffled each time round."""
     import tensorflow as tf
@@ -46,7 +47,7 @@ def training_dataset(x, y, model_params, seed, shift_strengths):
         # state (on small batches, two runs with one seed gave different batches). Augmenting a
         # batch takes a fraction of a training step, and prefetch runs it ahead.
         ds = ds.map(lambda images, labels: (pose(images, training=True), labels))
-    if augment.shift_share:
+    if augment.shift_share or augment.printed_share:
         ds = with_shifts(ds, augment, shift_strengths, seed + 3)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -190,13 +190,14 @@ def recipe(model_params, args):
     constant rate (--learning-rate, decaying to zero) and no weight decay, so that it adapts rather
     than relearns; a moving average of the weights, which a few noisy steps on a few hundred images
     move less than the weights themselves; small random rotations, shifts and zooms, and none of
-    the `shifts`."""
+    the `shifts` or printed digits."""
     augment = dataclasses.replace(
         model_params.augment,
         rotation_degrees=10,
         shift_fraction=0.1,
         zoom_fraction=0.1,
         shift_share=0.0,
+        printed_share=0.0,
     )
     return dataclasses.replace(
         model_params,

@@ -2,7 +2,8 @@
 - RandomAffine: small rotations, shifts and zooms, the ways one writer's digit differs from
   another's in pose and size (never flips, which would turn digits into other shapes);
 - with_shifts: the ways real handwriting and capture differ from MNIST (pipeline/core/shifts/
-  corruptions.py: the same functions and strengths the robustness stage measures on test copies)."""
+  corruptions.py: the same functions and strengths the robustness stage measures on test copies),
+  and printed type (pipeline/core/shifts/printed.py)."""
 
 import keras
 import numpy as np
@@ -58,19 +59,23 @@ class RandomAffine(keras.layers.Layer):
 
 
 def with_shifts(batches, augment, strengths, seed):
-    """tf.data batches of (images, labels) -> the same, `augment.shift_share` of each batch's images
-    given one of `augment.shifts` (pipeline/core/shifts/corruptions.py, the functions and strengths
-    the robustness stage measures). Batch k draws from a generator seeded by (seed, k), so a run
-    repeats its batches exactly."""
+    """tf.data batches of (images, one-hot labels) -> the same, `augment.shift_share` of each batch's
+    images given one of `augment.shifts` (pipeline/core/shifts/corruptions.py, the functions and
+    strengths the robustness stage measures), then `augment.printed_share` replaced by their digit
+    in print (pipeline/core/shifts/printed.py). Batch k draws from a generator seeded by (seed, k),
+    so a run repeats its batches exactly."""
     from pipeline.core.shifts.corruptions import shift_some
+    from pipeline.core.shifts.printed import print_some
 
-    def shift(images, step):
+    def shift(images, labels, step):
         rng = np.random.default_rng([seed, int(step)])
-        return shift_some(images, augment.shifts, augment.shift_share, strengths, rng)
+        shifted = shift_some(images, augment.shifts, augment.shift_share, strengths, rng)
+        print_some(shifted.reshape(-1, 28, 28), labels, augment.printed_share, rng)
+        return shifted
 
     def mapped(step, batch):
         images, labels = batch
-        shifted = tf.numpy_function(shift, [images, step], tf.float32, stateful=False)
+        shifted = tf.numpy_function(shift, [images, labels, step], tf.float32, stateful=False)
         return tf.ensure_shape(shifted, images.shape), labels
 
     return batches.enumerate().map(mapped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
