@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from pipeline.core.files import DataError, atomic_path, sha256
-from pipeline.core.graph.runtime import READER_KEYS, READER_RULE, SOFT_KEYS
+from pipeline.core.graph.runtime import READER_KEYS, READER_RULE, READER_SOFT_KEYS, SOFT_KEYS
 from pipeline.core.trust import confidence, gate
 
 
@@ -230,8 +230,7 @@ def export_reader(model_path, calibration_path, onnx_path, check_lines):
     graph, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
     # Numbers, as ReaderGraph reads them back, the confidence's name and the model's hash.
     metadata = {key: str(float(calibration[key])) for key in READER_KEYS} | {READER_RULE: calibration[READER_RULE]}
-    if "smooth_below" in calibration:
-        metadata["smooth_below"] = str(float(calibration["smooth_below"]))
+    metadata |= {key: str(float(calibration[key])) for key in READER_SOFT_KEYS if key in calibration}
     onnx.helper.set_model_props(graph, {**metadata, "model_sha256": model_sha256})
     onnx.checker.check_model(graph)
     with atomic_path(onnx_path) as tmp:

@@ -12,6 +12,7 @@ SOFT_KEYS = ("soft_from", "soft_temperature", "smooth_below")  # only in graphs 
 
 
 READER_KEYS = ("temperature", "sure_from", "soft_from", "soft_sure_from", "accepted_accuracy", "stride", "lost")
+READER_SOFT_KEYS = ("smooth_below",)  # only in readers calibrated since the smoothness rule (docs/reading.md, rule 12)
 READER_RULE = "confidence"  # the name of the number's confidence (pipeline.core.reading.sequence.CONFIDENCES)
 
 
@@ -52,9 +53,8 @@ class ReaderGraph:
     def __init__(self, path, threads=None):
         self.session, metadata = session(path, threads)
         self.model_sha256 = metadata["model_sha256"]
-        self.calibration = {key: float(metadata[key]) for key in READER_KEYS} | {READER_RULE: metadata[READER_RULE]}
-        if "smooth_below" in metadata:  # calibrated since the smoothness rule (docs/reading.md, rule 12)
-            self.calibration["smooth_below"] = float(metadata["smooth_below"])
+        keys = READER_KEYS + tuple(key for key in READER_SOFT_KEYS if key in metadata)
+        self.calibration = {key: float(metadata[key]) for key in keys} | {READER_RULE: metadata[READER_RULE]}
 
     def windows(self, lines):
         """(n, 28, width, 1) float32 -> (n, windows, classes): the ten digits, a mark, the blank."""
