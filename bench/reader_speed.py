@@ -5,10 +5,10 @@ read it (one image at a time), one run, JSON in reports/reader_speed.json:
 
 5-digit numbers of each spacing kind written from *validation* digits (pipeline/core/reading/
 numbers.py), each read from its uint8 image to the answer: the line reader (models/reader.onnx with
-models/cnn.onnx, the default) and the segmenter (`--reader segment`). Reported: p50 and p95 ms per
-number over all kinds (and for the line reader, apart for the numbers it marks sure: with the "both
-readers" confidence it asks the segmenter about those), and the line reader's time as a ratio of
-the segmenter's in the same run.
+models/cnn.onnx, its verifier and its second look, models/mlp.onnx: the default) and the segmenter
+(`--reader segment`). Reported: p50 and p95 ms per number over all kinds (and for the line reader,
+apart for the numbers it marks sure), and the line reader's time as a ratio of the segmenter's in
+the same run.
 """
 
 import argparse
@@ -61,7 +61,6 @@ def main(argv=None):
     sure = np.array([reading.sure for reading in readings])
     measured = {
         "line reader": percentiles(by_line),
-        # With the "both readers" confidence the segmenter is asked too, about these only.
         "line reader, numbers it marks sure": {"share": round(float(sure.mean()), 3), **percentiles(by_line[sure])},
         "line reader, the others": percentiles(by_line[~sure]),
         "segmenter": percentiles(by_cuts),

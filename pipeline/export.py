@@ -12,12 +12,15 @@ For each model this stage
   4. checks the graph against Keras and scikit-learn on the validation images: probabilities
      within graph.ATOL, the same "not a digit" answers. A mismatch fails the stage.
 The line reader (train_reader) becomes a graph of its own, its temperature inside and its "sure"
-threshold in the metadata, checked against Keras on lines written from validation digits.
+thresholds in the metadata, checked against Keras on lines written from validation digits; its
+verifier's trees (calibrate_reader) a small graph beside it, checked against scikit-learn.
 Writes
   models/<model>.onnx     inputs: images (n, 28, 28, 1) float32 in MNIST form;
                           outputs: probabilities (n, 10), gate_probabilities (n, 2)
   models/reader.onnx      inputs: lines (n, 28, width, 1) float32 (pipeline/core/reading/lines.py);
-                          outputs: windows (n, windows, 11), each window's digit and blank probabilities
+                          outputs: windows (n, windows, 12), each window's digit, mark and blank probabilities
+  models/reader.verifier.onnx  inputs: evidence (n, len(sequence.EVIDENCE)) float32;
+                          outputs: label, probabilities (n, 2) that a reading is wrong, right
   reports/export.json     the checks' numbers (dvc metrics)
 and logs the .onnx file to the model's MLflow run (artifact onnx/), tagging its registered version,
 so that `models:/digits-cnn@champion` serves it too. The test split is not read here.
@@ -28,6 +31,7 @@ from pipeline.core import tracking
 from pipeline.core.files import load_arrays, require, write_json
 from pipeline.core.graph import convert
 from pipeline.core.graph.convert import ExportError
+from pipeline.core.graph.runtime import verifier_file
 from pipeline.core.layout import (
     EXPORT_FILE,
     MODELS,
@@ -43,13 +47,15 @@ from pipeline.core.reading import lines
 READER_CHECK_LINES = 64
 
 
-def log_onnx(model, scores):
-    """The .onnx file on the model's MLflow run, and its name on the registered version."""
+def log_onnx(model, scores, *beside):
+    """The .onnx file on the model's MLflow run (with the files `beside` it that serving reads too),
+    and its name on the registered version."""
     import mlflow
 
     run_file = tracking.read_run_file(model)
     with tracking.run(run_id=run_file["run_id"]):
-        mlflow.log_artifact(str(onnx_file(model)), "onnx")
+        for file in (onnx_file(model), *beside):
+            mlflow.log_artifact(str(file), "onnx")
         mlflow.log_metrics({f"onnx_{k}": v for k, v in scores.items()})
     tracking.tag_model_version(run_file, {"onnx": f"onnx/{onnx_file(model).name}"})
 
@@ -59,10 +65,11 @@ def export_reader(data, params):
     written = lines.training_lines(x, y, READER_CHECK_LINES, params.read.seed)
     check, _ = lines.padded([line for line, _ in written])
     scores = convert.export_reader(model_file(READER), calibration_file(READER), onnx_file(READER), check)
-    log_onnx(READER, scores)
+    log_onnx(READER, scores, verifier_file(onnx_file(READER), ".onnx"))
     print(
         f"export reader: {onnx_file(READER)} ({scores['file_bytes'] / 1e6:.1f} MB); on {scores['lines']} validation "
-        f"lines it answers as Keras does (largest probability difference {scores['max_probability_difference']:.1e})",
+        f"lines it answers as Keras does (largest probability difference {scores['max_probability_difference']:.1e}); "
+        f"its verifier as scikit-learn does ({scores['verifier_max_difference']:.1e})",
         flush=True,
     )
     return scores
@@ -70,7 +77,7 @@ def export_reader(data, params):
 
 def export_models(params):
     require(*(path(model) for model in MODELS for path in (model_file, calibration_file, gate_file)))
-    require(model_file(READER), calibration_file(READER))
+    require(model_file(READER), calibration_file(READER), verifier_file(model_file(READER), ".pkl"))
     data = load_arrays(PROCESSED_DIR, ["x_val", "y_val"])
     tracking.use_experiment(params.mlflow.experiment)
     report = {}

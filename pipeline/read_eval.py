@@ -1,6 +1,7 @@
 """Stage read_eval: how well whole numbers are read, by the line reader that serving uses
-(models/reader.onnx with models/cnn.onnx for its "not a digit" marks: pipeline/core/reading/
-sequence.py) and, for comparison, by cutting the line into digits (pipeline/core/reading/segment.py).
+(models/reader.onnx with models/cnn.onnx looking at each digit, and its verifier with the second
+look, models/mlp.onnx, judging the whole number: pipeline/core/reading/sequence.py) and, for
+comparison, by cutting the line into digits (pipeline/core/reading/segment.py).
 
 Numbers are written from *test* digits (pipeline/core/reading/numbers.py; both readers were chosen
 on numbers from training and validation digits): 5-digit strings in each spacing kind, and strings
@@ -20,7 +21,7 @@ import numpy as np
 
 from pipeline.core import params as params_module
 from pipeline.core.files import atomic_path, load_arrays, require, save_arrays, write_json
-from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph
+from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph, verifier_file
 from pipeline.core.layout import PROCESSED_DIR, READING_EXAMPLES_DIR, READING_FILE, onnx_file
 from pipeline.core.reading import numbers, segment, sequence
 
@@ -57,7 +58,7 @@ def read_all(samples, read, progress):
 def measure(params):
     from tqdm import tqdm
 
-    require(onnx_file("cnn"), onnx_file("reader"))
+    require(onnx_file("cnn"), onnx_file("mlp"), onnx_file("reader"), verifier_file(onnx_file("reader"), ".onnx"))
     data = load_arrays(PROCESSED_DIR, ["x_test", "y_test"])
     digits, reader = OnnxGraph(onnx_file("cnn")), ReaderGraph(onnx_file("reader"))
     readers = {

@@ -185,8 +185,8 @@ def trained_model_file(tmp_path_factory, mnist):
 def trained_reader_file(trained_model_file, mnist):
     """A line reader trained briefly by train_reader's own code (two epochs on 6,000 lines of 1-3
     digits written from 8,000 real MNIST training digits, some with a mark that is no digit; its
-    eyes the trained CNN above), calibrated on lines and on plain numbers of 1-3 digits from 1,000
-    others, and exported beside that CNN as the export stage exports it."""
+    eyes the trained CNN above), calibrated (with its verifier) on lines and on plain numbers of 1-3
+    digits from 1,000 others, and exported beside that CNN as the export stage exports it."""
     import types
 
     import keras
@@ -216,8 +216,10 @@ def trained_reader_file(trained_model_file, mnist):
     calibration = confidence.read_calibration(beside(trained_model_file, "calibration"))
     digits = KerasGraph(digit_model, calibration, gate.load(beside(trained_model_file, "gate")))
     soft_rule = {key: calibration[key] for key in calibrate_reader.SOFT_RULE}
-    scores = calibrate_reader.calibrate(reader, digits, val, plain, 0.99, soft_rule)
-    calibrate_reader.save(reader, path, scores, 0.99)
+    # The second look is the CNN itself here (the stage's is the MLP): what is tested is the reading's
+    # course, not how independent its two looks are.
+    scores, verifier = calibrate_reader.calibrate(reader, digits, digits, val, plain, 0.99, soft_rule)
+    calibrate_reader.save(reader, path, scores, verifier, 0.99, trained_model_file.with_suffix(".onnx").name)
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
     return path.with_suffix(".onnx")

@@ -132,19 +132,22 @@ def test_a_briefly_trained_line_reader_reads_touching_digits_the_segmenter_cuts_
     assert missed >= 0.3, read
 
 
-def test_by_both_readers_a_number_is_sure_only_where_the_segmenter_reads_it_alike(
-    touching, trained_reader_file, trained_model_file
-):
-    from pipeline.serving.predictor import Predictor
-    from pipeline.serving.reader import NumberReader
-
-    digits = Predictor(trained_model_file)
-    reader, segmenter = NumberReader(trained_reader_file, digits), NumberReader("segment", digits)
-    # Every number reaches the threshold: only the segmenter's agreement decides.
-    reader.graph.calibration |= {"confidence": sequence.BOTH_READERS, "sure_from": 0.0, "soft_sure_from": 0.0}
-    readings = [(reader.read(image), segmenter.read(image).text) for image, _, _ in touching[:40]]
-    assert all(read.sure == (read.text == cut and "?" not in read.text) for read, cut in readings)
-    assert 0 < sum(read.sure for read, _ in readings) < len(readings)  # both cases are met
+def test_the_verifiers_evidence_sees_a_lost_digit_a_doubting_digit_model_and_a_second_look_that_disagrees():
+    seen = dict(zip(sequence.EVIDENCE, range(len(sequence.EVIDENCE)), strict=True))
+    ink = np.zeros((20, 60), np.float32)
+    ink[2:18, 5:15] = ink[2:18, 40:50] = 1.0  # two strokes of the same weight
+    found = [(3, 0.99, 2, 3)]  # one digit read, where the first stroke is: the second is lost
+    sure = np.eye(10)[[3]]  # each model gives the digit read all its probability
+    lost = sequence.evidence(0.9, found, found, sure, sure, [(3, 0, 17, 20)], ink, soft=False)
+    assert lost[seen["ink_outside"]] == pytest.approx(0.5) and lost[seen["length"]] == 1
+    assert lost[seen["path_log"]] == pytest.approx(np.log(0.9)) and lost[seen["second_agrees"]] == 1
+    both = [(3, 0.99, 2, 3), (5, 0.99, 9, 10)]
+    doubted = np.array([np.eye(10)[3], np.eye(10)[8] * 0.6 + np.eye(10)[5] * 0.4])  # reads the 5 as an 8
+    kept = sequence.evidence(0.9, both, both, doubted, doubted, [(3, 0, 17, 20), (38, 0, 52, 20)], ink, soft=True)
+    assert kept[seen["ink_outside"]] == 0 and kept[seen["lightest_box"]] == pytest.approx(1)
+    # The digit model disagrees: the path counts for nothing; the 5's doubt is its 0.4.
+    assert kept[seen["path_log"]] == pytest.approx(np.log(sequence.TINY)) and kept[seen["soft"]] == 1
+    assert kept[seen["digit_doubt"]] == pytest.approx(np.log(0.6)) and kept[seen["second_agrees"]] == 0
 
 
 def test_readings_have_boxes_on_the_ink_a_number_confidence_and_question_marks_for_non_digits(

@@ -104,7 +104,7 @@ def test_repro_produces_every_output(repo):
     reader_calibration = json.loads((repo / "reports/reader_calibration.json").read_text())["reader"]
     assert 0 < reader_calibration["temperature"] and 0 <= reader_calibration["val_exact_numbers"] <= 1
     served = json.loads((repo / "models/reader.calibration.json").read_text())
-    fitted = ("temperature", "confidence", "sure_from", "soft_sure_from", "soft_from", "smooth_below")
+    fitted = ("temperature", "second_look", "fitted_for", "sure_from", "soft_sure_from", "soft_from", "smooth_below")
     assert {key: served[key] for key in fitted} == {key: reader_calibration[key] for key in fitted}
     assert exported_reader(repo)["lines"] == 64 and exported_reader(repo)["max_probability_difference"] <= READER_ATOL
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

@@ -14,7 +14,10 @@ CASES = {
     "export": (["pipeline.export"], "models/mlp.keras, models/mlp.calibration.json, models/mlp.gate.pkl"),
     "evaluate": (["pipeline.evaluate"], "data/processed/ lacks x_test.npy"),
     "robustness": (["pipeline.robustness"], "data/processed/ lacks x_test.npy"),
-    "read_eval": (["pipeline.read_eval"], "models/cnn.onnx, models/reader.onnx not found"),
+    "read_eval": (
+        ["pipeline.read_eval"],
+        "models/cnn.onnx, models/mlp.onnx, models/reader.onnx, models/reader.verifier.onnx not found",
+    ),
     "visualize": (["pipeline.visualize"], "data/processed/ lacks x_test.npy"),
 }
 

@@ -1,9 +1,8 @@
 """The reader of whole numbers that `digits read`, `POST /read`, the page's number mode and
 `digits score --read` use: the line reader's ONNX graph (models/reader.onnx: no cutting, a
-calibrated whole-number confidence, a mark that is no digit read as "?"), with the digit model
-looking at each digit's ink; or, with `--reader segment`, the digit model alone on the ink cut into
-digits (the older way, kept for comparison, and asked by the line reader before it calls a number
-sure)."""
+calibrated whole-number confidence from its verifier, a mark that is no digit read as "?"), with the
+digit model looking at each digit's ink; or, with `--reader segment`, the digit model alone on the
+ink cut into digits (the older way, kept for comparison)."""
 
 from pathlib import Path
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from pipeline.core.files import DataError, atomic_path, sha256
-from pipeline.core.graph.runtime import READER_KEYS, READER_RULE, READER_SOFT_KEYS, SOFT_KEYS
+from pipeline.core.graph.runtime import READER_KEYS, READER_SOFT_KEYS, SECOND_LOOK, SOFT_KEYS, verifier_file
 from pipeline.core.trust import confidence, gate
 
 
@@ -213,10 +213,13 @@ def reader_function(reader, temperature):
 
 
 def export_reader(model_path, calibration_path, onnx_path, check_lines):
-    """Write and check the line reader's ONNX graph (its temperature inside, its threshold in the
-    metadata) against Keras on `check_lines` ((n, 28, width, 1)); returns the check's numbers."""
+    """Write and check the line reader's ONNX graph (its temperature inside, its thresholds in the
+    metadata) against Keras on `check_lines` ((n, 28, width, 1)), and its verifier's trees as a graph
+    of their own, checked against scikit-learn on the evidence they were fitted on; returns the
+    checks' numbers."""
     import json
 
+    import joblib
     import keras
     import onnx
     import onnxruntime
@@ -228,22 +231,49 @@ def export_reader(model_path, calibration_path, onnx_path, check_lines):
         raise DataError(f"{calibration_path} was fitted to another {model_path}: run `dvc repro calibrate_reader`")
     serve = reader_function(keras.models.load_model(model_path, compile=False), calibration["temperature"])
     graph, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
-    # Numbers, as ReaderGraph reads them back, the confidence's name and the model's hash.
-    metadata = {key: str(float(calibration[key])) for key in READER_KEYS} | {READER_RULE: calibration[READER_RULE]}
+    # Numbers, as ReaderGraph reads them back, the second look's file and the model's hash.
+    metadata = {key: str(float(calibration[key])) for key in READER_KEYS} | {SECOND_LOOK: calibration[SECOND_LOOK]}
     metadata |= {key: str(float(calibration[key])) for key in READER_SOFT_KEYS if key in calibration}
     onnx.helper.set_model_props(graph, {**metadata, "model_sha256": model_sha256})
     onnx.checker.check_model(graph)
-    with atomic_path(onnx_path) as tmp:
+    # calibrate_reader's own file (a pickle: load only your own): the trees and the evidence they learnt from
+    verifier = joblib.load(verifier_file(model_path, ".pkl"))
+    trees = verifier_graph(verifier["trees"])
+    with atomic_path(onnx_path) as tmp, atomic_path(verifier_file(onnx_path, ".onnx")) as tmp_trees:
         tmp.write_bytes(graph.SerializeToString())
+        tmp_trees.write_bytes(trees.SerializeToString())
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         (answered,) = session.run(None, {"lines": check_lines})
         expected = serve(check_lines)["windows"].numpy()
+        judged = onnxruntime.InferenceSession(str(tmp_trees), providers=["CPUExecutionProvider"])
+        _, verified = judged.run(None, {"evidence": verifier["evidence"]})
         scores = {
             "lines": len(check_lines),
             "max_probability_difference": float(np.abs(answered - expected).max()),
             "same_windows": float(np.mean(answered.argmax(-1) == expected.argmax(-1))),
             "file_bytes": tmp.stat().st_size,
+            "verifier_readings": len(verifier["evidence"]),
+            "verifier_max_difference": float(
+                np.abs(verified - verifier["trees"].predict_proba(verifier["evidence"])).max()
+            ),
         }
         if scores["max_probability_difference"] > READER_ATOL or scores["same_windows"] < 1:
             raise ExportError(f"{onnx_path} does not answer as Keras does on the validation lines: {scores}")
+        if scores["verifier_max_difference"] > ATOL:
+            raise ExportError(f"the verifier's graph does not answer as scikit-learn does: {scores}")
     return scores
+
+
+def verifier_graph(trees):
+    """The verifier's gradient-boosted trees as an ONNX graph: evidence (n, len(EVIDENCE)) float32 ->
+    label, probabilities (n, 2) of wrong and right."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    with _tree_flags_as_ints():
+        return convert_sklearn(
+            trees,
+            initial_types=[("evidence", FloatTensorType([None, trees.n_features_in_]))],
+            options={"zipmap": False},
+            target_opset={"": OPSET, "ai.onnx.ml": 3},
+        )

@@ -1,7 +1,9 @@
 """The exported graphs (pipeline/export.py) on ONNX Runtime, with the thresholds in their metadata:
 a digit model with its calibration and "not a digit" gate (OnnxGraph), and the line reader with its
-temperature (ReaderGraph). Neither TensorFlow nor scikit-learn is imported. Serving and the
-read_eval stage answer through them."""
+temperature, its verifier and its second look (ReaderGraph). Neither TensorFlow nor scikit-learn is
+imported. Serving and the read_eval stage answer through them."""
+
+from pathlib import Path
 
 import numpy as np
 
@@ -13,7 +15,14 @@ SOFT_KEYS = ("soft_from", "soft_temperature", "smooth_below")  # only in graphs 
 
 READER_KEYS = ("temperature", "sure_from", "soft_from", "soft_sure_from", "accepted_accuracy", "stride", "lost")
 READER_SOFT_KEYS = ("smooth_below",)  # only in readers calibrated since the smoothness rule (docs/reading.md, rule 12)
-READER_RULE = "confidence"  # the name of the number's confidence (pipeline.core.reading.sequence.CONFIDENCES)
+SECOND_LOOK = "second_look"  # the reader's metadata: the file, beside it, of the digit model that looks again
+
+
+def verifier_file(reader_path, suffix):
+    """The line reader's verifier, beside the reader's file: its trees (".pkl", written by
+    calibrate_reader) or their ONNX graph (".onnx", by export)."""
+    reader_path = Path(reader_path)
+    return reader_path.with_name(f"{reader_path.stem}.verifier{suffix}")
 
 
 def session(path, threads=None):
@@ -47,16 +56,29 @@ class OnnxGraph:
 
 class ReaderGraph:
     """The line reader: lines in its form (pipeline.core.reading.lines) -> each window's calibrated
-    probabilities of the ten digits and the blank. Its calibration holds the temperature, the "sure"
-    threshold, and the windows' geometry (stride, lost: pipeline.core.reading.sequence.geometry)."""
+    probabilities of the ten digits, a mark and the blank. Its calibration holds the temperature, the
+    "sure" thresholds, and the windows' geometry (stride, lost: pipeline.core.reading.sequence.geometry).
+    Beside its file: the verifier that judges a whole reading (<reader>.verifier.onnx), and the
+    digit model its metadata names as the second look (an OnnxGraph)."""
 
     def __init__(self, path, threads=None):
         self.session, metadata = session(path, threads)
         self.model_sha256 = metadata["model_sha256"]
         keys = READER_KEYS + tuple(key for key in READER_SOFT_KEYS if key in metadata)
-        self.calibration = {key: float(metadata[key]) for key in keys} | {READER_RULE: metadata[READER_RULE]}
+        self.calibration = {key: float(metadata[key]) for key in keys}
+        verifier, second_look = verifier_file(path, ".onnx"), Path(path).with_name(metadata[SECOND_LOOK])
+        missing = [str(file) for file in (verifier, second_look) if not file.exists()]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(missing)} not found: the line reader {path} reads with them")
+        self.verifier, _ = session(verifier, threads)
+        self.second_look = OnnxGraph(second_look, threads)
 
     def windows(self, lines):
         """(n, 28, width, 1) float32 -> (n, windows, classes): the ten digits, a mark, the blank."""
         (probabilities,) = self.session.run(None, {"lines": np.asarray(lines, np.float32)})
         return probabilities
+
+    def verify(self, evidence):
+        """(n, len(sequence.EVIDENCE)) -> (n,): each reading's probability of being right."""
+        _, probabilities = self.verifier.run(None, {"evidence": np.asarray(evidence, np.float32)})
+        return probabilities[:, 1]

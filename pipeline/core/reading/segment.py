@@ -65,7 +65,7 @@ class Digit:
 @dataclass
 class Reading:
     digits: list
-    # The whole number's confidence, where the reader has one (the line reader's: sequence.number_confidence),
+    # The whole number's confidence, where the reader has one (the line reader's verifier: sequence.read),
     # and whether it reaches the reader's threshold; otherwise the number is sure when every digit is.
     confidence: float | None = None
     confident: bool | None = None

@@ -12,13 +12,11 @@ training needs only each line's text, never where its digits are.
 Decoding (greedy) keeps the likeliest answer of each window, merges repeats and drops blanks; each
 digit's confidence is the highest probability it has in the windows that emit it. The digit model
 then looks at each decoded digit's own ink, and each digit is the one both models find likeliest
-together (voted). The number's confidence is one of CONFIDENCES, the one that train_reader's
-calibration chose on validation numbers (lines with a scanner's variety, and plain numbers). By
-the last of them, a number is sure only when the segmenter, cutting the same ink into digits
-(pipeline/core/reading/segment.py), reads the same number: the two readers miss in different
-ways (a digit too few or too many in the line reader's surest misses; a wrong cut in the
-segmenter's), so their agreement is rarely wrong. The segmenter is asked only about numbers the
-line reader would mark sure: it takes longer than the line reader.
+together (voted). Whether the whole number is right is then judged by a verifier: gradient-boosted
+trees that calibrate_reader fitted on validation numbers, weighing the EVIDENCE of one reading (the
+path's probability, the digit model's and a second, independent digit model's view of each digit's
+ink, and how the boxes cover the ink). The line reader and the digit model look through the same
+convolutions, so they share their mistakes; the second look (the MLP) errs elsewhere.
 """
 
 import numpy as np
@@ -36,14 +34,19 @@ FIRST_CENTRE = 14  # line column at the centre of window 0 (the CNN's 28-pixel v
 CONTEXT_FILTERS = 128  # of each convolution along the row of windows
 CONTEXT_WIDTH = 5  # windows each of them sees
 CONTEXT_DILATIONS = (1, 2, 4)  # one convolution each: together they see 29 windows, two digits either side
-BOTH_READERS = "digits_if_both_readers_agree"
-# The whole number's confidence, in the order calibration tries them:
-CONFIDENCES = (
-    "path",  # the decoded path's probability, after the windows' temperature
-    "path_if_digits_agree",  # the same, or 0 where the digit model reads any digit otherwise
-    "digits_if_they_agree",  # the digit model's lowest probability of the digits read, or 0 likewise
-    BOTH_READERS,  # the same, and sure only where the segmenter reads the same number
+# What the verifier weighs, in this order (evidence(); docs/reading.md, rule 18).
+EVIDENCE = (
+    "path_doubt",  # log(1 - p), p the decoded path's probability where the digit model reads each digit alike, else 0
+    "path_log",  # log p of the same
+    "digit_doubt",  # log(1 - q), q the digit model's lowest probability of a digit the line reader read
+    "ink_outside",  # the share of the strokes outside every digit's box: a digit lost
+    "lightest_box",  # the lightest box's strokes over the median box's: a digit read where hardly any ink is
+    "length",  # digits read
+    "soft",  # 1 for a soft scan (lines.is_soft)
+    "second_doubt",  # log(1 - r), r the second look's lowest probability of a digit served
+    "second_agrees",  # 1 where the second look reads every digit served
 )
+TINY = 1e-12  # probabilities are clipped this far from 0 and 1 before their logarithms
 
 
 def geometry(reader):
@@ -257,36 +260,45 @@ def voted(found, probabilities, digit_probabilities):
     return chosen
 
 
-def number_confidence(rule, path, found, digit_probabilities):
-    """The whole number's confidence by `rule`, one of CONFIDENCES; `found` as the line reader
-    decoded it (before the vote). 0 for a number with a mark: it is never sure. (BOTH_READERS's
-    condition on the segmenter is read's and the calibration's: it needs the image.)"""
-    if rule not in CONFIDENCES:
-        raise ValueError(f"number confidence {rule!r}: expected one of {', '.join(CONFIDENCES)}")
-    if any(d == MARK for d, *_ in found):
-        return 0.0
-    if rule == "path":
-        return path
-    if not found or not agree(found, digit_probabilities):
-        return 0.0
-    if rule == "path_if_digits_agree":
-        return path
-    return float(min(p[d] for (d, *_), p in zip(found, digit_probabilities, strict=True)))
+def evidence(path, found, served, digit_probabilities, second_probabilities, boxes, ink, soft):
+    """One reading's EVIDENCE, for the verifier: the line reader's `found` digits and `path`
+    probability (decode), the `served` digits (voted), the digit model's and the second look's
+    probabilities for each digit's ink, the digits' `boxes` on the number's `ink`, and whether the
+    line is soft."""
+    digits = [d for d, *_ in found]
+    agreed = bool(found) and MARK not in digits and agree(found, digit_probabilities)
+    p = path if agreed else 0.0
+    digit = min((q[d] if d < BLANK else 0.0 for d, q in zip(digits, digit_probabilities, strict=True)), default=0.0)
+    chosen = [d for d, *_ in served]
+    second_agrees = bool(found) and all(
+        int(np.argmax(r)) == d for d, r in zip(chosen, second_probabilities, strict=True)
+    )
+    second = min((r[d] if d < BLANK else 0.0 for d, r in zip(chosen, second_probabilities, strict=True)), default=0.0)
+    strokes = np.where(ink > segment.INK_LEVEL, ink, 0.0)
+    covered = np.zeros(ink.shape, bool)
+    for x0, y0, x1, y1 in boxes:
+        covered[y0:y1, x0:x1] = True
+    masses = [strokes[y0:y1, x0:x1].sum() for x0, y0, x1, y1 in boxes] or [0.0]
+    return np.array(
+        [
+            np.log1p(-min(p, 1 - TINY)),
+            np.log(max(p, TINY)),
+            np.log1p(-min(digit, 1 - TINY)),
+            strokes[~covered].sum() / max(strokes.sum(), TINY),
+            min(masses) / max(float(np.median(masses)), TINY),
+            len(found),
+            float(soft),
+            np.log1p(-min(second, 1 - TINY)),
+            float(second_agrees),
+        ],
+        np.float32,
+    )
 
 
 def sure_from(calibration, line):
     """The number's "sure" threshold for this line: soft lines (a blurred or low-resolution scan,
     lines.is_soft) have their own, as calibration fitted them (docs/reading.md, rules 11 and 12)."""
     return calibration["soft_sure_from" if lines.is_soft(line, calibration) else "sure_from"]
-
-
-def segmenter_reads(image, digits):
-    """The number the segmenter reads in `image` (with the digit model `digits`), or None where it
-    reads none."""
-    try:
-        return segment.read(image, digits).text
-    except normalize.ImageError:
-        return None
 
 
 def line_of(image):
@@ -299,13 +311,12 @@ def line_of(image):
 
 def read(image, graph, digits):
     """A PIL image or array of a number -> segment.Reading, by the line reader `graph` (a
-    ReaderGraph) with the digit model `digits` (a Predictor or OnnxGraph) looking at each digit's
-    ink (digit_ink), each digit voted. A mark the line reader reads as no digit is "?" (the digit
-    model's gate is not asked: on validation numbers it refused more real digits than the line
-    reader's own mark, and caught fewer marks; docs/reading.md). The number's confidence is
-    number_confidence by the calibrated rule; it is sure when that reaches the line's calibrated
-    threshold (sure_from) and no mark is "?" (and, by BOTH_READERS, the segmenter reads the same number).
-    normalize.ImageError when nothing can be read."""
+    ReaderGraph, with its verifier and second look) with the digit model `digits` (a Predictor or
+    OnnxGraph) looking at each digit's ink (digit_ink), each digit voted. A mark the line reader reads
+    as no digit is "?" (the digit model's gate is not asked: on validation numbers it refused more
+    real digits than the line reader's own mark, and caught fewer marks; docs/reading.md). The
+    number's confidence is the verifier's, 0 with a mark; it is sure when that reaches the line's
+    calibrated threshold (sure_from). normalize.ImageError when nothing can be read."""
     line, ink, (scale, left) = line_of(image)
     batch, _ = lines.padded([line])
     calibration = graph.calibration
@@ -313,21 +324,22 @@ def read(image, graph, digits):
     probabilities = graph.windows(batch)[0][: windows(line.shape[1], shape)]
     found, path = decode(probabilities)
     if not found:
-        return segment.Reading([], confidence=path, confident=False)
+        return segment.Reading([], confidence=0.0, confident=False)
     if len(found) > segment.MAX_PIECES:
         raise segment.TooManyPieces(f"{len(found)} digits found: at most {segment.MAX_PIECES} are read in one image")
     boxes, crops = digit_ink(ink, found, scale, left, shape[0])
     digit_probabilities, _ = digits.predict(crops)
-    number = number_confidence(calibration["confidence"], path, found, digit_probabilities)
+    second_probabilities, _ = graph.second_look.predict(crops)
     not_a_digit = [d == MARK for d, *_ in found]
-    found = voted(found, probabilities, digit_probabilities)
+    served = voted(found, probabilities, digit_probabilities)
+    soft = lines.is_soft(line, calibration)
+    seen = evidence(path, found, served, digit_probabilities, second_probabilities, boxes, ink, soft)
+    number = 0.0 if any(not_a_digit) else float(graph.verify(seen[None])[0])
     confident = number >= sure_from(calibration, line)
-    if confident and calibration["confidence"] == BOTH_READERS:
-        confident = segmenter_reads(image, digits) == text_of(found)
     return segment.Reading(
         [  # a mark's digit is the digit model's guess, as the segmenter's is
             segment.Digit(box, int(np.argmax(p)) if d == MARK else d, c, not confident, flag, p)
-            for (d, c, _, _), box, p, flag in zip(found, boxes, digit_probabilities, not_a_digit, strict=True)
+            for (d, c, _, _), box, p, flag in zip(served, boxes, digit_probabilities, not_a_digit, strict=True)
         ],
         confidence=number,
         confident=confident,
