@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.core import params as params_module
 from pipeline.core import tracking
-from pipeline.core.files import DataError, load_arrays, require, sha256, write_json
+from pipeline.core.files import load_arrays, require, sha256, write_json
 from pipeline.core.graph.convert import KerasGraph
 from pipeline.core.graph.runtime import SECOND_LOOK, verifier_file
 from pipeline.core.layout import PROCESSED_DIR, READER, READER_CALIBRATION_FILE, beside, model_file
@@ -71,17 +71,24 @@ def per_number(model, crops):
 
 def fit_verifier(evidence, right):
     """The verifier's trees, fitted on every reading, and each reading's out-of-fold verdict (the
-    probability that it is right, by trees that did not learn from it)."""
+    probability that it is right, by trees that did not learn from it). With fewer than FOLDS right
+    or wrong readings there is nothing to learn from (a reader trained for a moment): the verifier is
+    then the share read right, the same for every reading."""
+    import sys
+
     from sklearn.base import clone
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.model_selection import StratifiedKFold
 
-    counts = np.bincount(right.astype(int), minlength=2)
-    if counts.min() < FOLDS:
-        raise DataError(
-            f"calibrate_reader: {counts[1]} of the {len(right)} validation numbers are read right; the verifier "
-            f"needs at least {FOLDS} right and {FOLDS} wrong to learn from (train longer: read.epochs)"
+    if np.bincount(right.astype(int), minlength=2).min() < FOLDS:
+        share = float(right.mean())
+        print(
+            f"calibrate_reader: {right.sum()} of the {len(right)} validation numbers are read right, too few right "
+            f"or wrong for the verifier to learn from: it answers {share:.2%} for every number (train longer: "
+            "read.epochs)",
+            file=sys.stderr,
         )
+        return share, np.full(len(right), share)
     trees = HistGradientBoostingClassifier(**VERIFIER_TREES)
     verdicts = np.zeros(len(right))
     for fit, held in StratifiedKFold(FOLDS, shuffle=True, random_state=0).split(evidence, right):

@@ -220,3 +220,23 @@ def test_a_missing_line_reader_is_named(trained_model_file, tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 2 and "nope.onnx: no such line reader" in done.stderr
+
+
+@pytest.mark.parametrize("right_share", [0.5, 0.01])
+def test_the_verifier_learns_when_numbers_are_right_and_answers_alike_on_onnx_runtime(right_share):
+    import onnxruntime
+
+    from pipeline import calibrate_reader
+    from pipeline.core.graph.convert import verdicts, verifier_graph
+
+    evidence = np.random.default_rng(0).random((200, len(sequence.EVIDENCE))).astype(np.float32)
+    right = evidence[:, 0] < right_share  # with too few wrong (or right) there is nothing to learn from
+    trees, out_of_fold = calibrate_reader.fit_verifier(evidence, right)
+    if right.sum() >= calibrate_reader.FOLDS and (~right).sum() >= calibrate_reader.FOLDS:
+        assert out_of_fold[right].mean() > 0.9 and out_of_fold[~right].mean() < 0.1
+    else:
+        assert trees == pytest.approx(right.mean()) and np.all(out_of_fold == trees)
+    graph = verifier_graph(trees, evidence.shape[1]).SerializeToString()
+    session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    _, answered = session.run(None, {"evidence": evidence})
+    np.testing.assert_allclose(answered, verdicts(trees, evidence), atol=1e-5)

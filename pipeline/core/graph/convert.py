@@ -238,7 +238,7 @@ def export_reader(model_path, calibration_path, onnx_path, check_lines):
     onnx.checker.check_model(graph)
     # calibrate_reader's own file (a pickle: load only your own): the trees and the evidence they learnt from
     verifier = joblib.load(verifier_file(model_path, ".pkl"))
-    trees = verifier_graph(verifier["trees"])
+    trees = verifier_graph(verifier["trees"], verifier["evidence"].shape[1])
     with atomic_path(onnx_path) as tmp, atomic_path(verifier_file(onnx_path, ".onnx")) as tmp_trees:
         tmp.write_bytes(graph.SerializeToString())
         tmp_trees.write_bytes(trees.SerializeToString())
@@ -253,9 +253,7 @@ def export_reader(model_path, calibration_path, onnx_path, check_lines):
             "same_windows": float(np.mean(answered.argmax(-1) == expected.argmax(-1))),
             "file_bytes": tmp.stat().st_size,
             "verifier_readings": len(verifier["evidence"]),
-            "verifier_max_difference": float(
-                np.abs(verified - verifier["trees"].predict_proba(verifier["evidence"])).max()
-            ),
+            "verifier_max_difference": float(np.abs(verified - verdicts(**verifier)).max()),
         }
         if scores["max_probability_difference"] > READER_ATOL or scores["same_windows"] < 1:
             raise ExportError(f"{onnx_path} does not answer as Keras does on the validation lines: {scores}")
@@ -264,16 +262,46 @@ def export_reader(model_path, calibration_path, onnx_path, check_lines):
     return scores
 
 
-def verifier_graph(trees):
-    """The verifier's gradient-boosted trees as an ONNX graph: evidence (n, len(EVIDENCE)) float32 ->
-    label, probabilities (n, 2) of wrong and right."""
+def verdicts(trees, evidence):
+    """(n, 2) probabilities that each reading is wrong, right, by calibrate_reader's verifier: its
+    trees, or the one share right that it answers when it had nothing to learn from."""
+    if isinstance(trees, float):
+        return np.tile(np.array([1 - trees, trees], np.float32), (len(evidence), 1))
+    return trees.predict_proba(evidence)
+
+
+def verifier_graph(trees, width):
+    """The verifier as an ONNX graph: evidence (n, width) float32 -> label, probabilities (n, 2) that
+    each reading is wrong, right."""
+    from onnx import TensorProto, helper, numpy_helper
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
+    if isinstance(trees, float):  # the same verdict for every reading: evidence x 0 + [1 - share, share]
+        nodes = [
+            helper.make_node("MatMul", ["evidence", "zeros"], ["nothing"]),
+            helper.make_node("Add", ["nothing", "share"], ["probabilities"]),
+            helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        ]
+        constants = [
+            numpy_helper.from_array(np.zeros((width, 2), np.float32), "zeros"),
+            numpy_helper.from_array(np.array([1 - trees, trees], np.float32), "share"),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "verifier",
+            [helper.make_tensor_value_info("evidence", TensorProto.FLOAT, [None, width])],
+            [
+                helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+                helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2]),
+            ],
+            constants,
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     with _tree_flags_as_ints():
         return convert_sklearn(
             trees,
-            initial_types=[("evidence", FloatTensorType([None, trees.n_features_in_]))],
+            initial_types=[("evidence", FloatTensorType([None, width]))],
             options={"zipmap": False},
             target_opset={"": OPSET, "ai.onnx.ml": 3},
         )
