@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.__main__ import machine, model_of
 from pipeline.core.files import load_arrays, write_json
-from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph
+from pipeline.core.graph.runtime import OnnxGraph, ReaderGraph, verifier_file
 from pipeline.core.layout import PROCESSED_DIR, onnx_file
 from pipeline.core.reading import numbers, segment, sequence
 
@@ -68,7 +68,14 @@ def main(argv=None):
     report = {
         "date": date.today().isoformat(),
         "machine": machine(),
-        "models": [model_of(onnx_file("reader")), model_of(onnx_file("cnn"))],
+        "models": [
+            model_of(file)
+            for file in (
+                onnx_file("reader"),
+                verifier_file(onnx_file("reader"), ".onnx"),
+                *map(onnx_file, ("cnn", "mlp")),
+            )
+        ],
         "numbers": len(images),
         **measured,
         "line_reader_over_segmenter_p50": round(measured["line reader"]["p50_ms"] / measured["segmenter"]["p50_ms"], 2),
