@@ -240,3 +240,13 @@ def test_the_verifier_learns_when_numbers_are_right_and_answers_alike_on_onnx_ru
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     _, answered = session.run(None, {"evidence": evidence})
     np.testing.assert_allclose(answered, verdicts(trees, evidence), atol=1e-5)
+
+
+def test_digits_reads_text_line_gives_the_whole_numbers_confidence_where_the_reader_has_one():
+    from pipeline.serving.answers import reading_line
+
+    digit = {"digit": 4, "confidence": 1.0, "not_a_digit": False}
+    judged = {"file": "a.png", "number": "44", "confidence": 0.99761, "sure": False, "digits": [digit, digit]}
+    assert reading_line(judged).split("\t") == ["a.png", "44", "99.76%", "not sure", "(4 100.0%  4 100.0%)"]
+    cut = {**judged, "confidence": None, "sure": True}  # the segmenter: sure when every digit is
+    assert reading_line(cut).split("\t") == ["a.png", "44", "sure", "(4 100.0%  4 100.0%)"]

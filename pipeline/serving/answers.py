@@ -64,9 +64,12 @@ def reading_row(r):
 
 
 def reading_line(r):
-    """A reading of the number in a file as a line of `digits read`'s text output."""
+    """A reading of the number in a file as a line of `digits read`'s text output: the whole number's
+    confidence where the reader has one (the line reader's verifier judges the number, so it can be
+    "not sure" of digits each read at 100 %), then each digit's."""
     each = "  ".join(f"{'?' if d['not_a_digit'] else d['digit']} {d['confidence']:.1%}" for d in r["digits"])
-    return f"{r['file']}\t{r['number']}\t{'sure' if r['sure'] else 'not sure'}\t({each})"
+    whole = "" if r["confidence"] is None else f"{r['confidence']:.2%}\t"
+    return f"{r['file']}\t{r['number']}\t{whole}{'sure' if r['sure'] else 'not sure'}\t({each})"
 
 
 class Output:
