@@ -171,15 +171,14 @@ def calibrate(reader, digits, second_look, val, plain, accepted_accuracy, soft_r
     return scores, {"trees": trees, "evidence": evidence}
 
 
-def save(reader, reader_path, scores, verifier, accepted_accuracy, second_look_file):
+def save(reader, reader_path, scores, verifier, accepted_accuracy):
     """The calibration and the verifier beside the reader at `reader_path` (.keras), for the export
-    stage; `second_look_file`: the name of the second look's ONNX file, beside the reader's."""
+    stage. `scores[SECOND_LOOK]`: the name of the second look's ONNX file, beside the reader's."""
     import joblib
 
-    keys = ("temperature", "fitted_for", "sure_from", "soft_sure_from", *SOFT_RULE)
+    keys = ("temperature", "fitted_for", "sure_from", "soft_sure_from", *SOFT_RULE, SECOND_LOOK)
     calibration = {
         **{key: scores[key] for key in keys},
-        SECOND_LOOK: second_look_file,
         # The windows' geometry, for readers of the ONNX graph.
         **dict(zip(("stride", "lost"), sequence.geometry(reader), strict=True)),
         "accepted_accuracy": accepted_accuracy,
@@ -215,7 +214,7 @@ def calibrate_reader(params):
     soft_rule = {key: digits.calibration[key] for key in SOFT_RULE}
     scores, verifier = calibrate(reader, digits, second_look, val, plain, settings.accepted_accuracy, soft_rule)
     scores[SECOND_LOOK] = model_file(SECOND_LOOK_MODEL).with_suffix(".onnx").name
-    calibration = save(reader, model_file(READER), scores, verifier, settings.accepted_accuracy, scores[SECOND_LOOK])
+    calibration = save(reader, model_file(READER), scores, verifier, settings.accepted_accuracy)
     write_json(READER_CALIBRATION_FILE, {READER: scores})
     run_file = tracking.read_run_file(READER)
     tracking.use_experiment(params.mlflow.experiment)

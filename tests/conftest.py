@@ -193,6 +193,7 @@ def trained_reader_file(trained_model_file, mnist):
 
     from pipeline import calibrate_reader, preprocess, train_reader
     from pipeline.core.graph.convert import KerasGraph, export_reader
+    from pipeline.core.graph.runtime import SECOND_LOOK
     from pipeline.core.layout import beside
     from pipeline.core.reading import lines, numbers, sequence
     from pipeline.core.trust import confidence, gate
@@ -219,7 +220,8 @@ def trained_reader_file(trained_model_file, mnist):
     # The second look is the CNN itself here (the stage's is the MLP): what is tested is the reading's
     # course, not how independent its two looks are.
     scores, verifier = calibrate_reader.calibrate(reader, digits, digits, val, plain, 0.99, soft_rule)
-    calibrate_reader.save(reader, path, scores, verifier, 0.99, trained_model_file.with_suffix(".onnx").name)
+    scores[SECOND_LOOK] = trained_model_file.with_suffix(".onnx").name
+    calibrate_reader.save(reader, path, scores, verifier, 0.99)
     check, _ = lines.padded([line for line, _ in val[:32]])
     export_reader(path, path.with_name("reader.calibration.json"), path.with_suffix(".onnx"), check)
     return path.with_suffix(".onnx")

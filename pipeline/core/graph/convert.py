@@ -92,19 +92,10 @@ def to_onnx(serve, fitted_gate, metadata):
     """One ONNX model: the traced serving function, then the gate's trees on its tree_inputs."""
     import onnx
     import tf2onnx
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
 
     network, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
     width = serve.get_concrete_function().structured_outputs["tree_inputs"].shape[1]
-    with _tree_flags_as_ints():
-        trees = convert_sklearn(
-            fitted_gate.trees,
-            initial_types=[("tree_inputs", FloatTensorType([None, width]))],
-            options={"zipmap": False},  # probabilities as one (n, 2) tensor, not a list of dicts
-            target_opset={"": OPSET, "ai.onnx.ml": 3},
-        )
-    trees = onnx.compose.add_prefix(trees, "gate_")
+    trees = onnx.compose.add_prefix(trees_graph(fitted_gate.trees, "tree_inputs", width), "gate_")
     # merge_models wants one version of each operator set: the newer of the two (each converter
     # declares the oldest that its own operators need).
     versions = {}
@@ -125,6 +116,21 @@ def to_onnx(serve, fitted_gate, metadata):
     onnx.helper.set_model_props(joined, {key: str(metadata[key]) for key in keys})
     onnx.checker.check_model(joined)
     return joined
+
+
+def trees_graph(trees, input_name, width):
+    """Gradient-boosted trees (scikit-learn) as an ONNX graph: `input_name` (n, width) float32 ->
+    label, and probabilities as one (n, classes) tensor (not a list of dicts)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    with _tree_flags_as_ints():
+        return convert_sklearn(
+            trees,
+            initial_types=[(input_name, FloatTensorType([None, width]))],
+            options={"zipmap": False},
+            target_opset={"": OPSET, "ai.onnx.ml": 3},
+        )
 
 
 @contextmanager
@@ -274,8 +280,6 @@ def verifier_graph(trees, width):
     """The verifier as an ONNX graph: evidence (n, width) float32 -> label, probabilities (n, 2) that
     each reading is wrong, right."""
     from onnx import TensorProto, helper, numpy_helper
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
 
     if isinstance(trees, float):  # the same verdict for every reading: evidence x 0 + [1 - share, share]
         nodes = [
@@ -298,10 +302,4 @@ def verifier_graph(trees, width):
             constants,
         )
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    with _tree_flags_as_ints():
-        return convert_sklearn(
-            trees,
-            initial_types=[("evidence", FloatTensorType([None, width]))],
-            options={"zipmap": False},
-            target_opset={"": OPSET, "ai.onnx.ml": 3},
-        )
+    return trees_graph(trees, "evidence", width)
