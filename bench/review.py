@@ -1,6 +1,6 @@
 """People in the loop on a shifted set, one round per seed (JSON: reports/review.json):
 
-    ./dev run python -m bench.review [--model models/cnn.keras] [--seeds 0 1 2] [--per-digit 9] [--most 500]
+    ./dev run python -m bench.review [--model models/cnn.keras] [--seeds 0 1 2] [--per-digit 30] [--most 500]
 
 Printed digits in small type (bench/printed.py: the 9 fonts matplotlib ships that the pipeline's
 training never prints in, STIX and Computer Modern, as a scanner sees 10-point type) stand for a
@@ -14,7 +14,7 @@ round has two batches of them, its own (seeded), each font in its own folder (on
 Reported for each model on each batch: accuracy, the share sent to review, and the accuracy of the
 answers not sent; the fine-tuned model's MNIST accuracy before and after; and over the rounds, the
 spread of the ratio of the shares sent to review (one round's ratio swings: fine-tuning is not
-bit-repeatable, and 810 images are few). models/ and the project's MLflow store are not touched (a
+bit-repeatable, and a batch of 2,700 images is not many). models/ and the project's MLflow store are not touched (a
 scratch folder and store per round).
 """
 
@@ -138,7 +138,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.review", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/cnn.keras")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one round each (default 0 1 2)")
-    parser.add_argument("--per-digit", type=int, default=9, help="images of each digit in each font, per batch")
+    parser.add_argument("--per-digit", type=int, default=30, help="images of each digit in each font, per batch")
     parser.add_argument("--most", type=int, default=500, help="corrections a person makes (rows labelled)")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
