@@ -132,7 +132,7 @@ def test_a_briefly_trained_line_reader_reads_touching_digits_the_segmenter_cuts_
     assert missed >= 0.3, read
 
 
-def test_the_verifiers_evidence_sees_a_lost_digit_a_doubting_digit_model_and_a_second_look_that_disagrees():
+def test_the_verifiers_evidence_sees_a_lost_digit_a_doubting_digit_model_a_second_look_that_disagrees_and_the_vote():
     seen = dict(zip(sequence.EVIDENCE, range(len(sequence.EVIDENCE)), strict=True))
     ink = np.zeros((20, 60), np.float32)
     ink[2:18, 5:15] = ink[2:18, 40:50] = 1.0  # two strokes of the same weight
@@ -148,6 +148,11 @@ def test_the_verifiers_evidence_sees_a_lost_digit_a_doubting_digit_model_and_a_s
     # The digit model disagrees: the path counts for nothing; the 5's doubt is its 0.4.
     assert kept[seen["path_log"]] == pytest.approx(np.log(sequence.TINY)) and kept[seen["soft"]] == 1
     assert kept[seen["digit_doubt"]] == pytest.approx(np.log(0.6)) and kept[seen["second_agrees"]] == 0
+    # The vote made the 5 an 8, whose line-reader probability is 0.3: one digit changed, doubt log(0.7).
+    voted = [(3, 0.99, 2, 3), (8, 0.3, 9, 10)]
+    changed = sequence.evidence(0.9, both, voted, doubted, doubted, [(3, 0, 17, 20), (38, 0, 52, 20)], ink, soft=False)
+    assert changed[seen["vote_changed"]] == 1 and kept[seen["vote_changed"]] == 0
+    assert changed[seen["reader_doubt"]] == pytest.approx(np.log(0.7))
 
 
 def test_readings_have_boxes_on_the_ink_a_number_confidence_and_question_marks_for_non_digits(

@@ -45,6 +45,8 @@ EVIDENCE = (
     "soft",  # 1 for a soft scan (lines.is_soft)
     "second_doubt",  # log(1 - r), r the second look's lowest probability of a digit served
     "second_agrees",  # 1 where the second look reads every digit served
+    "reader_doubt",  # log(1 - c), c the line reader's lowest probability of a digit served (rule 25)
+    "vote_changed",  # digits the vote changed from the line reader's (rule 25)
 )
 TINY = 1e-12  # probabilities are clipped this far from 0 and 1 before their logarithms
 
@@ -290,6 +292,8 @@ def evidence(path, found, served, digit_probabilities, second_probabilities, box
             float(soft),
             np.log1p(-min(second, 1 - TINY)),
             float(second_agrees),
+            np.log1p(-min(min((c for _, c, *_ in served), default=0.0), 1 - TINY)),
+            sum(d != v for d, v in zip(digits, chosen, strict=True)),
         ],
         np.float32,
     )
