@@ -270,12 +270,10 @@ def evidence(path, found, served, digit_probabilities, second_probabilities, box
     digits = [d for d, *_ in found]
     agreed = bool(found) and MARK not in digits and agree(found, digit_probabilities)
     p = path if agreed else 0.0
-    digit = min((q[d] if d < BLANK else 0.0 for d, q in zip(digits, digit_probabilities, strict=True)), default=0.0)
     chosen = [d for d, *_ in served]
     second_agrees = bool(found) and all(
         int(np.argmax(r)) == d for d, r in zip(chosen, second_probabilities, strict=True)
     )
-    second = min((r[d] if d < BLANK else 0.0 for d, r in zip(chosen, second_probabilities, strict=True)), default=0.0)
     strokes = np.where(ink > segment.INK_LEVEL, ink, 0.0)
     covered = np.zeros(ink.shape, bool)
     for x0, y0, x1, y1 in boxes:
@@ -283,20 +281,30 @@ def evidence(path, found, served, digit_probabilities, second_probabilities, box
     masses = [strokes[y0:y1, x0:x1].sum() for x0, y0, x1, y1 in boxes] or [0.0]
     return np.array(
         [
-            np.log1p(-min(p, 1 - TINY)),
+            _doubt(p),
             np.log(max(p, TINY)),
-            np.log1p(-min(digit, 1 - TINY)),
+            _doubt(_lowest(digits, digit_probabilities)),
             strokes[~covered].sum() / max(strokes.sum(), TINY),
             min(masses) / max(float(np.median(masses)), TINY),
             len(found),
             float(soft),
-            np.log1p(-min(second, 1 - TINY)),
+            _doubt(_lowest(chosen, second_probabilities)),
             float(second_agrees),
-            np.log1p(-min(min((c for _, c, *_ in served), default=0.0), 1 - TINY)),
+            _doubt(min((c for _, c, *_ in served), default=0.0)),
             sum(d != v for d, v in zip(digits, chosen, strict=True)),
         ],
         np.float32,
     )
+
+
+def _doubt(p):
+    """log(1 - p), p clipped TINY short of 1: how far a probability is from certain."""
+    return np.log1p(-min(p, 1 - TINY))
+
+
+def _lowest(digits, probabilities):
+    """A model's lowest probability of the digits read (0 for a mark, and for none)."""
+    return min((q[d] if d < BLANK else 0.0 for d, q in zip(digits, probabilities, strict=True)), default=0.0)
 
 
 def sure_from(calibration, line):
