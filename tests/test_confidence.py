@@ -80,6 +80,10 @@ def test_a_threshold_for_groups_keeps_its_promise_in_each_group_even_where_the_p
     assert all(right[(scores >= each) & (groups == g)].mean() >= 0.95 for g in (0, 1))
     # A group with no answer at or above the threshold asks nothing.
     assert confidence.threshold_for(scores[:50], right[:50], 0.95, groups[:50]) == pytest.approx(0.5)
+    # A promise per group: group 1 asked 75 % only, 4 of its 5 answers at 0.8 and above are enough.
+    own = confidence.threshold_for(scores, right, {0: 0.95, 1: 0.75}, groups)
+    assert own == pytest.approx(scores[scores > 0.75].min()) and own < each
+    assert right[(scores >= own) & (groups == 1)].mean() >= 0.75 > right[(scores >= 0.75) & (groups == 1)].mean()
 
 
 def test_a_broken_calibration_file_is_named(tmp_path):

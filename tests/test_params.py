@@ -32,6 +32,7 @@ def test_default_params_load(project):
         ("shifts__blur", [2, 1], "shifts.blur: got [2, 1], expected [low, high] of float"),
         ("fetch__sources", ["ftp"], "fetch.sources: got ['ftp'], expected a non-empty list drawn from"),
         ("preprocess__val_size", 5, "preprocess.val_size: got 5, expected int in [10, 30000]"),
+        ("read__accepted_accuracy_lines", 1.2, "read.accepted_accuracy_lines: got 1.2, expected float in [0.5, 1.0]"),
     ],
 )
 def test_bad_value_names_key_and_allowed_range(project, key, value, message):

@@ -126,7 +126,8 @@ class ReadParams:
     epochs: int
     batch_size: int
     learning_rate: float  # at the start, decaying to zero along a cosine
-    accepted_accuracy: float  # of the numbers marked sure, the share read exactly (in each family)
+    accepted_accuracy: float  # of the plain numbers marked sure, the share read exactly
+    accepted_accuracy_lines: float  # ... and of the lines with a scanner's variety
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,7 @@ def from_tree(tree, path="params.yaml"):
             batch_size=r.get("read.batch_size", int, 1, 4096),
             learning_rate=r.get("read.learning_rate", float, 1e-6, 1.0),
             accepted_accuracy=r.get("read.accepted_accuracy", float, 0.5, 1.0),
+            accepted_accuracy_lines=r.get("read.accepted_accuracy_lines", float, 0.5, 1.0),
         ),
         read_eval=ReadEvalParams(
             seed=r.get("read_eval.seed", int, 0, 2**31 - 1),

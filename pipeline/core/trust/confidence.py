@@ -110,21 +110,22 @@ def not_sure_threshold(probabilities, labels, accepted_accuracy):
 
 def threshold_for(confidence, correct, accepted_accuracy, groups=None):
     """not_sure_threshold for any answers: their confidences, and whether each is right. With
-    `groups` (a label per answer), the answers kept must be that accurate within each group; a group
-    with none kept asks nothing."""
+    `groups` (a label per answer), the answers kept must be that accurate within each group, or as
+    accurate as {group: accepted accuracy} asks of each; a group with none kept asks nothing."""
     confidence, correct = np.asarray(confidence), np.asarray(correct, bool)
     groups = np.zeros(len(confidence), int) if groups is None else np.asarray(groups)
     # Only cut at distinct confidences, highest first: a tie is accepted or refused as a whole.
     cuts = np.unique(confidence)[::-1]
     holds = np.ones(len(cuts), bool)
     for group in np.unique(groups):
+        target = accepted_accuracy[group] if isinstance(accepted_accuracy, dict) else accepted_accuracy
         mine = groups == group
         order = np.argsort(confidence[mine], kind="stable")
         ranked, right = confidence[mine][order], correct[mine][order]
         right_from = np.append(np.cumsum(right[::-1])[::-1], 0)  # right answers at each rank and above
         first_kept = np.searchsorted(ranked, cuts, side="left")
         kept = len(ranked) - first_kept
-        holds &= (kept == 0) | (right_from[first_kept] / np.maximum(kept, 1) >= accepted_accuracy)
+        holds &= (kept == 0) | (right_from[first_kept] / np.maximum(kept, 1) >= target)
     return float(cuts[holds][-1]) if holds.any() else 1.0
 
 
