@@ -104,7 +104,7 @@ def calibrate(reader, digits, second_look, val, plain, promises, soft_rule):
     and its thresholds, one for crisp lines and one for soft ones (lines.is_soft by `soft_rule`, the
     digit model's: its `soft_from` and `smooth_below`): each the lowest at which the numbers of its
     bin kept are FIT_MARGIN more than `promises` ({family: accepted accuracy}) right in each family
-    (docs/reading.md, rules 9, 11, 12 and 18). Numbers are read as serving reads them: each digit
+    (docs/reading.md, rules 9, 11, 12, 18 and 39). Numbers are read as serving reads them: each digit
     voted by `digits`, the served digit model; `second_look` another. Returns the scores and the
     verifier ({"trees", "evidence"})."""
     from scipy.optimize import minimize_scalar
@@ -112,7 +112,7 @@ def calibrate(reader, digits, second_look, val, plain, promises, soft_rule):
     # Each number's line, ink and placing (sequence.line_of); a validation line is its own ink.
     looks = [(line, line, (1.0, lines.PAD)) for line, _ in val] + [sequence.line_of(image) for image, _ in plain]
     texts = [text for _, text in val] + [text for _, text in plain]
-    family = np.repeat(np.arange(len(FAMILIES)), [len(val), len(plain)])
+    family = np.repeat(FAMILIES, [len(val), len(plain)])
     soft = np.array([lines.is_soft(line, soft_rule) for line, _, _ in looks])
     logits = sequence.window_logits(reader, [(line, text) for (line, _, _), text in zip(looks, texts, strict=True)])
 
@@ -144,14 +144,13 @@ def calibrate(reader, digits, second_look, val, plain, promises, soft_rule):
     trees, verdicts = fit_verifier(evidence, right)
     verdicts[[any(d == sequence.MARK for d, *_ in found) for found, _ in decoded]] = 0.0  # never sure
     fitted_for = {name: min(promises[name] + FIT_MARGIN[name], 1.0) for name in FAMILIES}
-    target = {f: fitted_for[name] for f, name in enumerate(FAMILIES)}
     on_crisp, on_soft = (
-        confidence.threshold_for(verdicts[soft == b], right[soft == b], target, family[soft == b])
+        confidence.threshold_for(verdicts[soft == b], right[soft == b], fitted_for, family[soft == b])
         for b in (False, True)
     )
 
     def per_family(values):
-        return {name: values[family == f] for f, name in enumerate(FAMILIES)}
+        return {name: values[family == name] for name in FAMILIES}
 
     kept, right_in = per_family(verdicts >= np.where(soft, on_soft, on_crisp)), per_family(right)
     scores = {
