@@ -6,10 +6,12 @@ Printed digits in small type (bench/printed.py: the 9 fonts matplotlib ships tha
 training never prints in, STIX and Computer Modern, as a scanner sees 10-point type) stand for a
 new kind of form that the CNN reads less well than handwriting. Each
 round has two batches of them, its own (seeded), each font in its own folder (one "writer"):
-  1. the first batch is scored with `digits predict --review DIR`;
+  1. the first batch is scored with `digits predict --review DIR --review-sure`: what is not sure
+     waits in DIR, and what is sure is there too, labelled with the model's answer;
   2. a person labels what waits: here the truth is written into DIR/labels.csv, for at most
      `--most` rows (the corrections it took);
-  3. `digits finetune DIR` fine-tunes on them (holding out whole fonts) and registers a version;
+  3. `digits finetune DIR` fine-tunes on them and on the sure answers (holding out whole fonts) and
+     registers a version;
   4. the second batch, images neither model has seen, is scored by the parent and by the new model.
 Reported for each model on each batch: accuracy, the share sent to review, and the accuracy of the
 answers not sent; the fine-tuned model's MNIST accuracy before and after; and over the rounds, the
@@ -51,12 +53,12 @@ def batch(folder, per_digit, seed):
 
 
 def scored(model, folders, truth, queue=None):
-    """`digits predict` on the folders (with --review queue): accuracy, share sent to review, and
-    the accuracy of the answers kept."""
+    """`digits predict` on the folders (with --review queue --review-sure): accuracy, share sent to
+    review, and the accuracy of the answers kept."""
     out = io.StringIO()
     args = ["predict", *map(str, folders), "--model", str(model), "--format", "json"]
     with contextlib.redirect_stdout(out):
-        code = cli.main([*args, "--review", str(queue)] if queue else args)
+        code = cli.main([*args, "--review", str(queue), "--review-sure"] if queue else args)
     if code != 0:
         raise RuntimeError(f"digits predict exited with {code}")
     answers = json.loads(out.getvalue())["predictions"]
@@ -74,15 +76,17 @@ def scored(model, folders, truth, queue=None):
 
 
 def label_from_truth(queue, truth, most):
-    """What a person would do: fill the label of the first `most` rows that wait. Returns how many."""
+    """What a person would do: fill the label of the first `most` rows that wait (the model's own
+    sure answers come labelled already). Returns how many."""
     rows = review.read_rows(queue)
-    for row in rows[:most]:
+    waiting = [row for row in rows if not row["label"].strip()][:most]
+    for row in waiting:
         row["label"] = str(truth[row["source"]])
     with (queue / review.LABELS).open("w", newline="") as f:
         writer = csv.DictWriter(f, review.COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return min(most, len(rows))
+    return len(waiting)
 
 
 def loop(model, scratch, per_digit, most, seed, finetune_args=()):

@@ -119,6 +119,17 @@ def test_one_round_of_review_teaches_the_model_the_images_it_was_not_sure_of(fin
     assert summary["mnist_test_after_min"] == result["mnist"]["after"]["mnist_test"] > 0.5, summary
 
 
+def test_fine_tuning_on_its_own_sure_answers_keeps_the_models_shifts():
+    """Rules 45 and 46 (docs/team.md): learning thousands of its own answers of one new kind, the
+    model keeps reading shifted handwriting only if the shift table stays in its batches."""
+    from pipeline.core import params
+    from pipeline.serving import finetune
+
+    cnn, args = params.load().cnn, finetune.arguments(["review/"])
+    assert finetune.recipe(cnn, args).augment.shift_share == 0.0
+    assert finetune.recipe(cnn, args, self_trained=True).augment.shift_share == cnn.augment.shift_share > 0
+
+
 def printed_digit(digit):
     from pipeline.core import normalize
 

@@ -111,6 +111,39 @@ def test_finetune_reads_the_filled_digit_rows_of_a_review_folder_by_group(model_
         finetune.labelled_files(queue)
 
 
+def test_review_sure_queues_the_sure_answers_labelled_with_their_answer_for_finetune(
+    trained_model_file, mnist, tmp_path, capsys
+):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(12):  # MNIST test digits as a scan has them: dark ink on white paper
+        Image.fromarray(255 - mnist["x_test"][i]).save(folder / f"{i}.png")
+    queue = tmp_path / "queue"
+    predict = ["predict", str(folder), "--model", str(trained_model_file), "--format", "json", "--review", str(queue)]
+
+    assert cli.main([*predict, "--review-sure"]) == 0
+    answers = json.loads(capsys.readouterr().out)["predictions"]
+    rows = {row["source"]: row for row in review.read_rows(queue)}
+
+    sure = [a for a in answers if not a["not_sure"]]
+    assert sure and set(rows) == {a["file"] for a in answers}  # every answer is in the folder
+    for answer in answers:
+        row = rows[answer["file"]]
+        if answer["not_sure"]:  # waits for a person, as without --review-sure
+            assert row["label"] == "" and row["reason"] in ("not sure", "not a digit")
+        else:  # labelled with the model's own answer
+            assert row["label"] == row["answer"] == str(answer["digit"]) and row["reason"] == review.SURE
+    assert len(finetune.labelled_files(queue)) == finetune.own_answers(queue) == len(sure)
+
+    assert cli.main(["review", str(queue)]) == 0
+    shown = capsys.readouterr().out
+    waiting = len(answers) - len(sure)
+    assert f"{waiting} waiting, 0 filled, of {len(answers)}" in shown
+    assert f"{len(sure)} sure, labelled with the model's answer" in shown
+    assert cli.main(["predict", str(folder), "--model", str(trained_model_file), "--review-sure"]) == 2
+    assert "--review-sure adds the sure answers to a review folder" in capsys.readouterr().err
+
+
 def test_read_review_queues_numbers_that_are_not_sure(trained_model_file, trained_reader_file, tmp_path, capsys):
     folder = tmp_path / "forms"
     folder.mkdir()

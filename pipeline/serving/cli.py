@@ -3,6 +3,7 @@ trained model on your own images.
 
 digits predict IMAGE_OR_FOLDER... [--top-k 3] [--format text|json|csv] [--model PATH_OR_URI] [--runtime tf]
                [--review DIR]    copy what is not sure, or not a digit, to DIR for a person to label
+               [--review-sure]   ... and what is sure, labelled with its answer, to fine-tune on too
 digits read IMAGE_OR_FOLDER... [--format text|json|csv] [--reader models/reader.onnx|segment] [--review DIR]
 digits review DIR [--show waiting|filled|all]    what waits in a review folder
 digits serve [--host 127.0.0.1] [--port 8000] [--model PATH_OR_URI] [--workers N] [--runtime tf]
@@ -45,6 +46,10 @@ def load_reader(source, predictor):
 def predict(args):
     from tqdm import tqdm
 
+    if args.review_sure and not args.review:
+        message = "--review-sure adds the sure answers to a review folder: name it with --review DIR"
+        print(f"digits: {message}", file=sys.stderr)
+        return 2
     paths = list(images.image_paths(args.images))
     results, pool = images.read_images(paths)
     predictor = load_predictor(args.model, args.runtime)
@@ -70,8 +75,9 @@ def predict(args):
                 for path, p, flag in zip(names, probabilities, not_a_digit, strict=True):
                     answer = answers.ranked(path, p, flag, args.top_k, predictor)
                     output.write(answer, answers.csv_row, answers.text_line)
-                    if queue and answer["not_sure"]:
-                        queue.add(path, "digit", answer["digit"], answer["confidence"], answer["not_a_digit"])
+                    if queue and (answer["not_sure"] or args.review_sure):
+                        digit, confidence, not_a_digit = answer["digit"], answer["confidence"], answer["not_a_digit"]
+                        queue.add(path, "digit", digit, confidence, not_a_digit, sure=not answer["not_sure"])
                 sys.stdout.flush()
             bar.update(len(batch))
     output.close()
@@ -185,6 +191,12 @@ def add_commands(commands):
     predict_parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     predict_parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help=runtime_help)
     predict_parser.add_argument("--review", metavar="DIR", help=review_help)
+    predict_parser.add_argument(
+        "--review-sure",
+        action="store_true",
+        help="with --review: copy the sure answers to DIR too, labelled with the answer (reason `sure`), so that "
+        "`digits finetune DIR` also learns the batch's look from them (self-training); correct any that is wrong",
+    )
     predict_parser.set_defaults(run=predict)
 
     r = commands.add_parser("read", help="read whole numbers (ZIP codes, amounts), one per image, digit by digit")

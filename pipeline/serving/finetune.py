@@ -6,12 +6,14 @@
 
 The images come as a CSV (columns file, label and, optionally, group; files relative to the CSV),
 as a folder with one sub-folder per digit (0/ ... 9/), or as a review folder that `--review`
-filled and a person labelled (pipeline/serving/review.py: its filled digit rows, by group). Each is read as an upload is
+filled and a person labelled (pipeline/serving/review.py: its filled digit rows, by group, with the
+model's own sure answers that `--review-sure` put there). Each is read as an upload is
 (normalize.to_mnist). A share is held out first, whole groups at a time when the CSV names them
 (one writer, one font, one scanner), so that it measures images unlike the ones trained on. Then:
   1. the model (a .keras file or an MLflow URI, with its calibration) is fine-tuned on the rest,
      mixed with as many MNIST training digits so that it keeps reading handwriting, with small
-     random rotations, shifts and zooms; every layer learns, or only the dense head (--train head).
+     random rotations, shifts and zooms (and the model's `shifts` when it learns from its own sure
+     answers too); every layer learns, or only the dense head (--train head).
      The weights are a moving average of the steps'. The last epoch that reads MNIST's validation
      digits at most --max-mnist-loss below the parent is kept; if none does, it stops there (nothing
      written or registered): it must not forget MNIST;
@@ -47,6 +49,7 @@ from pipeline.serving import images, review
 MIN_PER_DIGIT = 10  # images of each digit, so that both shares hold some
 MIN_REVIEWED = 50  # labelled digits in a review folder, which holds what the model doubted (any digits)
 REPEATS = 4  # each epoch sees every fine-tuning image this often (augmented), and as many MNIST digits
+OWN_ANSWERS_MNIST = 2  # MNIST digits per repeated image when the model's own sure answers are among them (rule 46)
 EMA_MOMENTUM = 0.99  # the weights kept are this moving average of the steps' (docs/team.md, rule 2)
 
 
@@ -106,6 +109,13 @@ def reviewed_files(folder):
     if len({group for _, _, group in labelled}) == 1:  # all from one folder: nothing to hold out by
         labelled = [(path, label, None) for path, label, _ in labelled]
     return labelled
+
+
+def own_answers(source):
+    """How many of a review folder's rows are the model's own sure answers (--review-sure)."""
+    if not review.is_review_folder(source):
+        return 0
+    return sum(row["reason"] == review.SURE and row["label"].strip() != "" for row in review.read_rows(source))
 
 
 def read_labelled(source):
@@ -185,18 +195,21 @@ def parent_model(source):
     return parent, {key: str(value) for key, value in lineage.items()}
 
 
-def recipe(model_params, args):
+def recipe(model_params, args, self_trained=False):
     """How fine-tuning trains: the model's own recipe (params.yaml), with these changes. A small
     constant rate (--learning-rate, decaying to zero) and no weight decay, so that it adapts rather
     than relearns; a moving average of the weights, which a few noisy steps on a few hundred images
-    move less than the weights themselves; small random rotations, shifts and zooms, and none of
-    the `shifts` or printed digits."""
+    move less than the weights themselves; small random rotations, shifts and zooms, and no printed
+    digits. The `shifts` only when `self_trained` (the model's own sure answers among the images):
+    thousands of images of one new kind made it forget how shifted handwriting looks, and the
+    calibration's promise on those copies then doubted the new kind too (docs/team.md, rules 24 and
+    44-46)."""
     augment = dataclasses.replace(
         model_params.augment,
         rotation_degrees=10,
         shift_fraction=0.1,
         zoom_fraction=0.1,
-        shift_share=0.0,
+        shift_share=model_params.augment.shift_share if self_trained else 0.0,
         printed_share=0.0,
     )
     return dataclasses.replace(
@@ -210,10 +223,12 @@ def recipe(model_params, args):
     )
 
 
-def fine_tune(model, model_params, x, y, data, keep_from, args):
+def fine_tune(model, model_params, x, y, data, keep_from, args, shift_strengths, self_trained):
     """Train every layer (or the dense head only) on the user's images mixed with as many MNIST
-    training digits, by the shared training loop (pipeline.core.training); keep the last epoch that
-    reads at least `keep_from` of MNIST's validation digits. Returns that epoch, None if none did."""
+    training digits (OWN_ANSWERS_MNIST times as many when `self_trained`), by the shared training
+    loop (pipeline.core.training) and recipe(); keep the
+    last epoch that reads at least `keep_from` of MNIST's validation digits. Returns that epoch,
+    None if none did."""
     import keras
 
     from pipeline.core import training
@@ -223,7 +238,8 @@ def fine_tune(model, model_params, x, y, data, keep_from, args):
         for layer in model.layers[: flatten + 1]:
             layer.trainable = False
     rng = np.random.default_rng(args.seed)
-    mnist = rng.choice(len(data["x_train"]), min(len(data["x_train"]), REPEATS * len(x)), replace=False)
+    per_image = OWN_ANSWERS_MNIST if self_trained else 1
+    mnist = rng.choice(len(data["x_train"]), min(len(data["x_train"]), per_image * REPEATS * len(x)), replace=False)
     mixed = {
         "x_train": np.concatenate([np.repeat(x, REPEATS, axis=0), data["x_train"][mnist]]),
         "y_train": np.concatenate(
@@ -241,7 +257,7 @@ def fine_tune(model, model_params, x, y, data, keep_from, args):
             if keeps:
                 kept.update(epoch=epoch + 1, weights=model.get_weights())
 
-    settings = recipe(model_params, args)
+    settings = recipe(model_params, args, self_trained)
     training.compile_with_recipe(model, settings, args.epochs, len(mixed["x_train"]))
     # The guard judges the averaged weights: swapped into the model at each epoch's end, before it.
     averaged = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
@@ -251,7 +267,7 @@ def fine_tune(model, model_params, x, y, data, keep_from, args):
         mixed,
         args.epochs,
         args.seed,
-        {},
+        shift_strengths,
         to_mlflow=False,
         callbacks=[averaged, KeepsMnist()],
         verbose=2,
@@ -368,9 +384,11 @@ def finetune(args):
     parent, lineage = parent_model(args.model)
     model = keras.models.load_model(parent.keras_path, compile=False)
     grouped = f" ({len(set(groups[hold]))} groups)" if len(set(groups)) < len(groups) else ""
+    own = own_answers(args.images)
     print(
-        f"finetune: {len(x)} images read; fine-tuning on {len(train)}, holding out {len(hold)}{grouped}; "
-        f"from {args.model}",
+        f"finetune: {len(x)} images read"
+        + (f" ({own} of them the model's own sure answers)" if own else "")
+        + f"; fine-tuning on {len(train)}, holding out {len(hold)}{grouped}; from {args.model}",
         flush=True,
     )
 
@@ -384,7 +402,11 @@ def finetune(args):
     record = {"images": (x, labels, train, hold), "before": scores()}
     keep_from = record["before"]["mnist_val"] - args.max_mnist_loss
     keras.utils.set_random_seed(args.seed)
-    record["kept_epoch"] = fine_tune(model, params.model(model.name), x[train], labels[train], data, keep_from, args)
+    recipe_of_parent = params.model(model.name)
+    shifts = params.shifts.strengths
+    record["kept_epoch"] = fine_tune(
+        model, recipe_of_parent, x[train], labels[train], data, keep_from, args, shifts, own > 0
+    )
     if record["kept_epoch"] is None:
         raise ForgetsMnist(
             f"after every one of its {args.epochs} epochs the model read fewer than {keep_from:.2%} of MNIST's "

@@ -1,6 +1,8 @@
 """Review queues: the answers a person should check, gathered in a folder by `--review DIR` of
 `digits predict` and `digits read`; `digits review DIR` shows what waits, and `digits finetune DIR`
-learns from the rows a person has filled.
+learns from the rows a person has filled. With `digits predict --review-sure`, the answers the model
+kept go there too, labelled with its own answer: fine-tuning then learns the batch's look from them
+as well (self-training, docs/team.md rule 45), and a person may correct any of them.
 
 DIR holds a copy of each image sent to review (under a name the queue gives it) and labels.csv, one
 row per image, in COLUMNS:
@@ -10,7 +12,8 @@ row per image, in COLUMNS:
   answer      what the model answered ("?" for a mark that is not a digit)
   confidence  how sure it was
   reason      why it is here: "not sure" or "not a digit", or "feedback" (a person's correction
-              sent to `digits serve --feedback DIR`, its label filled)
+              sent to `digits serve --feedback DIR`, its label filled), or "sure" (an answer the
+              model kept, --review-sure: its label filled with the answer)
   model       which model answered (as `--format json` names it)
   kind        digit or number
   group       the folder the image came from (often one writer, or one scanner's batch):
@@ -33,6 +36,7 @@ COLUMNS = ["file", "label", "answer", "confidence", "reason", "model", "kind", "
 LABELS = "labels.csv"
 IMAGES = "images"
 NO_DIGIT = "-"  # the label of an image that holds no digit
+SURE = "sure"  # the reason of an answer the model kept, queued by --review-sure with its own label
 KINDS = ("digit", "number")
 
 
@@ -62,15 +66,16 @@ class ReviewQueue:
             else:
                 read_rows(self.folder)  # a folder of another layout is refused before anything is added
 
-    def add(self, source, kind, answer, confidence, not_a_digit, data=None):
+    def add(self, source, kind, answer, confidence, not_a_digit, data=None, sure=False):
         """Copy the image file `source` (or write its bytes `data`, from a Parquet file) into the
-        queue, with a row for a person to label. `confidence` may be None (not known)."""
+        queue, with a row for a person to label; a `sure` answer's row comes labelled with the answer.
+        `confidence` may be None (not known)."""
         name = Path(source)
         row = {
-            "label": "",
+            "label": str(answer) if sure else "",
             "answer": answer,
             "confidence": "" if confidence is None else f"{confidence:.4f}",
-            "reason": "not a digit" if not_a_digit else "not sure",
+            "reason": SURE if sure else "not a digit" if not_a_digit else "not sure",
             "kind": kind,
             "group": name.parent.name,
             "source": str(source),
@@ -137,12 +142,13 @@ def label_problem(row):
 
 
 def summary(folder):
-    """(counts, waiting rows, filled rows) of a review folder."""
+    """(counts, waiting rows, filled rows) of a review folder; the model's own sure answers are
+    counted, not listed."""
     rows = read_rows(folder)
-    filled = [r for r in rows if r["label"].strip()]
+    filled = [r for r in rows if r["label"].strip() and r["reason"] != SURE]
     waiting = [r for r in rows if not r["label"].strip()]
     counts = {"rows": len(rows), "waiting": len(waiting), "filled": len(filled)}
-    for reason in ("not sure", "not a digit"):
+    for reason in ("not sure", "not a digit", SURE):
         counts[reason] = sum(r["reason"] == reason for r in rows)
     counts["unusable labels"] = sum(label_problem(r) is not None for r in filled)
     return counts, waiting, filled
@@ -159,7 +165,8 @@ def show(args):
         return 2
     print(
         f"{args.folder}: {counts['waiting']} waiting, {counts['filled']} filled, of {counts['rows']} "
-        f"({counts['not sure']} not sure, {counts['not a digit']} not a digit)"
+        f"({counts['not sure']} not sure, {counts['not a digit']} not a digit"
+        + (f", {counts[SURE]} sure, labelled with the model's answer)" if counts[SURE] else ")")
     )
     for title, rows in (("waiting", waiting), ("filled", filled)):
         if rows and args.show in (title, "all"):
