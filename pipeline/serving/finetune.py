@@ -226,9 +226,8 @@ def recipe(model_params, args, self_trained=False):
 def fine_tune(model, model_params, x, y, data, keep_from, args, shift_strengths, self_trained):
     """Train every layer (or the dense head only) on the user's images mixed with as many MNIST
     training digits (OWN_ANSWERS_MNIST times as many when `self_trained`), by the shared training
-    loop (pipeline.core.training) and recipe(); keep the
-    last epoch that reads at least `keep_from` of MNIST's validation digits. Returns that epoch,
-    None if none did."""
+    loop (pipeline.core.training) and recipe(); keep the last epoch that reads at least `keep_from`
+    of MNIST's validation digits. Returns that epoch, None if none did."""
     import keras
 
     from pipeline.core import training
