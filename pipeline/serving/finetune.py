@@ -49,7 +49,7 @@ from pipeline.serving import images, review
 MIN_PER_DIGIT = 10  # images of each digit, so that both shares hold some
 MIN_REVIEWED = 50  # labelled digits in a review folder, which holds what the model doubted (any digits)
 REPEATS = 4  # each epoch sees every fine-tuning image this often (augmented), and as many MNIST digits
-OWN_ANSWERS_MNIST = 2  # MNIST digits per repeated image when the model's own sure answers are among them (rule 46)
+OWN_ANSWERS_MNIST = 3  # MNIST digits per repeated image when the model's own sure answers are among them (rule 47)
 EMA_MOMENTUM = 0.99  # the weights kept are this moving average of the steps' (docs/team.md, rule 2)
 
 
