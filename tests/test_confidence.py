@@ -206,7 +206,7 @@ def test_the_coverage_spread_over_resamples_narrows_with_more_validation_images(
 
     settings = params.load(ROOT / "params.yaml").calibrate
     few = calibration.coverage_spread(soft_copies(400)[0], settings, resamples=8, seed=0)
-    many = calibration.coverage_spread(soft_copies(4000)[0], settings, resamples=8, seed=0)
+    many = calibration.coverage_spread(soft_copies(2000)[0], settings, resamples=8, seed=0)
     assert set(few) == set(many) == {"clean", "low_resolution"}
     for spread in (few, many):
         assert all(0 <= s["low"] <= s["high"] <= 1 for s in spread.values())

@@ -106,7 +106,7 @@ def test_one_round_of_review_teaches_the_model_the_images_it_was_not_sure_of(fin
     from bench import review as review_round
 
     shorter = ("--epochs", 4, "--max-mnist-loss", 0.02)  # as in the test above
-    result = review_round.loop("models/cnn.keras", finetune_project / "loop", 10, 500, 1, shorter)
+    result = review_round.loop("models/cnn.keras", finetune_project / "loop", 6, 500, 1, shorter)
     before, after = result["parent"]["first batch"], result["fine-tuned"]["first batch"]
     assert 0 < result["corrections"] <= 500 and before["sent_to_review"] > 0, result
     assert after["accuracy"] >= before["accuracy"] + 0.05, result
