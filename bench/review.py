@@ -52,13 +52,15 @@ def batch(folder, per_digit, seed):
     return truth, [folder / font for font in printed.HELD_OUT_FONTS]
 
 
-def scored(model, folders, truth, queue=None):
-    """`digits predict` on the folders (with --review queue --review-sure): accuracy, share sent to
-    review, and the accuracy of the answers kept."""
+def scored(model, folders, truth, queue=None, sure_too=True):
+    """`digits predict` on the folders (with --review queue, and --review-sure if `sure_too`):
+    accuracy, share sent to review, and the accuracy of the answers kept."""
     out = io.StringIO()
     args = ["predict", *map(str, folders), "--model", str(model), "--format", "json"]
+    if queue:
+        args += ["--review", str(queue), *(["--review-sure"] if sure_too else [])]
     with contextlib.redirect_stdout(out):
-        code = cli.main([*args, "--review", str(queue), "--review-sure"] if queue else args)
+        code = cli.main(args)
     if code != 0:
         raise RuntimeError(f"digits predict exited with {code}")
     answers = json.loads(out.getvalue())["predictions"]
@@ -89,15 +91,16 @@ def label_from_truth(queue, truth, most):
     return len(waiting)
 
 
-def loop(model, scratch, per_digit, most, seed, finetune_args=()):
+def loop(model, scratch, per_digit, most, seed, finetune_args=(), sure_too=True):
     """The round of the module docstring, in the folder `scratch`, its batches drawn with seeds
     2 * seed and 2 * seed + 1 (rounds of other seeds share no image); `finetune_args` go to `digits
-    finetune` (the tests' shorter fine-tuning). finetune.ForgetsMnist when fine-tuning is refused."""
+    finetune` (the tests' shorter fine-tuning); `sure_too`: the first batch scored with
+    --review-sure. finetune.ForgetsMnist when fine-tuning is refused."""
     scratch = Path(scratch)
     first, first_folders = batch(scratch / "first", per_digit, 2 * seed)
     second, second_folders = batch(scratch / "second", per_digit, 2 * seed + 1)
     queue = scratch / "review"
-    report = {"parent": {"first batch": scored(model, first_folders, first, queue)}}
+    report = {"parent": {"first batch": scored(model, first_folders, first, queue, sure_too)}}
     report["corrections"] = label_from_truth(queue, first, most)
     tuned = scratch / "out/finetuned.keras"
     command = [str(queue), "--model", str(model), "--out", str(tuned), "--seed", str(seed), *map(str, finetune_args)]
