@@ -2,7 +2,7 @@
 `digits predict` and `digits read`; `digits review DIR` shows what waits, and `digits finetune DIR`
 learns from the rows a person has filled. With `digits predict --review-sure`, the answers the model
 kept go there too, labelled with its own answer: fine-tuning then learns the batch's look from them
-as well (self-training, docs/team.md rule 45), and a person may correct any of them.
+as well (self-training, docs/team.md rules 44-47), and a person may correct any of them.
 
 DIR holds a copy of each image sent to review (under a name the queue gives it) and labels.csv, one
 row per image, in COLUMNS:
