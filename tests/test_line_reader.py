@@ -141,10 +141,24 @@ def test_the_verifiers_evidence_sees_a_lost_digit_a_doubting_digit_model_a_secon
     lost = sequence.evidence(0.9, found, found, sure, sure, [(3, 0, 17, 20)], ink, soft=False)
     assert lost[seen["ink_outside"]] == pytest.approx(0.5) and lost[seen["length"]] == 1
     assert lost[seen["path_log"]] == pytest.approx(np.log(0.9)) and lost[seen["second_agrees"]] == 1
+    assert lost[seen["pieces_beyond"]] == 1  # two pieces of a digit's ink, one digit read
     both = [(3, 0.99, 2, 3), (5, 0.99, 9, 10)]
     doubted = np.array([np.eye(10)[3], np.eye(10)[8] * 0.6 + np.eye(10)[5] * 0.4])  # reads the 5 as an 8
     kept = sequence.evidence(0.9, both, both, doubted, doubted, [(3, 0, 17, 20), (38, 0, 52, 20)], ink, soft=True)
     assert kept[seen["ink_outside"]] == 0 and kept[seen["lightest_box"]] == pytest.approx(1)
+    assert kept[seen["pieces_beyond"]] == 0 and kept[seen["widest_box"]] == pytest.approx(1)
+    three = [(3, 0.99, 2, 3), (1, 0.99, 6, 7), (5, 0.99, 9, 10)]
+    wide = sequence.evidence(
+        0.9,
+        three,
+        three,
+        doubted[[0, 0, 1]],
+        doubted[[0, 0, 1]],
+        [(3, 0, 17, 20), (17, 0, 45, 20), (45, 0, 59, 20)],
+        ink,
+        soft=False,
+    )
+    assert wide[seen["widest_box"]] == pytest.approx(2)  # the middle box twice as wide: two digits in it
     # The digit model disagrees: the path counts for nothing; the 5's doubt is its 0.4.
     assert kept[seen["path_log"]] == pytest.approx(np.log(sequence.TINY)) and kept[seen["soft"]] == 1
     assert kept[seen["digit_doubt"]] == pytest.approx(np.log(0.6)) and kept[seen["second_agrees"]] == 0

@@ -47,7 +47,10 @@ EVIDENCE = (
     "second_agrees",  # 1 where the second look reads every digit served
     "reader_doubt",  # log(1 - c), c the line reader's lowest probability of a digit served (rule 25)
     "vote_changed",  # digits the vote changed from the line reader's (rule 25)
+    "widest_box",  # the widest box's width over the median box's: a box holding two digits (rule 50)
+    "pieces_beyond",  # pieces of ink the size of a digit, less the digits read: a digit lost in a gap (rule 50)
 )
+PIECE_SHARE = 0.25  # a piece of ink counts as a digit's when it holds this share of the ink a digit has on average
 TINY = 1e-12  # probabilities are clipped this far from 0 and 1 before their logarithms
 
 
@@ -279,6 +282,7 @@ def evidence(path, found, served, digit_probabilities, second_probabilities, box
     for x0, y0, x1, y1 in boxes:
         covered[y0:y1, x0:x1] = True
     masses = [strokes[y0:y1, x0:x1].sum() for x0, y0, x1, y1 in boxes] or [0.0]
+    widths = [x1 - x0 for x0, _, x1, _ in boxes] or [1]
     return np.array(
         [
             _doubt(p),
@@ -292,9 +296,23 @@ def evidence(path, found, served, digit_probabilities, second_probabilities, box
             float(second_agrees),
             _doubt(min((c for _, c, *_ in served), default=0.0)),
             sum(d != v for d, v in zip(digits, chosen, strict=True)),
+            max(widths) / max(float(np.median(widths)), TINY),
+            _pieces(strokes, len(found)) - len(found),
         ],
         np.float32,
     )
+
+
+def _pieces(strokes, digits):
+    """How many connected pieces of the strokes hold at least PIECE_SHARE of the ink each of
+    `digits` digits would have: on a line with gaps, one per digit written."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(strokes > 0, structure=np.ones((3, 3)))
+    if not count:
+        return 0
+    masses = ndimage.sum(strokes, labels, range(1, count + 1))
+    return int((masses >= PIECE_SHARE * strokes.sum() / max(digits, 1)).sum())
 
 
 def _doubt(p):
